@@ -1,0 +1,530 @@
+"""FewShotSAM's Slicer logic: scene -> worker files -> worker process -> scene.
+
+``FewShotSAMSlicerLogic`` turns the user's choices into a job:
+
+1. checks the inputs (scalar source volume, segmentation, parent transforms: refused unless
+   ``hardenTransforms=True``, checkpoint file for the SAM/MedSAM models);
+2. finds, per segment, the slices the user painted (see painted_slices.py) along the slice axis the engine will
+   use, and writes the source volume (image.nrrd) and those painted slices (labels.nrrd, one label value per
+   segment) on the source volume's grid into a fresh temporary folder, through Slicer's storage nodes;
+3. starts ``python -m FewShotSAMLib propagate ... --progress json`` in its own process (see worker.py) with the
+   same ``--cache-dir`` every time, so the image embeddings computed on the first click are reused;
+4. returns a ``FewShotSAMJob`` that the caller polls from the GUI thread (a QTimer) or waits for (scripts, tests).
+   When the worker succeeds, the job writes the propagated masks into the propagated segments only, puts the
+   painted slices back exactly as painted, and records what it wrote. On error or Cancel the segmentation is
+   left exactly as it was.
+
+"Save adapted model" (``fewshotsam adapt``) and "Apply to volume" (``fewshotsam apply``) run the same way.
+
+Everything here imports ``slicer``/``vtk`` only (no ``qt``), so it runs in plain Python with the slicer-core wheel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import slicer
+
+from . import export as exportModule
+from . import mrml_conversion as mc
+from . import painted_slices as ps
+from . import worker as wk
+from .errors import FewShotSAMSlicerError, JobCancelled, WorkerFailed
+from .parameters import MODELS, MODELS_NEEDING_CHECKPOINT, DEVICES
+
+ProgressCallback = Callable[[float, str], None]
+
+PROPAGATE = "propagate"
+ADAPT = "adapt"
+APPLY = "apply"
+
+RUNNING = wk.RUNNING
+SUCCEEDED = wk.SUCCEEDED
+FAILED = wk.FAILED
+CANCELLED = wk.CANCELLED
+
+MODEL_VALUES = tuple(value for value, _ in MODELS)
+DEVICE_VALUES = tuple(value for value, _ in DEVICES)
+
+
+def defaultCacheDirectory() -> str | None:
+    """<Slicer cache>/FewShotSAM inside Slicer; None elsewhere (the engine then uses its own default folder)."""
+    app = getattr(slicer, "app", None)
+    cachePath = getattr(app, "cachePath", None) if app is not None else None
+    if callable(cachePath):
+        cachePath = cachePath()
+    return os.path.join(str(cachePath), "FewShotSAM") if cachePath else None
+
+
+def defaultTemporaryDirectory() -> str:
+    app = getattr(slicer, "app", None)
+    temporaryPath = getattr(app, "temporaryPath", None) if app is not None else None
+    if callable(temporaryPath):
+        temporaryPath = temporaryPath()
+    return str(temporaryPath) if temporaryPath else tempfile.gettempdir()
+
+
+@dataclass
+class PaintedInput:
+    """What goes to the worker: the painted slices of each segment, as one labelmap."""
+
+    axis: int
+    grid: str
+    segmentIds: list[str]  # label value n (1-based) = segmentIds[n - 1]
+    painted: dict[str, list[int]]
+    masks: dict[str, np.ndarray]  # each segment's full mask when the job started
+    labels: np.ndarray
+    skipped: list[str] = field(default_factory=list)  # segments without painted slices (left untouched)
+
+
+class FewShotSAMJob:
+    """One worker run and what happens with its output. Poll it from the GUI thread, or wait for it.
+
+    ``status`` is "running", then "succeeded", "failed" (``errorMessage`` says why, in one readable line) or
+    "cancelled". ``result`` holds what the job produced (e.g. the updated segment IDs, the output node).
+    """
+
+    def __init__(self, kind: str, run: wk.WorkerRun, temporaryDirectory: str, onSuccess, description: str = "",
+                 progressCallback: ProgressCallback | None = None, finishedCallback=None, keepFiles: bool = False):
+        self.kind = kind
+        self.run = run
+        self.temporaryDirectory = temporaryDirectory
+        self.description = description
+        self.progressCallback = progressCallback
+        self.finishedCallback = finishedCallback
+        self.keepFiles = keepFiles
+        self._onSuccess = onSuccess
+        self._cancelRequested = False
+        self.status = RUNNING
+        self.errorMessage = ""
+        self.errorDetails = ""
+        self.result = None
+        self.command: list[str] = []
+        self.paintedInput: PaintedInput | None = None
+        self.startedAt = time.monotonic()
+        self.elapsedSeconds: float | None = None
+        if run.status != RUNNING:  # the process could not even start
+            self._conclude(FAILED, run.errorMessage)
+
+    @property
+    def isRunning(self) -> bool:
+        return self.status == RUNNING
+
+    @property
+    def pid(self) -> int | None:
+        return self.run.process.pid
+
+    def report(self, fraction: float, message: str) -> None:
+        if self.progressCallback is not None:
+            try:
+                self.progressCallback(float(fraction), message)
+            except Exception:  # a broken progress display must not break the job
+                logging.exception("FewShotSAM: progress callback failed")
+
+    def cancel(self) -> None:
+        """Stop the worker (its whole process tree); the scene is not changed."""
+        if self.status != RUNNING:
+            return
+        self._cancelRequested = True
+        self.run.cancel()
+
+    def poll(self) -> bool:
+        """Never blocks. Returns True while the job is running; finishes the job (in this thread) when it ends."""
+        if self.status != RUNNING:
+            return False
+        if self.run.poll():
+            return True
+        if self._cancelRequested or self.run.status == CANCELLED:
+            self._conclude(CANCELLED, JobCancelled().args[0])
+        elif self.run.status == SUCCEEDED:
+            try:
+                self.report(0.99, "Writing the result")
+                self.result = self._onSuccess(self)
+            except FewShotSAMSlicerError as error:
+                self._conclude(FAILED, str(error))
+                return False
+            except Exception as error:  # an internal bug: readable line for the user, traceback for the log
+                self.errorDetails = traceback.format_exc()
+                logging.error("FewShotSAM: %s", self.errorDetails)
+                self._conclude(FAILED, f"Internal error while writing the result: {error}")
+                return False
+            self._conclude(SUCCEEDED, "")
+        else:
+            self.errorDetails = self.run.stderrText
+            if self.errorDetails:
+                logging.warning("FewShotSAM worker output:\n%s", self.errorDetails)
+            self._conclude(FAILED, self.run.errorMessage)
+        return False
+
+    def _conclude(self, status: str, message: str) -> None:
+        self.status = status
+        self.errorMessage = message
+        self.elapsedSeconds = time.monotonic() - self.startedAt
+        if status == SUCCEEDED:
+            self.report(1.0, "Done")
+        if not self.keepFiles and self.temporaryDirectory:
+            shutil.rmtree(self.temporaryDirectory, ignore_errors=True)
+        if self.finishedCallback is not None:
+            try:
+                self.finishedCallback(self)
+            except Exception:
+                logging.exception("FewShotSAM: finished callback failed")
+
+    def wait(self, timeout: float | None = None, interval: float = 0.1) -> str:
+        """Block until the job ends (scripts and tests; the GUI polls instead). Returns the status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll():
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(interval)
+        return self.status
+
+    def raiseIfFailed(self) -> "FewShotSAMJob":
+        if self.status == FAILED:
+            raise WorkerFailed(self.errorMessage, self.run.process.returnCode, self.errorDetails)
+        if self.status == CANCELLED:
+            raise JobCancelled(self.errorMessage)
+        return self
+
+
+class FewShotSAMSlicerLogic:
+    """Scene-level operations of FewShotSAM (no GUI).
+
+    :param pythonExecutable: Python that runs ``-m FewShotSAMLib`` (default: PythonSlicer in Slicer).
+    :param processFactory: ``factory(command, env) -> worker.WorkerProcess``, injected so that tests (or another
+        process runner) can be used; default starts a subprocess in its own process group.
+    :param cacheDirectory: the engine's embedding cache, passed as ``--cache-dir`` on every run so that a second
+        run on the same volume reuses the embeddings (default: <Slicer cache>/FewShotSAM, or the engine's default).
+    """
+
+    def __init__(self, pythonExecutable: str | None = None, processFactory=None, cacheDirectory: str | None = None,
+                 temporaryDirectory: str | None = None, environment: dict | None = None,
+                 logCallback: Callable[[str], None] | None = None, keepFiles: bool | None = None):
+        mc.ensureSegmentationConverterRules()
+        self.pythonExecutable = pythonExecutable or wk.defaultPythonExecutable()
+        self.processFactory = processFactory or wk.defaultProcessFactory
+        self.cacheDirectory = cacheDirectory or defaultCacheDirectory()
+        self.temporaryDirectory = temporaryDirectory or defaultTemporaryDirectory()
+        self.environment = environment
+        self.logCallback = logCallback or (lambda line: logging.debug("FewShotSAM worker: %s", line))
+        self.keepFiles = bool(os.environ.get("FEWSHOTSAM_KEEP_FILES")) if keepFiles is None else keepFiles
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Inputs
+    # ------------------------------------------------------------------------------------------------------------
+    def sliceAxis(self, volumeNode, orientation: str = "auto") -> int:
+        return mc.sliceAxis(mc.ijkToRas(volumeNode), orientation)
+
+    def paintedInput(self, volumeNode, segmentationNode, segmentIds=None, orientation: str = "auto") -> PaintedInput:
+        """The painted slices of the chosen segments (default: every segment that has painted slices)."""
+        mc.checkScalarVolume(volumeNode)
+        if segmentationNode is None:
+            raise FewShotSAMSlicerError("Select a segmentation that has some painted slices.")
+        allIds = mc.segmentIds(segmentationNode)
+        explicit = bool(segmentIds)
+        ids = list(segmentIds) if explicit else allIds
+        unknown = [i for i in ids if i not in allIds]
+        if unknown:
+            raise FewShotSAMSlicerError(
+                f"The segmentation '{segmentationNode.GetName()}' has no segment with ID {', '.join(unknown)}.")
+        if not ids:
+            raise FewShotSAMSlicerError(
+                f"The segmentation '{segmentationNode.GetName()}' has no segments. Add a segment and paint it on a "
+                "few slices (Segment Editor), then try again.")
+        axis = self.sliceAxis(volumeNode, orientation)
+        grid = mc.gridFingerprint(volumeNode)
+        masks = mc.segmentMasks(segmentationNode, ids, volumeNode)
+        segmentation = segmentationNode.GetSegmentation()
+        painted, used, skipped = {}, [], []
+        for segmentId in ids:
+            record = ps.readRecord(segmentation.GetSegment(segmentId))
+            indices = ps.paintedSlices(masks[segmentId], axis, grid, record)
+            if indices:
+                painted[segmentId] = indices
+                used.append(segmentId)
+            else:
+                skipped.append(segmentId)
+        names = {i: segmentation.GetSegment(i).GetName() for i in ids}
+        if explicit and skipped:
+            raise FewShotSAMSlicerError(
+                f"{', '.join(repr(names[i]) for i in skipped)} {'has' if len(skipped) == 1 else 'have'} no painted "
+                "slice. Paint at least one slice of each selected segment, then try again.")
+        if not used:
+            raise FewShotSAMSlicerError(
+                "No painted slices found. Paint each structure on a few slices (Segment Editor), then try again.")
+        labels = np.zeros(mc.volumeShape(volumeNode), dtype=np.uint8 if len(used) < 256 else np.uint16)
+        for value, segmentId in enumerate(used, start=1):
+            labels[ps.onlySlices(masks[segmentId], axis, painted[segmentId])] = value
+        return PaintedInput(axis=axis, grid=grid, segmentIds=used, painted=painted,
+                            masks={i: masks[i] for i in used}, labels=labels, skipped=skipped)
+
+    def _checkModel(self, model: str, checkpoint: str | None, device: str) -> None:
+        if model not in MODEL_VALUES:
+            raise FewShotSAMSlicerError(f"Unknown model '{model}'; use one of {', '.join(MODEL_VALUES)}.")
+        if device not in DEVICE_VALUES:
+            raise FewShotSAMSlicerError(f"Unknown device '{device}'; use one of {', '.join(DEVICE_VALUES)}.")
+        if checkpoint:
+            if not os.path.isfile(checkpoint):
+                raise FewShotSAMSlicerError(f"The checkpoint file {checkpoint} does not exist.")
+        elif model in MODELS_NEEDING_CHECKPOINT:
+            raise FewShotSAMSlicerError(
+                f"The model {model} needs its checkpoint (.pth) file: choose it under 'Checkpoint', or use LiteMedSAM.")
+
+    def _newFolder(self, kind: str) -> str:
+        os.makedirs(self.temporaryDirectory, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"FewShotSAM-{kind}-", dir=self.temporaryDirectory)
+
+    def _startWorker(self, kind: str, subcommand: str, arguments, folder: str, onSuccess, description: str,
+                     progressCallback, finishedCallback) -> FewShotSAMJob:
+        command = wk.engineCommand(self.pythonExecutable, subcommand, arguments)
+        env = wk.workerEnvironment(self.environment, wk.engineParentDirectory())
+        logging.info("FewShotSAM: %s", " ".join(command))
+        job = None
+
+        def onProgress(progress: wk.Progress):
+            message = progress.message or (f"{progress.stage} {progress.done}/{progress.total}"
+                                           if progress.total else progress.stage)
+            if job is not None:
+                job.report(0.02 + 0.96 * progress.fraction, message)
+
+        run = wk.WorkerRun(self.processFactory(command, env), progressCallback=onProgress,
+                           logCallback=self.logCallback).start()
+        job = FewShotSAMJob(kind, run, folder, onSuccess, description, progressCallback, finishedCallback,
+                            keepFiles=self.keepFiles)
+        job.command = command
+        return job
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Adapt & Propagate
+    # ------------------------------------------------------------------------------------------------------------
+    def startPropagation(self, volumeNode, segmentationNode, segmentIds=None, model: str = "litemedsam",
+                         checkpoint: str | None = None, device: str = "auto", orientation: str = "auto",
+                         hardenTransforms: bool = False, seed: int | None = None,
+                         progressCallback: ProgressCallback | None = None, finishedCallback=None,
+                         beforeModifyCallback: Callable[[], None] | None = None) -> FewShotSAMJob:
+        """Start "Adapt & Propagate" and return its job (poll it, or ``wait()``).
+
+        beforeModifyCallback runs right before the segmentation is modified (the Segment Editor effect saves its
+        undo state there, so the whole write-back is one undo step).
+        """
+        self._checkModel(model, checkpoint, device)
+        mc.checkScalarVolume(volumeNode)
+        if segmentationNode is None:
+            raise FewShotSAMSlicerError("Select a segmentation that has some painted slices.")
+        mc.ensureNoParentTransforms([volumeNode, segmentationNode], hardenTransforms)
+        painted = self.paintedInput(volumeNode, segmentationNode, segmentIds, orientation)
+        if progressCallback is not None:
+            progressCallback(0.0, "Preparing the volume and the painted slices")
+        folder = self._newFolder(PROPAGATE)
+        try:
+            imagePath = mc.writeVolume(volumeNode, os.path.join(folder, "image.nrrd"))
+            labelsPath = mc.writeLabelArray(painted.labels, volumeNode, os.path.join(folder, "labels.nrrd"))
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        resultPath = os.path.join(folder, "result.nrrd")
+        arguments = wk.propagateArguments(imagePath, labelsPath, resultPath, model=model, checkpoint=checkpoint,
+                                          device=device, axis=orientation, cacheDir=self.cacheDirectory, seed=seed)
+
+        def onSuccess(job):
+            return self._writePropagationResult(volumeNode, segmentationNode, painted, resultPath,
+                                                beforeModifyCallback)
+
+        names = [segmentationNode.GetSegmentation().GetSegment(i).GetName() for i in painted.segmentIds]
+        job = self._startWorker(PROPAGATE, "propagate", arguments, folder, onSuccess,
+                                f"Propagating {', '.join(names)}", progressCallback, finishedCallback)
+        job.paintedInput = painted
+        return job
+
+    def propagate(self, volumeNode, segmentationNode, timeout: float | None = None, **options) -> FewShotSAMJob:
+        """Blocking "Adapt & Propagate" for scripts and tests; raises WorkerFailed / JobCancelled on failure."""
+        job = self.startPropagation(volumeNode, segmentationNode, **options)
+        job.wait(timeout)
+        if job.isRunning:
+            job.cancel()
+            job.wait(30)
+            raise FewShotSAMSlicerError(f"Propagation did not finish within {timeout} s; it was cancelled.")
+        return job.raiseIfFailed()
+
+    def _writePropagationResult(self, volumeNode, segmentationNode, painted: PaintedInput, resultPath: str,
+                                beforeModifyCallback) -> dict:
+        if volumeNode.GetScene() is None and segmentationNode.GetScene() is not None:
+            raise FewShotSAMSlicerError("The source volume was removed while FewShotSAM was running.")
+        result, _ = mc.readLabelArray(resultPath, volumeNode)
+        segmentation = segmentationNode.GetSegmentation()
+        present = [i for i in painted.segmentIds if segmentation.GetSegment(i) is not None]
+        if not present:
+            raise FewShotSAMSlicerError("The propagated segments were deleted while FewShotSAM was running.")
+        axis = painted.axis
+        current = mc.segmentMasks(segmentationNode, present, volumeNode)
+        newMasks, records = {}, {}
+        for value, segmentId in enumerate(painted.segmentIds, start=1):
+            if segmentId not in present:
+                continue
+            mask = result == value
+            # The engine keeps painted slices as painted; put them back anyway, bit for bit.
+            paintedIndices = list(painted.painted[segmentId])
+            ps.copySlices(mask, painted.masks[segmentId], axis, paintedIndices)
+            # Slices the user changed while the worker ran are kept as the user left them (and count as painted).
+            editedMeanwhile = ps.changedSlices(painted.masks[segmentId], current[segmentId], axis)
+            ps.copySlices(mask, current[segmentId], axis, editedMeanwhile)
+            paintedNow = sorted(set(paintedIndices) | {i for i in editedMeanwhile if current[segmentId][
+                ps.sliceIndex(axis, i)].any()})
+            newMasks[segmentId] = mask
+            records[segmentId] = ps.PropagationRecord(axis=axis, grid=painted.grid, painted=tuple(paintedNow),
+                                                      written=ps.sliceChecksums(mask, axis))
+        if beforeModifyCallback is not None:
+            beforeModifyCallback()
+        wasModifying = segmentationNode.StartModify()
+        try:
+            for segmentId, mask in newMasks.items():
+                mc.setSegmentMask(segmentationNode, segmentId, mask, volumeNode)
+                ps.writeRecord(segmentation.GetSegment(segmentId), records[segmentId])
+        finally:
+            segmentationNode.EndModify(wasModifying)
+        return {
+            "segmentIds": list(newMasks),
+            "axis": axis,
+            "painted": {i: list(records[i].painted) for i in newMasks},
+            "skipped": list(painted.skipped),
+        }
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Save adapted model / Apply to volume
+    # ------------------------------------------------------------------------------------------------------------
+    def startAdapt(self, volumeNode, segmentationNode, modelPath: str, segmentIds=None, model: str = "litemedsam",
+                   checkpoint: str | None = None, device: str = "auto", orientation: str = "auto",
+                   hardenTransforms: bool = False, overwrite: bool = False, seed: int | None = None,
+                   progressCallback: ProgressCallback | None = None, finishedCallback=None) -> FewShotSAMJob:
+        """Start "Save adapted model": adapt the model to the painted slices and save it as a .fsam file."""
+        self._checkModel(model, checkpoint, device)
+        if not modelPath:
+            raise FewShotSAMSlicerError("Choose where to save the adapted model (.fsam).")
+        modelPath = os.path.abspath(modelPath)
+        if not modelPath.lower().endswith(".fsam"):
+            modelPath += ".fsam"
+        if os.path.exists(modelPath) and not overwrite:
+            raise FewShotSAMSlicerError(f"{modelPath} already exists; choose another name or allow overwriting.")
+        if not os.path.isdir(os.path.dirname(modelPath)):
+            raise FewShotSAMSlicerError(f"The folder {os.path.dirname(modelPath)} does not exist.")
+        mc.checkScalarVolume(volumeNode)
+        if segmentationNode is None:
+            raise FewShotSAMSlicerError("Select a segmentation that has some painted slices.")
+        mc.ensureNoParentTransforms([volumeNode, segmentationNode], hardenTransforms)
+        painted = self.paintedInput(volumeNode, segmentationNode, segmentIds, orientation)
+        if progressCallback is not None:
+            progressCallback(0.0, "Preparing the volume and the painted slices")
+        folder = self._newFolder(ADAPT)
+        try:
+            imagePath = mc.writeVolume(volumeNode, os.path.join(folder, "image.nrrd"))
+            # As .seg.nrrd, so that the adapted model knows the segments' names and colours.
+            labelsPath = os.path.join(folder, "labels.seg.nrrd")
+            node = exportModule.segmentationNodeFromLabels(painted.labels, volumeNode,
+                                                           segmentationNode.GetSegmentation(), painted.segmentIds)
+            storage = slicer.vtkMRMLSegmentationStorageNode()
+            storage.SetFileName(labelsPath)
+            if not storage.WriteData(node):
+                raise FewShotSAMSlicerError(f"Could not write {labelsPath}.")
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        temporaryModel = os.path.join(folder, "adapted.fsam")
+        arguments = wk.adaptArguments([(imagePath, labelsPath)], temporaryModel, model=model, checkpoint=checkpoint,
+                                      device=device, axis=orientation, cacheDir=self.cacheDirectory, seed=seed)
+
+        def onSuccess(job):
+            if not os.path.isfile(temporaryModel):
+                raise FewShotSAMSlicerError("The worker did not write the adapted model.")
+            partial = os.path.join(os.path.dirname(modelPath), f".{os.path.basename(modelPath)}.partial-{os.getpid()}")
+            try:
+                shutil.copyfile(temporaryModel, partial)
+                if os.path.exists(modelPath) and not overwrite:
+                    raise FewShotSAMSlicerError(f"{modelPath} already exists; choose another name or allow overwriting.")
+                os.replace(partial, modelPath)
+            finally:
+                if os.path.exists(partial):
+                    os.remove(partial)
+            return {"modelPath": modelPath, "segmentIds": list(painted.segmentIds)}
+
+        return self._startWorker(ADAPT, "adapt", arguments, folder, onSuccess, f"Adapting to '{volumeNode.GetName()}'",
+                                 progressCallback, finishedCallback)
+
+    def startApply(self, modelPath: str, targetVolumeNode, device: str = "auto", outputName: str | None = None,
+                   hardenTransforms: bool = False, progressCallback: ProgressCallback | None = None,
+                   finishedCallback=None) -> FewShotSAMJob:
+        """Start "Apply to volume": segment another volume with a saved adapted model, into a new segmentation."""
+        if not modelPath or not os.path.isfile(modelPath):
+            raise FewShotSAMSlicerError("Choose an adapted model file (.fsam) first (Save adapted model).")
+        if device not in DEVICE_VALUES:
+            raise FewShotSAMSlicerError(f"Unknown device '{device}'; use one of {', '.join(DEVICE_VALUES)}.")
+        mc.checkScalarVolume(targetVolumeNode, "target volume")
+        mc.ensureNoParentTransforms([targetVolumeNode], hardenTransforms)
+        scene = targetVolumeNode.GetScene()
+        if progressCallback is not None:
+            progressCallback(0.0, f"Preparing '{targetVolumeNode.GetName()}'")
+        folder = self._newFolder(APPLY)
+        outDirectory = os.path.join(folder, "out")
+        try:
+            os.makedirs(outDirectory)
+            imagePath = mc.writeVolume(targetVolumeNode, os.path.join(folder, "target.nrrd"))
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        arguments = wk.applyArguments(modelPath, [imagePath], outDirectory, device=device, cacheDir=self.cacheDirectory)
+
+        def onSuccess(job):
+            return self._loadApplyResult(scene, targetVolumeNode, outDirectory,
+                                         outputName or f"{targetVolumeNode.GetName()} FewShotSAM")
+
+        return self._startWorker(APPLY, "apply", arguments, folder, onSuccess,
+                                 f"Applying the adapted model to '{targetVolumeNode.GetName()}'",
+                                 progressCallback, finishedCallback)
+
+    def _loadApplyResult(self, scene, targetVolumeNode, outDirectory: str, outputName: str) -> dict:
+        produced = sorted(os.path.join(outDirectory, f) for f in os.listdir(outDirectory)
+                          if f.lower().endswith((".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".mha")))
+        if not produced:
+            raise FewShotSAMSlicerError("The worker did not write a segmentation for the target volume.")
+        segFiles = [p for p in produced if p.lower().endswith(".seg.nrrd")]
+        path = segFiles[0] if segFiles else produced[0]
+        output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", outputName) if scene is not None \
+            else slicer.vtkMRMLSegmentationNode()
+        if scene is not None:
+            output.CreateDefaultDisplayNodes()
+        output.SetReferenceImageGeometryParameterFromVolumeNode(targetVolumeNode)
+        if path.lower().endswith(".seg.nrrd"):
+            loaded = slicer.vtkMRMLSegmentationNode()
+            storage = slicer.vtkMRMLSegmentationStorageNode()
+            storage.SetFileName(path)
+            if not storage.ReadData(loaded):
+                raise FewShotSAMSlicerError(f"Could not read the result {os.path.basename(path)}.")
+            source = loaded.GetSegmentation()
+            order = [source.GetNthSegmentID(i) for i in range(source.GetNumberOfSegments())]
+            masks = {i: mc.segmentMask(loaded, i, targetVolumeNode) for i in order}
+            for segmentId in order:
+                segment = slicer.vtkSegment()
+                segment.DeepCopyMetadata(source.GetSegment(segmentId))
+                output.GetSegmentation().AddSegment(segment, segmentId)
+                mc.setSegmentMask(output, segmentId, masks[segmentId], targetVolumeNode)
+        else:
+            labels, _ = mc.readLabelArray(path, targetVolumeNode)
+            for value in [int(v) for v in np.unique(labels) if v != 0]:
+                segmentId = output.GetSegmentation().AddEmptySegment("", f"Segment {value}")
+                mc.setSegmentMask(output, segmentId, labels == value, targetVolumeNode)
+        return {"segmentationNode": output, "segmentIds": mc.segmentIds(output)}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Export
+    # ------------------------------------------------------------------------------------------------------------
+    def exportSegmentation(self, segmentationNode, referenceVolumeNode, segmentationPath: str | None = None,
+                           labelmapPath: str | None = None, segmentIds=None, overwrite: bool = False) -> list[str]:
+        return exportModule.exportSegmentation(segmentationNode, referenceVolumeNode, segmentationPath,
+                                               labelmapPath, segmentIds, overwrite)

@@ -1,0 +1,215 @@
+"""The `fewshotsam` command line: propagate, adapt, apply, demo and cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import Cancelled, FewShotSAMError
+
+MODEL_NAMES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
+
+
+def _slice_list(text: str) -> list[int]:
+    """'3,7,10-12' -> [3, 7, 10, 11, 12]"""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            first, last = part.split("-", 1)
+            values.extend(range(int(first), int(last) + 1))
+        elif part:
+            values.append(int(part))
+    return values
+
+
+def _window(text: str) -> tuple[float, float]:
+    level, width = text.split(",")
+    return float(level), float(width)
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and engine")
+    group.add_argument("--model", choices=MODEL_NAMES, default="litemedsam",
+                       help="segmentation model; litemedsam (default) ships with the package, the others need "
+                            "--checkpoint")
+    group.add_argument("--checkpoint", help="weights file for sam_vit_b/l/h (Meta's SAM) or medsam_vit_b (MedSAM)")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                       help="where to run the model (default: a GPU if PyTorch sees one, else the CPU)")
+    group.add_argument("--cache-dir", help="embedding cache folder (default: the per-user cache folder, or "
+                                           "$FEWSHOTSAM_CACHE_DIR); scans encoded once are never encoded again")
+    group.add_argument("--seed", type=int, default=0, help="random seed: same inputs and seed give the same result")
+    group.add_argument("--axis", choices=("auto", "axial", "coronal", "sagittal"), default="auto",
+                       help="slice orientation; auto picks the image axis closest to axial from the direction matrix")
+    group.add_argument("--window", type=_window, metavar="LEVEL,WIDTH",
+                       help="CT intensity window, e.g. 40,400 (default for CT: soft tissue; MR uses percentiles)")
+    group.add_argument("--preset", help="CT window preset: soft-tissue, abdomen, liver, lung, bone, brain")
+    group.add_argument("--segments", type=_slice_list, metavar="VALUES",
+                       help="label values to propagate, e.g. 1,3 (default: every painted one)")
+    group.add_argument("--labelled-slices", type=_slice_list, metavar="SLICES",
+                       help="extra slice indices (along the slice axis) that are fully labelled even if empty: "
+                            "they teach the model where structures are absent, e.g. 0,5,30-32")
+    group.add_argument("--decoder-steps", type=int, default=None,
+                       help="mask decoder tuning steps (default 30; 0 keeps the pretrained decoder)")
+    group.add_argument("--no-clean-up", action="store_true",
+                       help="skip the 3D clean-up (keep components connected to the painting, fill holes)")
+    group.add_argument("--slice-range", type=_slice_list, metavar="FIRST-LAST",
+                       help="predict only these slices (e.g. 10-25); others keep only their painted labels")
+    group.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    group.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                       help="progress display: a bar on stderr, JSON lines on stdout (for other programs), or none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fewshotsam",
+        description="Few-shot Segment Anything: paint a structure on a few slices, get it segmented through the "
+                    "whole 3D scan.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    propagate = commands.add_parser("propagate", help="adapt on a scan's painted slices and segment the whole scan",
+                                    description="Adapt on the painted slices of LABELS and segment IMAGE. Output "
+                                                "label values, names and colours are the input's.")
+    propagate.add_argument("image", help="3D image: .nrrd, .nii/.nii.gz, .mha or a DICOM series folder")
+    propagate.add_argument("--labels", required=True,
+                           help="painted labels on the image's grid: label map (.nrrd/.nii.gz/.mha) or Slicer .seg.nrrd")
+    propagate.add_argument("--out", required=True, help="output: .seg.nrrd (Slicer), .nrrd or .nii.gz label map")
+    _add_engine_options(propagate)
+
+    adapt = commands.add_parser("adapt", help="save a few-shot model (.fsam) from one or more labelled scans",
+                                description="Learn from the labelled slices of one or more scans and save the "
+                                            "few-shot collection and tuned decoder as one .fsam file.")
+    adapt.add_argument("--image", action="append", required=True, help="a 3D image (repeat for several scans)")
+    adapt.add_argument("--labels", action="append", required=True, help="its labels (one --labels per --image)")
+    adapt.add_argument("--out", required=True, help="output .fsam file")
+    _add_engine_options(adapt)
+
+    apply = commands.add_parser("apply", help="segment new scans with a saved .fsam model (no labels needed)")
+    apply.add_argument("fsam", help="a .fsam file written by 'fewshotsam adapt'")
+    apply.add_argument("images", nargs="+", help="3D images to segment")
+    apply.add_argument("--out-dir", required=True, help="folder for the results (<image>_fewshotsam.seg.nrrd)")
+    apply.add_argument("--format", choices=(".seg.nrrd", ".nrrd", ".nii.gz"), default=".seg.nrrd",
+                       help="output file type (default .seg.nrrd)")
+    _add_engine_options(apply)
+
+    demo = commands.add_parser("demo", help="run propagate on the bundled sample scan and report the Dice")
+    demo.add_argument("--out-dir", default="fewshotsam-demo", help="folder for the demo's outputs")
+    demo.add_argument("--slices-per-structure", type=int, default=3, help="labelled slices per organ (default 3)")
+    _add_engine_options(demo)
+
+    cache = commands.add_parser("cache", help="show or clear the embedding cache")
+    cache.add_argument("action", choices=("info", "clear"))
+    cache.add_argument("--cache-dir", help="cache folder (default: the per-user cache folder)")
+    return parser
+
+
+def engine_options(args):
+    from .adapter import AdaptOptions
+    from .pipeline import EngineOptions
+    from .propagation import PropagationOptions
+
+    adapt = AdaptOptions(seed=args.seed)
+    if args.decoder_steps is not None:
+        if args.decoder_steps < 0:
+            raise FewShotSAMError("--decoder-steps must be 0 or more")
+        adapt.decoder_steps = args.decoder_steps
+    slice_range = None
+    if args.slice_range:
+        slice_range = (min(args.slice_range), max(args.slice_range))
+    return EngineOptions(
+        model=args.model, checkpoint=args.checkpoint, device=args.device, cache_dir=args.cache_dir, axis=args.axis,
+        window=args.window, preset=args.preset, segments=args.segments, labelled_slices=args.labelled_slices,
+        adapt=adapt, propagation=PropagationOptions(clean_up=not args.no_clean_up, slice_range=slice_range),
+    )
+
+
+def make_progress(kind: str):
+    from .progress import Progress
+
+    if kind == "json":
+        def report(event):
+            print(json.dumps({"stage": event.stage, "done": event.done, "total": event.total,
+                              "fraction": round(event.fraction, 4), "message": event.message}), flush=True)
+        return Progress(report), lambda: None
+    if kind == "bar":
+        from tqdm import tqdm
+
+        bars = []  # created at the first real work, so that input errors print one clean line
+
+        def report(event):
+            if event.stage == "load":
+                return
+            if not bars:
+                bars.append(tqdm(total=100, unit="%", file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}"))
+            bars[0].set_description_str(event.message[:40].ljust(40))
+            bars[0].update(round(event.fraction * 100) - bars[0].n)
+        return Progress(report), lambda: bars and bars[0].close()
+    return Progress(), lambda: None
+
+
+def run(args) -> int:
+    if args.command == "cache":
+        return run_cache(args)
+    if args.command == "adapt" and len(args.image) != len(args.labels):
+        raise FewShotSAMError("give one --labels for each --image")
+    options = engine_options(args)
+    progress, close = make_progress(args.progress)
+    try:
+        if args.command == "propagate":
+            from .pipeline import propagate_files
+
+            written = [propagate_files(args.image, args.labels, args.out, options, args.overwrite, progress)]
+        elif args.command == "adapt":
+            from .pipeline import adapt_files
+
+            written = [adapt_files(list(zip(args.image, args.labels)), args.out, options, args.overwrite, progress)]
+        elif args.command == "apply":
+            from .pipeline import apply_files
+
+            written = apply_files(args.fsam, args.images, args.out_dir, options, args.overwrite, args.format, progress)
+        else:
+            from .demo import run_demo
+
+            written = run_demo(Path(args.out_dir), args.slices_per_structure, options, args.overwrite, progress)
+        if progress.callback is not None:
+            progress.update("write", 1, 1, "done")
+    finally:
+        close()
+    if args.progress == "json":
+        print(json.dumps({"stage": "done", "done": 1, "total": 1, "fraction": 1.0, "message": "done",
+                          "outputs": [str(path) for path in written]}), flush=True)
+    else:
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
+def run_cache(args) -> int:
+    from .embedding_cache import EmbeddingCache
+
+    cache = EmbeddingCache(args.cache_dir)
+    if args.action == "clear":
+        print(f"removed {cache.clear()} cached volumes from {cache.root}")
+    else:
+        entries = cache.entries()
+        print(f"{cache.root}: {len(entries)} cached volumes, {cache.size_bytes() / 2**20:.1f} MiB "
+              f"(cap {cache.max_bytes / 2**30:.1f} GiB)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except Cancelled:
+        print("fewshotsam: cancelled; nothing was written", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\nfewshotsam: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except FewShotSAMError as error:
+        print(f"fewshotsam: error: {error}", file=sys.stderr)
+        return 2

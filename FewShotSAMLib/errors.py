@@ -1,0 +1,12 @@
+"""User-facing errors: one clear line naming the file and the problem."""
+
+
+class FewShotSAMError(Exception):
+    """An error caused by the user's input or environment, shown as one line without a traceback."""
+
+
+class Cancelled(FewShotSAMError):
+    """The user cancelled a long-running operation; nothing was written."""
+
+    def __init__(self, message: str = "cancelled by the user"):
+        super().__init__(message)

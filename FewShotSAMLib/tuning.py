@@ -1,0 +1,108 @@
+"""Decoder-only tuning on the few-shot collection; the image encoder never trains (its embeddings are cached)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from .decoder import box_tokens, decode, positional_tokens
+from .fewshot import IGNORE, FewShotCollection
+from .models import SamModel
+from .progress import NO_PROGRESS, Progress
+
+BOX_MARGIN = 0.05  # boxes handed to the decoder are grown by this fraction of their size (and 2 px) each side
+
+
+def mask_box(mask: torch.Tensor) -> torch.Tensor:
+    """Bounding box (x0, y0, x1, y1) of a boolean [H, W] mask, in pixels; exclusive upper corner."""
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    return torch.stack([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]).float()
+
+
+def grow_box(box: torch.Tensor, size: int, margin: float = BOX_MARGIN, pixels: float = 2.0) -> torch.Tensor:
+    width, height = box[..., 2] - box[..., 0], box[..., 3] - box[..., 1]
+    delta = torch.stack([-width * margin - pixels, -height * margin - pixels,
+                         width * margin + pixels, height * margin + pixels], dim=-1)
+    return (box + delta).clamp(0, size)
+
+
+def query_tokens(model: SamModel, boxes: torch.Tensor, structure_tokens: torch.Tensor) -> torch.Tensor:
+    """Decoder prompt tokens for B queries: the box's two corner tokens and the structure's few-shot token,
+    placed (by adding the prompt encoder's positional encoding) at the box centre. [B, 3, C]."""
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    structure = structure_tokens + positional_tokens(model, centres)
+    return torch.cat([box_tokens(model, boxes), structure[:, None]], dim=1)
+
+
+def _training_queries(collection: FewShotCollection):
+    """All (labelled slice, structure present on it) pairs with their binary targets and boxes."""
+    slices, classes, boxes = [], [], []
+    for index in range(collection.targets.shape[0]):
+        for class_index in range(1, collection.n_classes):
+            mask = collection.targets[index] == class_index
+            if mask.any():
+                slices.append(index)
+                classes.append(class_index)
+                boxes.append(mask_box(mask))
+    return torch.tensor(slices), torch.tensor(classes), torch.stack(boxes) if boxes else torch.zeros(0, 4)
+
+
+def jitter_boxes(boxes: torch.Tensor, size: int, generator: torch.Generator, amount: float = 0.08) -> torch.Tensor:
+    """Move each box side by up to `amount` of the box size: at inference the box comes from the coarse pixel
+    prompts, not from the truth, so the decoder must learn to outline the structure from an imprecise box."""
+    width = (boxes[:, 2] - boxes[:, 0]).clamp(min=1)
+    height = (boxes[:, 3] - boxes[:, 1]).clamp(min=1)
+    scale = torch.stack([width, height, width, height], dim=1)
+    noise = (torch.rand(boxes.shape, generator=generator) * 2 - 1) * amount * scale
+    return grow_box(boxes + noise, size)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    probability = torch.sigmoid(logits) * valid
+    target = target * valid
+    intersection = (probability * target).sum(dim=(1, 2))
+    union = probability.sum(dim=(1, 2)) + target.sum(dim=(1, 2))
+    return (1 - (2 * intersection + 1) / (union + 1)).mean()
+
+
+def tune_decoder(model: SamModel, collection: FewShotCollection, tokens: torch.Tensor, steps: int = 60,
+                 batch_size: int = 8, learning_rate: float = 1e-4, seed: int = 0,
+                 progress: Progress = NO_PROGRESS) -> dict:
+    """Fine-tune a copy of the mask decoder; returns its state dict (the model itself is left untouched)."""
+    slices, classes, boxes = _training_queries(collection)
+    original = copy.deepcopy(model.mask_decoder.state_dict())
+    if steps <= 0 or len(slices) == 0:
+        return original
+    generator = torch.Generator().manual_seed(seed)
+    size = collection.targets.shape[-1]
+    decoder = model.mask_decoder
+    decoder.train().requires_grad_(True)
+    optimiser = torch.optim.AdamW(decoder.parameters(), lr=learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=learning_rate, total_steps=steps, pct_start=0.15)
+    torch.manual_seed(seed)
+    try:
+        for step in range(steps):
+            pick = torch.randint(len(slices), (min(batch_size, len(slices)),), generator=generator)
+            query = query_tokens(model, jitter_boxes(boxes[pick], size, generator), tokens[classes[pick] - 1])
+            logits, _ = decode(model, collection.embeddings[slices[pick]], query)
+            # The loss is taken at the decoder's native resolution (256 px for every model): subsampling the
+            # targets is far cheaper than upsampling logits to SAM's 1024 px input.
+            stride = size // logits.shape[-1]
+            targets = collection.targets[slices[pick]][:, ::stride, ::stride]
+            valid = (targets != IGNORE).float()
+            target = (targets == classes[pick][:, None, None]).float()
+            bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid).sum() / valid.sum()
+            loss = bce + dice_loss(logits, target, valid)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            progress.update("tune", step + 1, steps, f"tuning the mask decoder (step {step + 1}/{steps})")
+        tuned = copy.deepcopy(decoder.state_dict())
+    finally:
+        decoder.load_state_dict(original)
+        decoder.eval().requires_grad_(False)
+    return tuned

@@ -1,0 +1,89 @@
+"""Shared pytest helpers.
+
+Real scans live outside the repository, in the project's shared data folder (see shared_data_dir). Tests that need
+them skip with a clear reason on a machine without that folder, but fail under CI (CI=true), where the data must be
+present: a silently skipped real-data test would hide a regression.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_ENV_VAR = "FEWSHOTSAM_DATA"
+
+
+def running_in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def shared_data_candidates() -> list[Path]:
+    """Where the shared data is looked for, in order: $FEWSHOTSAM_DATA, then <repo>/../shared/data."""
+    candidates = []
+    if os.environ.get(DATA_ENV_VAR):
+        candidates.append(Path(os.environ[DATA_ENV_VAR]).expanduser())
+    candidates.append(REPO_ROOT.parent / "shared" / "data")
+    return candidates
+
+
+def locate_shared_data_dir() -> Path:
+    """The shared data folder; pytest.skip when absent, pytest.fail under CI."""
+    candidates = shared_data_candidates()
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    reason = (
+        f"shared test data not found (looked in {', '.join(str(c) for c in candidates)}); "
+        f"set {DATA_ENV_VAR} to the folder holding chaos_t2_mri/, totalsegmentator_ct_mr/, ..."
+    )
+    if running_in_ci():
+        pytest.fail(reason + " [CI=true: real-data tests must run in CI]", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """Fixture: the shared data folder (see locate_shared_data_dir)."""
+    return locate_shared_data_dir()
+
+
+@pytest.fixture
+def shared_data_file(shared_data_dir):
+    """Fixture: a function returning an existing file under the shared data folder, with the same skip/fail rule."""
+
+    def locate(relative: str) -> Path:
+        path = shared_data_dir / relative
+        if not path.exists():
+            reason = f"shared test data file {path} is missing"
+            if running_in_ci():
+                pytest.fail(reason, pytrace=False)
+            pytest.skip(reason)
+        return path
+
+    return locate
+
+
+@pytest.fixture(scope="session")
+def engine_cache_dir(tmp_path_factory) -> Path:
+    """One embedding cache for the whole test session: each real scan is encoded once, then reused."""
+    return tmp_path_factory.mktemp("embedding-cache")
+
+
+@pytest.fixture(scope="session")
+def chaos_scan(shared_data_dir):
+    """A function (case number) -> (image path, full reference label path) of a CHAOS T2 scan."""
+
+    def paths(case: int) -> tuple[Path, Path]:
+        image = shared_data_dir / "chaos_t2_mri" / f"image_{case}.nii.gz"
+        labels = shared_data_dir / "chaos_t2_mri" / f"label_{case}.nii.gz"
+        if not (image.exists() and labels.exists()):
+            message = f"CHAOS case {case} missing from {shared_data_dir / 'chaos_t2_mri'}"
+            if running_in_ci():
+                pytest.fail(message, pytrace=False)
+            pytest.skip(message)
+        return image, labels
+
+    return paths

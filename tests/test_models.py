@@ -1,0 +1,44 @@
+"""Model loading: the bundled LiteMedSAM weights, and the checkpoint path of the SAM ViT family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from FewShotSAMLib.decoder import decode
+from FewShotSAMLib.errors import FewShotSAMError
+from FewShotSAMLib.models import LITEMEDSAM_SHA256, file_sha256, litemedsam_weights_path, load_model, \
+    save_random_checkpoint
+from FewShotSAMLib.tuning import query_tokens
+
+
+def test_litemedsam_weights_are_bundled_and_verified():
+    path = litemedsam_weights_path()
+    assert file_sha256(path) == LITEMEDSAM_SHA256
+    model = load_model("litemedsam", device="cpu")
+    assert model.spec.input_size == 256
+    embeddings = model.encode(torch.rand(1, 3, 256, 256), use_bf16=False)
+    assert embeddings.shape == (1, 256, 64, 64)
+    assert torch.isfinite(embeddings).all()
+
+
+def test_sam_vit_b_loads_from_a_checkpoint_file(tmp_path):
+    checkpoint = save_random_checkpoint("sam_vit_b", tmp_path / "sam_vit_b_random.pth")
+    model = load_model("sam_vit_b", checkpoint, device="cpu")
+    assert model.spec.input_size == 1024
+    assert model.weights_id.startswith("sam_vit_b:")
+    embeddings = model.encode(torch.rand(1, 3, 1024, 1024), use_bf16=False)
+    assert embeddings.shape == (1,) + model.spec.embedding_shape
+    boxes = torch.tensor([[100.0, 120.0, 400.0, 380.0]])
+    logits, quality = decode(model, embeddings, query_tokens(model, boxes, torch.zeros(1, 256)))
+    assert logits.shape == (1, 256, 256) and quality.shape == (1,)
+
+
+def test_models_that_need_a_checkpoint_say_so():
+    with pytest.raises(FewShotSAMError, match="needs --checkpoint"):
+        load_model("medsam_vit_b")
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(FewShotSAMError, match="unknown model"):
+        load_model("sam_vit_z")
