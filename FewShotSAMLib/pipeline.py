@@ -34,6 +34,7 @@ class EngineOptions:
     preset: str | None = None  # CT window preset
     segments: list[int] | None = None  # label values to propagate (default: every painted one)
     labelled_slices: list[int] | None = None  # extra slices declared fully labelled (may be empty: negatives)
+    precision: str = "auto"  # encoder arithmetic: auto (bf16 where supported), fp32, bf16
     adapt: AdaptOptions = field(default_factory=AdaptOptions)
     propagation: PropagationOptions = field(default_factory=PropagationOptions)
 
@@ -55,7 +56,7 @@ class Engine:
     def encode(self, volume: Volume, progress: Progress = NO_PROGRESS) -> EncodedVolume:
         axis = slice_axis(volume.geometry, self.options.axis)
         return encode_volume(self.model, volume, axis, self.cache, self.options.window, self.options.preset,
-                             progress=progress)
+                             progress=progress, precision=self.options.precision)
 
     def propagate(self, volume: Volume, labels: LabelVolume, progress: Progress = NO_PROGRESS) -> LabelVolume:
         """Adapt on the painted slices of `labels` and segment the whole of `volume` (same grid)."""

@@ -68,8 +68,8 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -
     return (1 - (2 * intersection + 1) / (union + 1)).mean()
 
 
-def tune_decoder(model: SamModel, collection: FewShotCollection, tokens: torch.Tensor, steps: int = 60,
-                 batch_size: int = 8, learning_rate: float = 1e-4, seed: int = 0,
+def tune_decoder(model: SamModel, collection: FewShotCollection, tokens: torch.Tensor, steps: int = 24,
+                 batch_size: int = 4, learning_rate: float = 1e-4, seed: int = 0,
                  progress: Progress = NO_PROGRESS) -> dict:
     """Fine-tune a copy of the mask decoder; returns its state dict (the model itself is left untouched)."""
     slices, classes, boxes = _training_queries(collection)

@@ -1,0 +1,1 @@
+"""Accuracy benchmark (issue 3): ``python -m benchmarks.accuracy.run --help``."""

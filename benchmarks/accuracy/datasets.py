@@ -1,0 +1,130 @@
+"""The benchmark's scans: CHAOS T2 MRI, MSD hippocampus MRI and one TotalSegmentator CT, read as FewShotSAM volumes.
+
+Every scan is returned as a ``Scan``: the image ``Volume``, the full reference label map restricted to the benchmark's
+structures (other label values set to 0), the structures (label value -> name) and the slice axis (an array axis of
+the ``[k, j, i]`` array, chosen by ``FewShotSAMLib.orientation.slice_axis`` from the direction matrix; for CHAOS this is
+axis 0 and is checked).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from FewShotSAMLib.orientation import slice_axis
+from FewShotSAMLib.volume import LabelVolume, Segment, Volume
+from FewShotSAMLib.volume_io import palette_color, read_labels, read_volume
+
+CHAOS_CASES = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22]
+CHAOS_QUICK_CASES = [2, 15]
+CHAOS_STRUCTURES = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
+HIPPOCAMPUS_STRUCTURES = {1: "anterior hippocampus", 2: "posterior hippocampus"}
+TOTALSEG_WANTED = ["liver", "spleen", "kidney_right", "kidney_left"]
+
+DATASET_TITLES = {
+    "chaos": "CHAOS T2-SPIR MRI (abdomen)",
+    "hippocampus": "MSD Task04 hippocampus MRI",
+    "totalseg": "TotalSegmentator CT (ct_dicom_20slices)",
+}
+DATASET_NOTES = {
+    "chaos": "12 scans, manual labels; 1 liver, 2 right kidney, 3 left kidney, 4 spleen; axial slices (array axis 0).",
+    "hippocampus": "manual labels; 1 anterior, 2 posterior hippocampus; volumes cropped around the hippocampus by MSD.",
+    "totalseg": ("one CT scan of 20 axial slices (512x512, 2 mm); labels are TotalSegmentator MODEL OUTPUTS resampled "
+                 "to the DICOM grid, not manual ground truth; only liver and spleen are present (no kidney voxels), "
+                 "and both span all 20 slices, so the structures' ends along the slice axis are not tested."),
+}
+
+
+@dataclass
+class Scan:
+    dataset: str
+    name: str
+    volume: Volume
+    reference: np.ndarray  # [k, j, i] int32, only the benchmark's structures
+    structures: dict[int, str]  # label value -> name, in label-value order
+    axis: int
+
+    @property
+    def spacing_ijk(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in self.volume.geometry.spacing)
+
+    def segments(self) -> list[Segment]:
+        return [Segment(name, value, palette_color(value)) for value, name in self.structures.items()]
+
+    def label_volume(self, array: np.ndarray) -> LabelVolume:
+        """A label map on this scan's grid, carrying the structures that occur in it as segments."""
+        present = set(np.unique(array).tolist())
+        return LabelVolume(np.asarray(array, dtype=np.int32), self.volume.geometry,
+                           [segment for segment in self.segments() if segment.label_value in present])
+
+
+def _restrict(labels: np.ndarray, values) -> np.ndarray:
+    labels = np.asarray(labels)
+    return np.where(np.isin(labels, list(values)), labels, 0).astype(np.int32)
+
+
+def _make_scan(dataset: str, name: str, image_path: Path, labels_path: Path, structures: dict[int, str],
+               axis_choice: str) -> Scan:
+    volume = read_volume(image_path)
+    labels = read_labels(labels_path, volume, reference_path=image_path)
+    reference = _restrict(labels.array, structures)
+    present = {value: label for value, label in structures.items() if np.any(reference == value)}
+    return Scan(dataset, name, volume, reference, present, slice_axis(volume.geometry, axis_choice))
+
+
+def chaos_cases(quick: bool, only: list[str] | None = None) -> list[str]:
+    cases = CHAOS_QUICK_CASES if quick else CHAOS_CASES
+    names = [str(case) for case in cases]
+    return [name for name in names if only is None or name in only]
+
+
+def hippocampus_cases(data_dir: Path, count: int, only: list[str] | None = None) -> list[str]:
+    folder = data_dir / "msd_hippocampus_mri"
+    names = sorted(path.name[: -len(".nii.gz")] for path in (folder / "images").glob("hippocampus_*.nii.gz")
+                   if (folder / "labels" / path.name).exists())
+    names = names[:count]
+    return [name for name in names if only is None or name in only]
+
+
+def scan_names(dataset: str, data_dir: Path, quick: bool, hippocampus_count: int,
+               only: list[str] | None = None) -> list[str]:
+    if dataset == "chaos":
+        return chaos_cases(quick, only)
+    if dataset == "hippocampus":
+        return hippocampus_cases(data_dir, hippocampus_count, only)
+    if dataset == "totalseg":
+        return [name for name in ["ct_dicom_20slices"] if only is None or name in only]
+    raise ValueError(f"unknown dataset {dataset!r}; use chaos, hippocampus or totalseg")
+
+
+def load_scan(dataset: str, name: str, data_dir: Path, axis_choice: str = "auto") -> Scan:
+    if dataset == "chaos":
+        folder = data_dir / "chaos_t2_mri"
+        scan = _make_scan(dataset, name, folder / f"image_{name}.nii.gz", folder / f"label_{name}.nii.gz",
+                          CHAOS_STRUCTURES, axis_choice)
+        if axis_choice == "auto" and scan.axis != 0:
+            raise RuntimeError(f"CHAOS scan {name}: slice axis {scan.axis}, expected 0 (axial)")
+        return scan
+    if dataset == "hippocampus":
+        folder = data_dir / "msd_hippocampus_mri"
+        return _make_scan(dataset, name, folder / "images" / f"{name}.nii.gz", folder / "labels" / f"{name}.nii.gz",
+                          HIPPOCAMPUS_STRUCTURES, axis_choice)
+    if dataset == "totalseg":
+        folder = data_dir / "totalsegmentator_ct_mr"
+        class_map = json.loads((folder / "class_map.json").read_text())
+        ct_map = next(table for key, table in class_map.items() if key.startswith("total (CT"))
+        by_name = {label: int(value) for value, label in ct_map.items()}
+        structures = {by_name[label]: label for label in TOTALSEG_WANTED}
+        structures = dict(sorted(structures.items()))
+        return _make_scan(dataset, name, folder / f"{name}.nii.gz",
+                          folder / f"{name}_seg_total_on_dicom_grid.nii.gz", structures, axis_choice)
+    raise ValueError(f"unknown dataset {dataset!r}")
+
+
+def iterate_scans(dataset: str, names: list[str], data_dir: Path, axis_choice: str = "auto") -> Iterator[Scan]:
+    for name in names:
+        yield load_scan(dataset, name, data_dir, axis_choice)

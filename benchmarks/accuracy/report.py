@@ -1,0 +1,400 @@
+"""Summaries, markdown tables and the Dice-vs-k plot (drawn with PIL: matplotlib is not a dependency)."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import DATASET_NOTES, DATASET_TITLES
+
+FEWSHOTSAM = "FewShotSAM"
+FEWSHOTSAM_NO_TUNING = "FewShotSAM (no tuning)"
+SAM_POINT = "SAM point (centroid)"
+SAM_BOX = "SAM box (reference box)"
+FILL = "Fill between slices"
+GROW = "Grow from seeds"
+METHOD_ORDER = [FEWSHOTSAM, FEWSHOTSAM_NO_TUNING, FILL, GROW, SAM_BOX, SAM_POINT]
+K_INDEPENDENT = {SAM_POINT, SAM_BOX}  # prompted on every slice of the reference extent: no labelled slices
+
+SSL_ALPNET_CHAOS_SETTING1_MEAN_DICE = 78.8  # Ouyang et al., ECCV 2020, Table 1, ABD-MRI (CHAOS T2), setting 1
+
+METRICS = ["dice", "iou", "hd95_mm", "assd_mm", "false_positive_slices", "dice_inside_reference_extent"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summaries
+
+
+def _finite(values) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def _mean(values) -> float | None:
+    values = _finite(values)
+    return float(np.mean(values)) if values else None
+
+
+def _std(values) -> float | None:
+    values = _finite(values)
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def _non_finite(values) -> int:
+    return sum(1 for v in values if v is None or not math.isfinite(float(v)))
+
+
+def group(records: list[dict], **match) -> list[dict]:
+    return [r for r in records if all(r.get(key) == value for key, value in match.items())]
+
+
+def summarise(records: list[dict]) -> dict:
+    """Means over scans of one (protocol, dataset, method, k) group.
+
+    * ``dice`` etc.: mean over scans of the per-scan mean over structures (equal to the mean over structures of the
+      per-structure means when every scan has every structure, as here).
+    * ``dice_std``: sample standard deviation (ddof=1) across scans of the per-scan mean Dice.
+    * distances: infinite values (a structure predicted empty, or predicted where the reference has none) are left
+      out of the mean and counted in ``*_non_finite``.
+    * ``per_structure``: mean over scans of each structure's Dice (and Dice inside the reference extent).
+    """
+    structures = list(OrderedDict.fromkeys(name for r in records for name in r["structures"]))
+    per_scan = {metric: [] for metric in METRICS}
+    non_finite = {metric: 0 for metric in METRICS}
+    for record in records:
+        for metric in METRICS:
+            values = [scores[metric] for scores in record["structures"].values()]
+            non_finite[metric] += _non_finite(values)
+            per_scan[metric].append(_mean(values))
+    summary = {
+        "n_scans": len(records),
+        "scans": [r["scan"] for r in records],
+        "dice_std": _std(per_scan["dice"]),
+        "seconds_per_scan": _mean([r["seconds"] for r in records]),
+        "seconds_total": float(sum(r["seconds"] for r in records)),
+        "labelled_slices": _mean([r.get("labelled_slices") for r in records]),
+        "per_structure": {},
+    }
+    for metric in METRICS:
+        summary[metric] = _mean(per_scan[metric])
+        summary[f"{metric}_non_finite"] = non_finite[metric]
+    for name in structures:
+        have = [r["structures"][name] for r in records if name in r["structures"]]
+        summary["per_structure"][name] = {
+            "dice": _mean([s["dice"] for s in have]),
+            "dice_inside_reference_extent": _mean([s["dice_inside_reference_extent"] for s in have]),
+            "n_scans": len(have),
+        }
+    return summary
+
+
+def summaries(records: list[dict]) -> list[dict]:
+    keys = OrderedDict()
+    for r in records:
+        keys[(r["protocol"], r["dataset"], r["method"], r["k"])] = None
+    out = []
+    for protocol, dataset, method, k in keys:
+        selected = group(records, protocol=protocol, dataset=dataset, method=method, k=k)
+        out.append({"protocol": protocol, "dataset": dataset, "method": method, "k": k, **summarise(selected)})
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    out.sort(key=lambda s: (s["protocol"], s["dataset"], order.get(s["method"], 99), -1 if s["k"] is None else s["k"]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _f(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _with_failures(value, failures: int, digits: int = 1) -> str:
+    text = _f(value, digits)
+    return f"{text} ({failures} inf)" if failures else text
+
+
+def _k_text(k) -> str:
+    return "all†" if k is None else str(k)
+
+
+def protocol1_tables(dataset: str, rows: list[dict]) -> list[str]:
+    lines = [
+        "| method | k | labelled slices | Dice mean ± std | IoU | HD95 mm | ASSD mm | FP slices | Dice in extent | s/scan | scans |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in rows:
+        std = "" if s["dice_std"] is None else f" ± {s['dice_std']:.3f}"
+        lines.append(
+            f"| {s['method']} | {_k_text(s['k'])} | {_f(s['labelled_slices'], 1)} | {_f(s['dice'])}{std} | {_f(s['iou'])} "
+            f"| {_with_failures(s['hd95_mm'], s['hd95_mm_non_finite'])} "
+            f"| {_with_failures(s['assd_mm'], s['assd_mm_non_finite'], 2)} "
+            f"| {_f(s['false_positive_slices'], 2)} | {_f(s['dice_inside_reference_extent'])} "
+            f"| {_f(s['seconds_per_scan'], 1)} | {s['n_scans']} |"
+        )
+    structures = list(OrderedDict.fromkeys(name for s in rows for name in s["per_structure"]))
+    lines += ["", f"Per-structure Dice ({DATASET_TITLES.get(dataset, dataset)}, protocol 1):", "",
+              "| method | k | " + " | ".join(structures) + " | mean |",
+              "|---|---|" + "---|" * (len(structures) + 1)]
+    for s in rows:
+        cells = [_f(s["per_structure"].get(name, {}).get("dice")) for name in structures]
+        lines.append(f"| {s['method']} | {_k_text(s['k'])} | " + " | ".join(cells) + f" | {_f(s['dice'])} |")
+    return lines
+
+
+def protocol2_table(rows: list[dict], records: list[dict]) -> list[str]:
+    structures = list(OrderedDict.fromkeys(name for s in rows for name in s["per_structure"]))
+    lines = [
+        "| method | scans | " + " | ".join(f"{n} (in extent)" for n in structures)
+        + " | **mean Dice in extent** | mean whole-volume Dice | HD95 mm | FP slices | s/query |",
+        "|---|---|" + "---|" * (len(structures) + 5),
+    ]
+    for s in rows:
+        cells = [_f(s["per_structure"][n]["dice_inside_reference_extent"]) for n in structures]
+        std = "" if s["dice_std"] is None else f" ± {s['dice_std']:.3f}"
+        in_extent = [r for r in group(records, protocol=2, method=s["method"])]
+        extent_means = [_mean([v["dice_inside_reference_extent"] for v in r["structures"].values()]) for r in in_extent]
+        extent_std = _std(extent_means)
+        extent_std_text = "" if extent_std is None else f" ± {extent_std:.3f}"
+        lines.append(
+            f"| {s['method']} | {s['n_scans']} | " + " | ".join(cells)
+            + f" | **{_f(s['dice_inside_reference_extent'])}{extent_std_text}** | {_f(s['dice'])}{std} "
+            f"| {_with_failures(s['hd95_mm'], s['hd95_mm_non_finite'])} | {_f(s['false_positive_slices'], 2)} "
+            f"| {_f(s['seconds_per_scan'], 1)} |"
+        )
+    lines.append(f"| SSL-ALPNet (Ouyang et al., ECCV 2020), setting 1, quoted | – | " + " | ".join("–" for _ in structures)
+                 + f" | **{SSL_ALPNET_CHAOS_SETTING1_MEAN_DICE / 100:.3f}** | – | – | – | – |")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    run = result["run"]
+    records = result["records"]
+    rows = result["summaries"]
+    lines = ["# FewShotSAM accuracy benchmark", ""]
+    lines += [
+        f"- Status: **{run['status']}**; started {run['started']}, wall time {run['wall_seconds'] / 60:.1f} min "
+        f"({run['threads']} CPU thread(s), device {run['device']}).",
+        f"- Model: `{run['model']}` ({run['weights_id']}); FewShotSAMLib commit `{run.get('commit') or 'unknown'}`.",
+        f"- Command: `{run['command']}`",
+        "",
+        "## What ran",
+        "",
+    ]
+    for line in run["coverage"]:
+        lines.append(f"- {line}")
+    lines += [
+        "",
+        "## How to read this",
+        "",
+        "- **Protocol 1 (within one scan)**: for each structure, `few_shot_labels(reference, axis, k)` picks k slices at the "
+        "centres of k equal chunks of its extent (k=1: middle, k=3: 1/6, 1/2, 5/6); every picked slice is copied fully "
+        "from the reference (all structures on it, so it also says where they are absent). Each method then segments "
+        "the whole volume. 'labelled slices' is the mean number of distinct labelled slices per scan (the union over "
+        "structures). Scores are over the whole volume, labelled slices included (FewShotSAM, Fill between slices and "
+        "Grow from seeds keep them as painted).",
+        "- Dice / IoU / HD95 / ASSD / FP slices: `FewShotSAMLib.metrics.score_labels`, per structure, averaged over "
+        "structures per scan, then over scans; ± is the sample std across scans of the per-scan mean Dice. HD95 and "
+        "ASSD are MedPy-style (pooled, mm); '(n inf)' counts structure-scan pairs where one mask was empty (left out "
+        "of the mean). 'FP slices' = slices with the structure predicted but absent from the reference (mean per "
+        "structure per scan). 'Dice in extent' = Dice restricted to the slices where the reference has the structure.",
+        "- **k = all†**: the prompted-SAM baselines get no labelled slices; instead they are prompted on *every* slice "
+        "where the reference has the structure, from the reference itself (true extent along the slice axis plus a "
+        "centroid point or the tight bounding box on each slice). They are optimistic upper-bound-style baselines, "
+        "not something a user could run from k slices. LiteMedSAM was trained with box prompts only, so its point "
+        "prompts are expected to fail (the point rows are reported as measured).",
+        "- FewShotSAM = `Engine.propagate` with its defaults (pixel prompts, structure tokens, decoder tuned for "
+        f"{run['decoder_steps']} steps); 'no tuning' = the same with `adapt.decoder_steps = 0` (training-free).",
+        "- Fill between slices / Grow from seeds: Slicer's own implementations (slicer-core), "
+        "`benchmarks/baselines/slicer_baselines.py`, with the same painted slices.",
+        "- **Hyper-parameters**: nothing was tuned on these runs. FewShotSAM's defaults were chosen by the engine "
+        "developer on CHAOS during development, so **CHAOS numbers are not a held-out estimate**; hippocampus and "
+        "TotalSegmentator CT were not used for development and are held out.",
+        "- Wall times are per scan on this machine's CPU, excluding image encoding (done once per scan and cached; "
+        "reported separately below); they include adaptation (pixel prompts + decoder tuning) for FewShotSAM.",
+        "",
+    ]
+    datasets = list(OrderedDict.fromkeys(s["dataset"] for s in rows if s["protocol"] == 1))
+    for dataset in datasets:
+        ds_rows = [s for s in rows if s["protocol"] == 1 and s["dataset"] == dataset]
+        lines += [f"## Protocol 1: {DATASET_TITLES.get(dataset, dataset)}", "", DATASET_NOTES.get(dataset, ""), ""]
+        lines += protocol1_tables(dataset, ds_rows)
+        lines.append("")
+    p2 = [s for s in rows if s["protocol"] == 2]
+    lines += ["## Protocol 2: across scans, CHAOS 1-shot (published setting)", ""]
+    if p2:
+        lines += [
+            "One support scan with 3 fully labelled slices per organ at 1/6, 1/2 and 5/6 of each organ's extent "
+            "(`fractions_of_extent`, the SSL-ALPNet support rule); `engine.adapt([(support, labels)])`, then "
+            "`engine.apply(adapter, query)` on an unlabelled query scan. "
+            f"Folds: {run.get('protocol2_folds_text', '')}. "
+            "Scored by Dice inside the reference extent (`metrics.dice_inside_reference_extent`: only the query "
+            "slices that contain the organ, the published evaluation) and by whole-volume Dice (which also counts "
+            "false positives outside the organ's slices).",
+            "",
+        ]
+        lines += protocol2_table(p2, records)
+        lines += [
+            "",
+            "SSL-ALPNet's 78.8 is quoted from the paper (setting 1, its own 5-fold evaluation, mean of liver, kidneys "
+            "and spleen Dice in %); **training data differ**: SSL-ALPNet is trained self-supervised on the CHAOS scans "
+            "themselves, FewShotSAM uses a frozen SAM-family encoder pretrained elsewhere and adapts only on the support "
+            "slices, and the support/query pairing here is our own fold scheme. Also, FewShotSAM's hyper-parameters were "
+            "chosen on CHAOS. The comparison is indicative, not like-for-like.",
+            "",
+        ]
+    else:
+        lines += ["Not run in this invocation.", ""]
+    lines += [
+        "## Supervised reference: not run",
+        "",
+        "A fully supervised model (e.g. nnU-Net trained on the other scans) is part of the issue's comparison but was "
+        "**not run**: training one needs a GPU and hours per dataset, and this benchmark ran on a shared 2-core CPU. "
+        "No supervised numbers are reported here; published nnU-Net-style results on these datasets are not comparable "
+        "with a k-slice protocol anyway.",
+        "",
+        "## Wall time",
+        "",
+        "| method | protocol | dataset | total s | s per scan (mean) | runs |",
+        "|---|---|---|---|---|---|",
+    ]
+    timing = OrderedDict()
+    for r in records:
+        key = (r["method"], r["protocol"], r["dataset"])
+        timing.setdefault(key, []).append(r["seconds"])
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    for (method, protocol, dataset), seconds in sorted(timing.items(), key=lambda kv: (kv[0][1], kv[0][2], order.get(kv[0][0], 99))):
+        lines.append(f"| {method} | {protocol} | {dataset} | {sum(seconds):.1f} | {np.mean(seconds):.1f} | {len(seconds)} |")
+    for dataset, seconds in run.get("encoding_seconds", {}).items():
+        lines.append(f"| image encoding (shared, cached) | – | {dataset} | {sum(seconds.values()):.1f} | "
+                     f"{np.mean(list(seconds.values())):.1f} | {len(seconds)} |")
+    lines += ["", "Encoding times near zero mean the embeddings came from the persistent cache.", ""]
+    if result.get("plot"):
+        lines += ["## Dice against the number of labelled slices", "", f"![Dice vs k]({result['plot']})", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plot (PIL)
+
+COLOURS = {
+    FEWSHOTSAM: (214, 39, 40),
+    FEWSHOTSAM_NO_TUNING: (255, 127, 14),
+    FILL: (31, 119, 180),
+    GROW: (44, 160, 44),
+    SAM_BOX: (148, 103, 189),
+    SAM_POINT: (140, 86, 75),
+}
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _dashed_line(draw, start, end, fill, width, dash=8):
+    (x0, y0), (x1, y1) = start, end
+    length = math.hypot(x1 - x0, y1 - y0)
+    if length == 0:
+        return
+    steps = int(length // dash)
+    for step in range(0, steps, 2):
+        a, b = step / steps, min(step + 1, steps) / steps
+        draw.line([(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
+                  fill=fill, width=width)
+
+
+def plot_dice_vs_k(rows: list[dict], path: Path) -> Path | None:
+    """One panel per dataset (protocol 1): mean Dice against k labelled slices per structure, one line per method.
+
+    Methods without labelled slices (the prompted-SAM baselines) are drawn as dashed horizontal lines.
+    """
+    from PIL import Image, ImageDraw
+
+    p1 = [s for s in rows if s["protocol"] == 1 and s["dice"] is not None]
+    datasets = list(OrderedDict.fromkeys(s["dataset"] for s in p1))
+    if not datasets:
+        return None
+    panel_w, panel_h, margin_l, margin_r, margin_t, margin_b = 460, 360, 62, 18, 40, 52
+    width = panel_w * len(datasets)
+    columns = max(1, min(3, width // 320))
+    legend_h = 28 * ((len(METHOD_ORDER) + columns - 1) // columns) + 16
+    height = panel_h + legend_h
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    title_font, font, small = _font(15), _font(13), _font(12)
+    used = []
+    for index, dataset in enumerate(datasets):
+        ds = [s for s in p1 if s["dataset"] == dataset]
+        ks = sorted({s["k"] for s in ds if s["k"] is not None})
+        left = index * panel_w + margin_l
+        right = (index + 1) * panel_w - margin_r
+        top, bottom = margin_t, panel_h - margin_b
+        values = [s["dice"] for s in ds]
+        y_low = max(0.0, math.floor((min(values) - 0.05) * 10) / 10)
+        y_high = 1.0
+
+        def to_y(value):
+            return bottom - (value - y_low) / (y_high - y_low) * (bottom - top)
+
+        k_span = (min(ks), max(ks)) if ks else (0, 1)
+        if k_span[0] == k_span[1]:
+            k_span = (k_span[0] - 1, k_span[1] + 1)
+
+        def to_x(k):
+            pad = 0.08 * (right - left)
+            return left + pad + (k - k_span[0]) / (k_span[1] - k_span[0]) * (right - left - 2 * pad)
+
+        draw.text(((left + right) / 2, 10), DATASET_TITLES.get(dataset, dataset), fill="black", font=title_font,
+                  anchor="mt")
+        steps = int(round((y_high - y_low) / 0.1))
+        for step in range(steps + 1):
+            value = y_low + step * 0.1
+            y = to_y(value)
+            draw.line([(left, y), (right, y)], fill=(225, 225, 225))
+            draw.text((left - 6, y), f"{value:.1f}", fill="black", font=small, anchor="rm")
+        for k in ks:
+            x = to_x(k)
+            draw.line([(x, bottom), (x, bottom + 5)], fill="black")
+            draw.text((x, bottom + 8), str(k), fill="black", font=small, anchor="mt")
+        draw.rectangle([left, top, right, bottom], outline="black")
+        draw.text(((left + right) / 2, panel_h - 16), "labelled slices per structure (k)", fill="black", font=font,
+                  anchor="mm")
+        draw.text((index * panel_w + 4, (top + bottom) / 2 - 40), "Dice", fill="black", font=font)
+        for method in METHOD_ORDER:
+            points = sorted((s["k"], s["dice"]) for s in ds if s["method"] == method and s["k"] is not None)
+            flat = [s["dice"] for s in ds if s["method"] == method and s["k"] is None]
+            colour = COLOURS.get(method, (0, 0, 0))
+            if points:
+                xy = [(to_x(k), to_y(v)) for k, v in points]
+                if len(xy) > 1:
+                    draw.line(xy, fill=colour, width=3)
+                for x, y in xy:
+                    draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+            if flat:
+                y = to_y(max(y_low, flat[0]))
+                _dashed_line(draw, (left + 2, y), (right - 2, y), colour, 2)
+            if (points or flat) and method not in used:
+                used.append(method)
+    for number, method in enumerate(used):
+        column, row = number % columns, number // columns
+        x = 20 + column * (width - 40) / columns
+        y = panel_h + 12 + row * 28
+        colour = COLOURS.get(method, (0, 0, 0))
+        if method in K_INDEPENDENT:
+            _dashed_line(draw, (x, y + 7), (x + 34, y + 7), colour, 2)
+            label = f"{method}, every slice"
+        else:
+            draw.line([(x, y + 7), (x + 34, y + 7)], fill=colour, width=3)
+            draw.ellipse([x + 13, y + 3, x + 21, y + 11], fill=colour)
+            label = method
+        draw.text((x + 42, y + 7), label, fill="black", font=font, anchor="lm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path

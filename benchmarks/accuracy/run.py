@@ -1,0 +1,421 @@
+"""Accuracy benchmark (issue 3): FewShotSAM against Slicer's tools and prompted SAM, on real scans.
+
+    python -m benchmarks.accuracy.run [--quick] [--datasets chaos,hippocampus,totalseg] [--ks 1,3,5]
+                                      [--out benchmarks/results] [--cache-dir DIR] [--data-dir DIR]
+
+Protocol 1 (within one scan): k fully labelled slices per structure (``slice_selection.few_shot_labels``), the
+whole volume segmented by each method, scored with ``metrics.score_labels``.
+Protocol 2 (across scans, CHAOS only): the published 1-shot setting (Ouyang et al., ECCV 2020): a support scan with
+3 labelled slices per organ at 1/6, 1/2, 5/6 of its extent adapts FewShotSAM, which then segments unlabelled
+query scans.
+
+Writes ``accuracy.json``, ``accuracy.md`` and ``accuracy_dice_vs_k.png`` into ``--out`` (rewritten after every
+scan, so an interrupted run leaves its partial results, marked as such) and prints the markdown. Progress goes to
+stderr. ``--quick``: CHAOS scans 2 and 15, k=3, FewShotSAM + Fill between slices + SAM box, protocol 1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from FewShotSAMLib.metrics import score_labels
+from FewShotSAMLib.pipeline import Engine, EngineOptions
+from FewShotSAMLib.slice_selection import few_shot_labels, fractions_of_extent
+
+from . import report
+from .datasets import CHAOS_CASES, Scan, load_scan, scan_names
+from .report import FEWSHOTSAM, FEWSHOTSAM_NO_TUNING, FILL, GROW, SAM_BOX, SAM_POINT
+from .sam_baselines import BOX, POINT, prompted_sam
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CACHE_DIR = Path("/tmp/fewshotsam-bench-cache")
+METHOD_KEYS = {
+    "fewshotsam": FEWSHOTSAM,
+    "notuning": FEWSHOTSAM_NO_TUNING,
+    "point": SAM_POINT,
+    "box": SAM_BOX,
+    "fill": FILL,
+    "grow": GROW,
+}
+QUICK_METHODS = ["fewshotsam", "fill", "box"]
+PROTOCOL2_FRACTIONS = (1 / 6, 1 / 2, 5 / 6)
+PROTOCOL2_METHODS = [FEWSHOTSAM, FEWSHOTSAM_NO_TUNING]
+JSON_NAME, MD_NAME, PNG_NAME = "accuracy.json", "accuracy.md", "accuracy_dice_vs_k.png"
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("FEWSHOTSAM_DATA")
+    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="CHAOS scans 2 and 15, k=3, FewShotSAM + Fill between slices + SAM box, protocol 1")
+    parser.add_argument("--datasets", default=None, help="comma list of chaos,hippocampus,totalseg (default: all)")
+    parser.add_argument("--ks", default=None, help="comma list of labelled slices per structure (default 1,3,5)")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma list of {','.join(METHOD_KEYS)} (default: all; --quick: {','.join(QUICK_METHODS)})")
+    parser.add_argument("--protocols", default=None, help="comma list of 1,2 (default: 1,2; --quick: 1)")
+    parser.add_argument("--scans", default=None, help="only these scan names (e.g. 2,15 or hippocampus_001)")
+    parser.add_argument("--hippocampus-scans", type=int, default=10,
+                        help="first N hippocampus scans in sorted order (default 10)")
+    parser.add_argument("--totalseg-ks", default=None,
+                        help="ks for TotalSegmentator CT (default: --ks); e.g. 3 to save time")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="shared data folder (default: $FEWSHOTSAM_DATA or <repo>/../shared/data)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                        help=f"persistent embedding cache (default {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--model", default="litemedsam", help="litemedsam (default), sam_vit_b, ...")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint file for models that need one")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the records of an earlier run in --out (same model) and skip what they cover")
+    args = parser.parse_args(argv)
+    args.data_dir = args.data_dir or default_data_dir()
+    args.datasets = _csv(args.datasets) if args.datasets else (["chaos"] if args.quick else
+                                                               ["chaos", "hippocampus", "totalseg"])
+    args.ks = [int(k) for k in _csv(args.ks)] if args.ks else ([3] if args.quick else [1, 3, 5])
+    args.totalseg_ks = [int(k) for k in _csv(args.totalseg_ks)] if args.totalseg_ks else args.ks
+    method_keys = _csv(args.methods) if args.methods else (QUICK_METHODS if args.quick else list(METHOD_KEYS))
+    unknown = [key for key in method_keys if key not in METHOD_KEYS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; use {', '.join(METHOD_KEYS)}")
+    args.methods = [METHOD_KEYS[key] for key in method_keys]
+    args.protocols = [int(p) for p in _csv(args.protocols)] if args.protocols else ([1] if args.quick else [1, 2])
+    args.scans = _csv(args.scans) if args.scans else None
+    for dataset in args.datasets:
+        if dataset not in ("chaos", "hippocampus", "totalseg"):
+            parser.error(f"unknown dataset {dataset!r}")
+    if any(k < 1 for k in args.ks + args.totalseg_ks):
+        parser.error("k must be >= 1")
+    return args
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--", "FewShotSAMLib"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            return None
+        return out.stdout.strip() + (" + uncommitted FewShotSAMLib changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def clean_number(value):
+    """JSON-safe: non-finite floats become null (inf distance = one mask empty; nan = structure absent)."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def score(scan: Scan, prediction: np.ndarray) -> dict:
+    scores = score_labels(prediction, scan.reference, list(scan.structures), scan.spacing_ijk, scan.axis)
+    return {scan.structures[value]: {metric: clean_number(v) for metric, v in metrics.items()}
+            for value, metrics in scores.items()}
+
+
+def labelled_count(painted: np.ndarray, axis: int) -> int:
+    other = tuple(a for a in range(3) if a != axis)
+    return int(np.count_nonzero(np.asarray(painted).any(axis=other)))
+
+
+class Benchmark:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.started = time.time()
+        self.engine = Engine(EngineOptions(model=args.model, checkpoint=args.checkpoint, device=args.device,
+                                           cache_dir=str(args.cache_dir)))
+        self.decoder_steps = self.engine.options.adapt.decoder_steps
+        self.records: list[dict] = []
+        self.encoding_seconds: dict[str, dict[str, float]] = {}
+        self.status = "partial: running (or stopped before the end)"
+        self.plan: list[str] = []
+        self.folds_text = ""
+        if args.resume:
+            self._load_previous()
+
+    # ----- bookkeeping -------------------------------------------------------------------------------------------
+
+    def _load_previous(self) -> None:
+        path = self.out / JSON_NAME
+        if not path.exists():
+            return
+        previous = json.loads(path.read_text())
+        if previous.get("run", {}).get("weights_id") != self.engine.model.weights_id:
+            log(f"--resume: {path} was made with another model; starting afresh")
+            return
+        self.records = previous.get("records", [])
+        self.encoding_seconds = previous.get("run", {}).get("encoding_seconds", {})
+        log(f"--resume: {len(self.records)} records kept from {path}")
+
+    def done(self, **key) -> bool:
+        return any(all(r.get(name) == value for name, value in key.items()) for r in self.records)
+
+    def add(self, record: dict) -> None:
+        self.records = [r for r in self.records if not all(r.get(name) == record[name] for name in
+                                                           ("protocol", "dataset", "scan", "method", "k"))]
+        self.records.append(record)
+
+    def coverage(self) -> list[str]:
+        lines = list(self.plan)
+        for protocol in (1, 2):
+            for dataset in dict.fromkeys(r["dataset"] for r in self.records if r["protocol"] == protocol):
+                mine = [r for r in self.records if r["protocol"] == protocol and r["dataset"] == dataset]
+                scans = list(dict.fromkeys(r["scan"] for r in mine))
+                methods = list(dict.fromkeys(r["method"] for r in mine))
+                ks = sorted({r["k"] for r in mine if r["k"] is not None})
+                lines.append(f"Done, protocol {protocol}, {dataset}: {len(scans)} scan(s) ({', '.join(scans)}); "
+                             f"k = {ks or '–'}; methods: {', '.join(methods)}.")
+        return lines
+
+    def write(self) -> str:
+        self.out.mkdir(parents=True, exist_ok=True)
+        rows = report.summaries(self.records)
+        plot = report.plot_dice_vs_k(rows, self.out / PNG_NAME)
+        result = {
+            "run": {
+                "status": self.status,
+                "started": datetime.datetime.fromtimestamp(self.started).isoformat(timespec="seconds"),
+                "wall_seconds": time.time() - self.started,
+                "command": "python -m benchmarks.accuracy.run " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                "model": self.args.model,
+                "weights_id": self.engine.model.weights_id,
+                "device": str(self.engine.model.device),
+                "threads": torch.get_num_threads(),
+                "commit": git_commit(),
+                "decoder_steps": self.decoder_steps,
+                "datasets": self.args.datasets,
+                "ks": self.args.ks,
+                "methods": self.args.methods,
+                "protocols": self.args.protocols,
+                "coverage": self.coverage(),
+                "encoding_seconds": self.encoding_seconds,
+                "protocol2_folds_text": self.folds_text,
+                "notes": {
+                    "json_nulls": "null metric = not finite: inf distance when exactly one mask is empty, "
+                                  "nan Dice-in-extent when the reference lacks the structure",
+                    "k_null": "k = null: prompted-SAM baselines, prompted on every reference slice, no labelled slices",
+                    "hyper_parameters": "FewShotSAM defaults were chosen on CHAOS during development: CHAOS is not "
+                                        "held out; hippocampus and TotalSegmentator CT are",
+                },
+            },
+            "summaries": rows,
+            "records": self.records,
+            "plot": PNG_NAME if plot else None,
+        }
+        (self.out / JSON_NAME).write_text(json.dumps(result, indent=1) + "\n")
+        text = report.markdown(result)
+        (self.out / MD_NAME).write_text(text + "\n")
+        return text
+
+    # ----- methods ------------------------------------------------------------------------------------------------
+
+    def encode(self, scan: Scan):
+        start = time.perf_counter()
+        encoded = self.engine.encode(scan.volume)
+        seconds = time.perf_counter() - start
+        if encoded.axis != scan.axis:
+            raise RuntimeError(f"{scan.dataset} {scan.name}: engine slices along axis {encoded.axis}, "
+                               f"benchmark along {scan.axis}")
+        self.encoding_seconds.setdefault(scan.dataset, {})[scan.name] = round(seconds, 2)
+        return encoded
+
+    def fewshotsam(self, scan: Scan, painted: np.ndarray, tuned: bool) -> np.ndarray:
+        options = self.engine.options.adapt
+        options.decoder_steps = self.decoder_steps if tuned else 0
+        try:
+            return self.engine.propagate(scan.volume, scan.label_volume(painted)).array
+        finally:
+            options.decoder_steps = self.decoder_steps
+
+    def run_method(self, method: str, scan: Scan, painted: np.ndarray | None, encoded) -> np.ndarray:
+        if method == FEWSHOTSAM:
+            return self.fewshotsam(scan, painted, tuned=True)
+        if method == FEWSHOTSAM_NO_TUNING:
+            return self.fewshotsam(scan, painted, tuned=False)
+        if method == FILL:
+            from benchmarks.baselines.slicer_baselines import fill_between_slices
+
+            return fill_between_slices(painted, scan.spacing_ijk, scan.axis)
+        if method == GROW:
+            from benchmarks.baselines.slicer_baselines import grow_from_seeds
+
+            return grow_from_seeds(scan.volume.array, painted, scan.spacing_ijk, scan.axis)
+        if method in (SAM_POINT, SAM_BOX):
+            return prompted_sam(self.engine.model, encoded, scan.reference, list(scan.structures),
+                                POINT if method == SAM_POINT else BOX)
+        raise ValueError(method)
+
+    # ----- protocols ----------------------------------------------------------------------------------------------
+
+    def protocol1(self, dataset: str) -> None:
+        args = self.args
+        names = scan_names(dataset, args.data_dir, args.quick, args.hippocampus_scans, args.scans)
+        ks = args.totalseg_ks if dataset == "totalseg" else args.ks
+        self.plan.append(f"Planned, protocol 1, {dataset}: {len(names)} scan(s) ({', '.join(names)}); k = {ks}; "
+                         f"methods: {', '.join(args.methods)}.")
+        k_methods = [m for m in args.methods if m not in report.K_INDEPENDENT]
+        flat_methods = [m for m in args.methods if m in report.K_INDEPENDENT]
+        for number, name in enumerate(names, start=1):
+            todo = [(m, None) for m in flat_methods] + [(m, k) for k in ks for m in k_methods]
+            todo = [(m, k) for m, k in todo if not self.done(protocol=1, dataset=dataset, scan=name, method=m, k=k)]
+            if not todo:
+                log(f"[{dataset} {number}/{len(names)}] {name}: already done (--resume)")
+                continue
+            scan_start = time.perf_counter()
+            scan = load_scan(dataset, name, args.data_dir, self.engine.options.axis)
+            encoded = self.encode(scan)
+            log(f"[{dataset} {number}/{len(names)}] {name}: shape {scan.volume.array.shape}, axis {scan.axis}, "
+                f"structures {list(scan.structures.values())}, encoding {self.encoding_seconds[dataset][name]:.1f} s")
+            painted_by_k = {k: few_shot_labels(scan.reference, scan.axis, k, list(scan.structures)) for k in ks}
+            results = []
+            for method, k in todo:
+                painted = None if k is None else painted_by_k[k]
+                start = time.perf_counter()
+                prediction = self.run_method(method, scan, painted, encoded)
+                seconds = time.perf_counter() - start
+                record = {
+                    "protocol": 1, "dataset": dataset, "scan": name, "method": method, "k": k,
+                    "labelled_slices": None if k is None else labelled_count(painted, scan.axis),
+                    "seconds": round(seconds, 3), "structures": score(scan, prediction),
+                }
+                self.add(record)
+                dice = np.mean([s["dice"] for s in record["structures"].values()])
+                results.append(f"{method}{'' if k is None else f' k={k}'}: {dice:.3f} ({seconds:.0f} s)")
+                log(f"    {results[-1]}")
+            self.write()
+            log(f"[{dataset} {number}/{len(names)}] {name} done in {time.perf_counter() - scan_start:.0f} s")
+
+    def protocol2(self) -> None:
+        """CHAOS 1-shot across scans: 4 folds of 3 queries; support = the scan after the fold's queries (cyclic)."""
+        args = self.args
+        cases = [str(case) for case in CHAOS_CASES]
+        folds = []
+        for fold in range(4):
+            queries = cases[3 * fold: 3 * fold + 3]
+            support = cases[(3 * fold + 3) % len(cases)]
+            folds.append((fold, support, queries))
+        self.folds_text = ("the 12 scans in the order " + ", ".join(cases) + " form 4 folds of 3 query scans; each "
+                           "fold's support is the scan right after its queries, cyclically (" +
+                           "; ".join(f"support {s} -> queries {', '.join(q)}" for _, s, q in folds) +
+                           "), so every scan is a query once and a support once, never both in one fold")
+        methods = [m for m in PROTOCOL2_METHODS if m in args.methods]
+        self.plan.append(f"Planned, protocol 2, chaos: 4 folds x 3 queries; methods: {', '.join(methods)}.")
+        if args.scans:
+            folds = [f for f in folds if any(q in args.scans for q in f[2])]
+        for fold, support_name, queries in folds:
+            todo = [(m, q) for m in methods for q in queries
+                    if not self.done(protocol=2, dataset="chaos", scan=q, method=m)]
+            if not todo:
+                continue
+            support = load_scan("chaos", support_name, args.data_dir, self.engine.options.axis)
+            painted = support_labels(support)
+            log(f"[protocol 2, fold {fold + 1}/4] support {support_name} "
+                f"({labelled_count(painted, support.axis)} labelled slices), queries {', '.join(queries)}")
+            self.encode(support)
+            query_scans = {q: load_scan("chaos", q, args.data_dir, self.engine.options.axis) for q in queries}
+            for method in methods:
+                if not any(m == method for m, _ in todo):
+                    continue
+                options = self.engine.options.adapt
+                options.decoder_steps = self.decoder_steps if method == FEWSHOTSAM else 0
+                try:
+                    start = time.perf_counter()
+                    adapter = self.engine.adapt([(support.volume, support.label_volume(painted))])
+                    adapt_seconds = time.perf_counter() - start
+                finally:
+                    options.decoder_steps = self.decoder_steps
+                for query in queries:
+                    if (method, query) not in todo:
+                        continue
+                    scan = query_scans[query]
+                    self.encode(scan)
+                    start = time.perf_counter()
+                    prediction = self.engine.apply(adapter, scan.volume).array
+                    seconds = time.perf_counter() - start
+                    record = {
+                        "protocol": 2, "dataset": "chaos", "scan": query, "method": method, "k": 3,
+                        "support": support_name, "fold": fold + 1,
+                        "labelled_slices": labelled_count(painted, support.axis),
+                        "seconds": round(seconds + adapt_seconds / len(queries), 3),
+                        "adapt_seconds": round(adapt_seconds, 3), "apply_seconds": round(seconds, 3),
+                        "structures": score(scan, prediction),
+                    }
+                    self.add(record)
+                    extent = np.mean([s["dice_inside_reference_extent"] for s in record["structures"].values()])
+                    whole = np.mean([s["dice"] for s in record["structures"].values()])
+                    log(f"    {method}: query {query}: Dice in extent {extent:.3f}, whole volume {whole:.3f} "
+                        f"(adapt {adapt_seconds:.0f} s, apply {seconds:.0f} s)")
+            self.write()
+
+    def run(self) -> str:
+        try:
+            if 1 in self.args.protocols:
+                for dataset in self.args.datasets:
+                    self.protocol1(dataset)
+            if 2 in self.args.protocols and "chaos" in self.args.datasets and not self.args.quick:
+                self.protocol2()
+            self.status = "complete"
+        except KeyboardInterrupt:
+            self.status = "partial: interrupted"
+            log("interrupted: writing partial results")
+        return self.write()
+
+
+def support_labels(scan: Scan) -> np.ndarray:
+    """Protocol 2's support: for each organ, the slices at 1/6, 1/2, 5/6 of its extent, each fully labelled."""
+    chosen = set()
+    for value in scan.structures:
+        chosen.update(fractions_of_extent(scan.reference == value, scan.axis, PROTOCOL2_FRACTIONS))
+    painted = np.zeros_like(scan.reference)
+    index = [slice(None)] * 3
+    index[scan.axis] = sorted(chosen)
+    painted[tuple(index)] = scan.reference[tuple(index)]
+    return painted
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    if not args.data_dir.is_dir():
+        log(f"data folder {args.data_dir} not found; pass --data-dir or set FEWSHOTSAM_DATA")
+        return 2
+    benchmark = Benchmark(args)
+    text = benchmark.run()
+    print(text)
+    log(f"wrote {args.out / JSON_NAME}, {args.out / MD_NAME}, {args.out / PNG_NAME} "
+        f"in {(time.time() - benchmark.started) / 60:.1f} min")
+    return 0 if benchmark.status == "complete" else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
