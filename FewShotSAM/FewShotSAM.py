@@ -172,6 +172,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.adaptedModelPathLineEdit.currentPathChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.cacheDirectoryPathLineEdit.currentPathChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.hardenTransformsCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
+        self.ui.paintedSlicesCompleteCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
 
         # Actions
         self.ui.propagateButton.clicked.connect(self.onPropagate)
@@ -247,6 +248,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.adaptedModelPathLineEdit.currentPath = p.adaptedModelPath
             self.ui.cacheDirectoryPathLineEdit.currentPath = p.cacheDirectory
             self.ui.hardenTransformsCheckBox.checked = p.hardenTransforms
+            self.ui.paintedSlicesCompleteCheckBox.checked = p.paintedSlicesComplete
             self.updateButtonStates()
         finally:
             self._updatingGUI = False
@@ -270,6 +272,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.adaptedModelPath = self.ui.adaptedModelPathLineEdit.currentPath
             p.cacheDirectory = self.ui.cacheDirectoryPathLineEdit.currentPath
             p.hardenTransforms = self.ui.hardenTransformsCheckBox.checked
+            p.paintedSlicesComplete = self.ui.paintedSlicesCompleteCheckBox.checked
         finally:
             p.parameterNode.EndModify(wasModifying)
 
@@ -330,7 +333,8 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._startJob(lambda: self.logic.startPropagation(
             p.sourceVolume, p.segmentation, segmentIds=ids, model=p.model,
             checkpoint=p.checkpointPath or None, device=p.device, orientation=p.orientation, hardenTransforms=harden,
-            progressCallback=self.onProgress, finishedCallback=self.onJobFinished))
+            paintedSlicesComplete=p.paintedSlicesComplete, progressCallback=self.onProgress,
+            finishedCallback=self.onJobFinished))
 
     def onSaveAdaptedModel(self) -> None:
         p = self._parameterNode
@@ -356,7 +360,8 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if harden is None:
             return
         self._startJob(lambda: self.logic.startApply(
-            p.adaptedModelPath, p.targetVolume, device=p.device, hardenTransforms=harden,
+            p.adaptedModelPath, p.targetVolume, model=p.model, checkpoint=p.checkpointPath or None, device=p.device,
+            orientation=p.orientation, hardenTransforms=harden,
             progressCallback=self.onProgress, finishedCallback=self.onJobFinished))
 
     def onCancel(self) -> None:

@@ -176,3 +176,60 @@ def test_cancel_escalates_to_kill_when_sigterm_is_ignored(tmp_path):
     run.cancel()
     assert run.wait(timeout=30) == wk.CANCELLED
     assert time.monotonic() - started < wk.KILL_GRACE_SECONDS + 5
+
+
+# ---- jobs made of several worker runs (FewShotSAMSlicerLib/logic.py) -------------------------------------------
+def test_grouping_keeps_segments_painted_on_the_same_slices_together():
+    from FewShotSAMSlicerLib.logic import groupSegmentsBySlices
+
+    painted = {"liver": [9, 12, 15], "spleen": [15, 12, 9], "rk": [18, 21], "lk": [18, 21], "x": [3]}
+    assert groupSegmentsBySlices(painted, ["liver", "rk", "lk", "spleen", "x"]) == [
+        ["liver", "spleen"], ["rk", "lk"], ["x"]]
+
+
+def make_job(tmp_path, bodies, on_success, progress=None):
+    from FewShotSAMSlicerLib import logic as fsLogic
+
+    steps = []
+    for number, body in enumerate(bodies):
+        script = tmp_path / f"step{number}.py"
+        script.write_text(textwrap.dedent(body))
+        steps.append(fsLogic.WorkerStep([sys.executable, str(script)], wk.workerEnvironment(), f"group {number}"))
+    folder = tmp_path / "job-folder"
+    folder.mkdir()
+    return fsLogic.FewShotSAMJob("propagate", steps, wk.defaultProcessFactory, str(folder), on_success,
+                                 progressCallback=progress)
+
+
+STEP_OK = """
+    import json
+    for n in (1, 2):
+        print(json.dumps({"stage": "propagate", "done": n, "total": 2, "fraction": n / 2, "message": f"part {n}"}))
+"""
+
+
+def test_job_runs_its_steps_in_order_then_writes_once(tmp_path):
+    calls, reports = [], []
+    job = make_job(tmp_path, [STEP_OK, STEP_OK], lambda j: calls.append(j.stepIndex) or "written",
+                   progress=lambda f, m: reports.append((round(f, 3), m)))
+    assert job.wait(60) == "succeeded" and job.result == "written" and calls == [1]
+    assert [m for _, m in reports[:4]] == ["[1/2 group 0] part 1", "[1/2 group 0] part 2",
+                                           "[2/2 group 1] part 1", "[2/2 group 1] part 2"]
+    assert [f for f, _ in reports] == sorted(f for f, _ in reports) and reports[-1] == (1.0, "Done")
+    assert not (tmp_path / "job-folder").exists()
+
+
+def test_job_stops_at_the_first_failing_step(tmp_path):
+    calls = []
+    failing = "import sys; print('fewshotsam: error: labels-2.nrrd: nothing painted', file=sys.stderr); sys.exit(2)"
+    job = make_job(tmp_path, [STEP_OK, failing, STEP_OK], lambda j: calls.append(1))
+    assert job.wait(60) == "failed"
+    assert job.errorMessage == "labels-2.nrrd: nothing painted" and calls == [] and len(job.runs) == 2
+
+
+def test_cancel_stops_the_chain(tmp_path):
+    calls = []
+    slow = "import json, time; print(json.dumps({'stage': 'encode', 'fraction': 0.1}), flush=True); time.sleep(600)"
+    job = make_job(tmp_path, [slow, STEP_OK], lambda j: calls.append(1))
+    job.progressCallback = lambda f, m: job.cancel()
+    assert job.wait(60) == "cancelled" and calls == [] and len(job.runs) == 1

@@ -5,10 +5,13 @@
 1. checks the inputs (scalar source volume, segmentation, parent transforms: refused unless
    ``hardenTransforms=True``, checkpoint file for the SAM/MedSAM models);
 2. finds, per segment, the slices the user painted (see painted_slices.py) along the slice axis the engine will
-   use, and writes the source volume (image.nrrd) and those painted slices (labels.nrrd, one label value per
+   use, and writes the source volume (image.nrrd) and those painted slices (labels-N.nrrd, one label value per
    segment) on the source volume's grid into a fresh temporary folder, through Slicer's storage nodes;
 3. starts ``python -m FewShotSAMLib propagate ... --progress json`` in its own process (see worker.py) with the
-   same ``--cache-dir`` every time, so the image embeddings computed on the first click are reused;
+   same ``--cache-dir`` every time, so the image embeddings computed on the first click are reused. The engine
+   takes every painted slice as showing every structure it propagates; since a Slicer user paints each segment
+   on its own slices, segments painted on different slices are propagated in separate runs, one after the other
+   (``paintedSlicesComplete=True`` runs them all at once when the user painted every structure on each slice);
 4. returns a ``FewShotSAMJob`` that the caller polls from the GUI thread (a QTimer) or waits for (scripts, tests).
    When the worker succeeds, the job writes the propagated masks into the propagated segments only, puts the
    painted slices back exactly as painted, and records what it wrote. On error or Cancel the segmentation is
@@ -85,34 +88,57 @@ class PaintedInput:
     skipped: list[str] = field(default_factory=list)  # segments without painted slices (left untouched)
 
 
-class FewShotSAMJob:
-    """One worker run and what happens with its output. Poll it from the GUI thread, or wait for it.
+@dataclass
+class WorkerStep:
+    """One worker command of a job, and a label for its progress messages (e.g. the segments it propagates)."""
 
-    ``status`` is "running", then "succeeded", "failed" (``errorMessage`` says why, in one readable line) or
-    "cancelled". ``result`` holds what the job produced (e.g. the updated segment IDs, the output node).
+    command: list[str]
+    env: dict
+    label: str = ""
+
+
+class FewShotSAMJob:
+    """One or more worker runs, one after the other, and what happens with their output.
+
+    Poll it from the GUI thread (never blocks), or ``wait()`` for it. ``status`` is "running", then "succeeded",
+    "failed" (``errorMessage`` says why, in one readable line) or "cancelled". ``result`` holds what the job produced
+    (the updated segment IDs, the saved model, the output node). The scene is only changed at the very end, after
+    every run succeeded, in the thread that polls.
     """
 
-    def __init__(self, kind: str, run: wk.WorkerRun, temporaryDirectory: str, onSuccess, description: str = "",
-                 progressCallback: ProgressCallback | None = None, finishedCallback=None, keepFiles: bool = False):
+    def __init__(self, kind: str, steps: list[WorkerStep], processFactory, temporaryDirectory: str, onSuccess,
+                 description: str = "", progressCallback: ProgressCallback | None = None, finishedCallback=None,
+                 keepFiles: bool = False, logCallback=None):
         self.kind = kind
-        self.run = run
+        self.steps = list(steps)
+        self.processFactory = processFactory
         self.temporaryDirectory = temporaryDirectory
         self.description = description
         self.progressCallback = progressCallback
         self.finishedCallback = finishedCallback
         self.keepFiles = keepFiles
+        self.logCallback = logCallback
         self._onSuccess = onSuccess
         self._cancelRequested = False
         self.status = RUNNING
         self.errorMessage = ""
         self.errorDetails = ""
         self.result = None
-        self.command: list[str] = []
         self.paintedInput: PaintedInput | None = None
+        self.stepIndex = 0
+        self.run: wk.WorkerRun | None = None
+        self.runs: list[wk.WorkerRun] = []
         self.startedAt = time.monotonic()
         self.elapsedSeconds: float | None = None
-        if run.status != RUNNING:  # the process could not even start
-            self._conclude(FAILED, run.errorMessage)
+        self._startStep()
+
+    @property
+    def command(self) -> list[str]:
+        return self.steps[0].command if self.steps else []
+
+    @property
+    def commands(self) -> list[list[str]]:
+        return [step.command for step in self.steps]
 
     @property
     def isRunning(self) -> bool:
@@ -120,7 +146,26 @@ class FewShotSAMJob:
 
     @property
     def pid(self) -> int | None:
-        return self.run.process.pid
+        return self.run.process.pid if self.run is not None else None
+
+    def _startStep(self) -> None:
+        step = self.steps[self.stepIndex]
+        logging.info("FewShotSAM: %s", " ".join(step.command))
+        self.run = wk.WorkerRun(self.processFactory(step.command, step.env), progressCallback=self._onWorkerProgress,
+                                logCallback=self.logCallback).start()
+        self.runs.append(self.run)
+        if self.run.status != RUNNING:  # the process could not even start
+            self._conclude(FAILED, self.run.errorMessage)
+
+    def _onWorkerProgress(self, progress: wk.Progress) -> None:
+        message = progress.message or (f"{progress.stage} {progress.done}/{progress.total}"
+                                       if progress.total else progress.stage)
+        count = len(self.steps)
+        if count > 1:
+            label = self.steps[self.stepIndex].label
+            message = f"[{self.stepIndex + 1}/{count}{' ' + label if label else ''}] {message}"
+        overall = (self.stepIndex + progress.fraction) / max(1, count)
+        self.report(0.02 + 0.96 * overall, message)
 
     def report(self, fraction: float, message: str) -> None:
         if self.progressCallback is not None:
@@ -144,6 +189,10 @@ class FewShotSAMJob:
             return True
         if self._cancelRequested or self.run.status == CANCELLED:
             self._conclude(CANCELLED, JobCancelled().args[0])
+        elif self.run.status == SUCCEEDED and self.stepIndex + 1 < len(self.steps):
+            self.stepIndex += 1
+            self._startStep()
+            return self.status == RUNNING
         elif self.run.status == SUCCEEDED:
             try:
                 self.report(0.99, "Writing the result")
@@ -189,10 +238,24 @@ class FewShotSAMJob:
 
     def raiseIfFailed(self) -> "FewShotSAMJob":
         if self.status == FAILED:
-            raise WorkerFailed(self.errorMessage, self.run.process.returnCode, self.errorDetails)
+            raise WorkerFailed(self.errorMessage, self.run.process.returnCode if self.run else None,
+                               self.errorDetails)
         if self.status == CANCELLED:
             raise JobCancelled(self.errorMessage)
         return self
+
+
+def groupSegmentsBySlices(painted: dict[str, list[int]], order: list[str]) -> list[list[str]]:
+    """Segments painted on exactly the same slices, together; in the order of `order`.
+
+    The engine takes each painted slice as showing every structure it propagates (a structure not painted on a
+    painted slice is learned as absent there). Segments painted on different slices therefore go to separate runs,
+    so that painting the spleen on a slice never teaches that the liver is absent from it.
+    """
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for segmentId in order:
+        groups.setdefault(tuple(sorted(painted[segmentId])), []).append(segmentId)
+    return list(groups.values())
 
 
 class FewShotSAMSlicerLogic:
@@ -282,38 +345,32 @@ class FewShotSAMSlicerLogic:
         os.makedirs(self.temporaryDirectory, exist_ok=True)
         return tempfile.mkdtemp(prefix=f"FewShotSAM-{kind}-", dir=self.temporaryDirectory)
 
-    def _startWorker(self, kind: str, subcommand: str, arguments, folder: str, onSuccess, description: str,
-                     progressCallback, finishedCallback) -> FewShotSAMJob:
-        command = wk.engineCommand(self.pythonExecutable, subcommand, arguments)
+    def _startWorker(self, kind: str, runs, folder: str, onSuccess, description: str, progressCallback,
+                     finishedCallback) -> FewShotSAMJob:
+        """runs: [(subcommand, arguments, label)], executed one after the other."""
         env = wk.workerEnvironment(self.environment, wk.engineParentDirectory())
-        logging.info("FewShotSAM: %s", " ".join(command))
-        job = None
-
-        def onProgress(progress: wk.Progress):
-            message = progress.message or (f"{progress.stage} {progress.done}/{progress.total}"
-                                           if progress.total else progress.stage)
-            if job is not None:
-                job.report(0.02 + 0.96 * progress.fraction, message)
-
-        run = wk.WorkerRun(self.processFactory(command, env), progressCallback=onProgress,
-                           logCallback=self.logCallback).start()
-        job = FewShotSAMJob(kind, run, folder, onSuccess, description, progressCallback, finishedCallback,
-                            keepFiles=self.keepFiles)
-        job.command = command
-        return job
+        steps = [WorkerStep(wk.engineCommand(self.pythonExecutable, subcommand, arguments), env, label)
+                 for subcommand, arguments, label in runs]
+        return FewShotSAMJob(kind, steps, self.processFactory, folder, onSuccess, description, progressCallback,
+                             finishedCallback, keepFiles=self.keepFiles, logCallback=self.logCallback)
 
     # ------------------------------------------------------------------------------------------------------------
     # Adapt & Propagate
     # ------------------------------------------------------------------------------------------------------------
     def startPropagation(self, volumeNode, segmentationNode, segmentIds=None, model: str = "litemedsam",
                          checkpoint: str | None = None, device: str = "auto", orientation: str = "auto",
-                         hardenTransforms: bool = False, seed: int | None = None,
-                         progressCallback: ProgressCallback | None = None, finishedCallback=None,
-                         beforeModifyCallback: Callable[[], None] | None = None) -> FewShotSAMJob:
+                         hardenTransforms: bool = False, paintedSlicesComplete: bool = False,
+                         seed: int | None = None, progressCallback: ProgressCallback | None = None,
+                         finishedCallback=None, beforeModifyCallback: Callable[[], None] | None = None) -> FewShotSAMJob:
         """Start "Adapt & Propagate" and return its job (poll it, or ``wait()``).
 
+        paintedSlicesComplete: False (default) - a segment is known only on the slices where it is painted, as in
+            Slicer's other tools: segments painted on different slices are propagated in separate worker runs
+            (sharing the embedding cache). True - every painted slice shows every selected structure that is
+            visible on it: one run for all segments (faster; a structure not painted on a painted slice is
+            learned as absent there).
         beforeModifyCallback runs right before the segmentation is modified (the Segment Editor effect saves its
-        undo state there, so the whole write-back is one undo step).
+            undo state there, so the whole write-back is one undo step).
         """
         self._checkModel(model, checkpoint, device)
         mc.checkScalarVolume(volumeNode)
@@ -323,25 +380,37 @@ class FewShotSAMSlicerLogic:
         painted = self.paintedInput(volumeNode, segmentationNode, segmentIds, orientation)
         if progressCallback is not None:
             progressCallback(0.0, "Preparing the volume and the painted slices")
+        groups = ([list(painted.segmentIds)] if paintedSlicesComplete
+                  else groupSegmentsBySlices(painted.painted, painted.segmentIds))
+        segmentation = segmentationNode.GetSegmentation()
+        values = {segmentId: value for value, segmentId in enumerate(painted.segmentIds, start=1)}
         folder = self._newFolder(PROPAGATE)
+        runs, resultPaths = [], []
         try:
             imagePath = mc.writeVolume(volumeNode, os.path.join(folder, "image.nrrd"))
-            labelsPath = mc.writeLabelArray(painted.labels, volumeNode, os.path.join(folder, "labels.nrrd"))
+            for number, group in enumerate(groups, start=1):
+                labels = painted.labels if len(groups) == 1 else np.where(
+                    np.isin(painted.labels, [values[i] for i in group]), painted.labels, 0).astype(painted.labels.dtype)
+                labelsPath = mc.writeLabelArray(labels, volumeNode, os.path.join(folder, f"labels-{number}.nrrd"))
+                resultPath = os.path.join(folder, f"result-{number}.nrrd")
+                arguments = wk.propagateArguments(imagePath, labelsPath, resultPath, model=model,
+                                                  checkpoint=checkpoint, device=device, axis=orientation,
+                                                  cacheDir=self.cacheDirectory, seed=seed)
+                runs.append(("propagate", arguments, ", ".join(segmentation.GetSegment(i).GetName() for i in group)))
+                resultPaths.append((resultPath, group))
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        resultPath = os.path.join(folder, "result.nrrd")
-        arguments = wk.propagateArguments(imagePath, labelsPath, resultPath, model=model, checkpoint=checkpoint,
-                                          device=device, axis=orientation, cacheDir=self.cacheDirectory, seed=seed)
 
         def onSuccess(job):
-            return self._writePropagationResult(volumeNode, segmentationNode, painted, resultPath,
+            return self._writePropagationResult(volumeNode, segmentationNode, painted, resultPaths,
                                                 beforeModifyCallback)
 
-        names = [segmentationNode.GetSegmentation().GetSegment(i).GetName() for i in painted.segmentIds]
-        job = self._startWorker(PROPAGATE, "propagate", arguments, folder, onSuccess,
-                                f"Propagating {', '.join(names)}", progressCallback, finishedCallback)
+        names = [segmentation.GetSegment(i).GetName() for i in painted.segmentIds]
+        job = self._startWorker(PROPAGATE, runs, folder, onSuccess, f"Propagating {', '.join(names)}",
+                                progressCallback, finishedCallback)
         job.paintedInput = painted
+        job.groups = groups
         return job
 
     def propagate(self, volumeNode, segmentationNode, timeout: float | None = None, **options) -> FewShotSAMJob:
@@ -354,11 +423,14 @@ class FewShotSAMSlicerLogic:
             raise FewShotSAMSlicerError(f"Propagation did not finish within {timeout} s; it was cancelled.")
         return job.raiseIfFailed()
 
-    def _writePropagationResult(self, volumeNode, segmentationNode, painted: PaintedInput, resultPath: str,
+    def _writePropagationResult(self, volumeNode, segmentationNode, painted: PaintedInput, resultPaths,
                                 beforeModifyCallback) -> dict:
         if volumeNode.GetScene() is None and segmentationNode.GetScene() is not None:
             raise FewShotSAMSlicerError("The source volume was removed while FewShotSAM was running.")
-        result, _ = mc.readLabelArray(resultPath, volumeNode)
+        resultOf = {}
+        for resultPath, group in resultPaths:
+            array, _ = mc.readLabelArray(resultPath, volumeNode)
+            resultOf.update({segmentId: array for segmentId in group})
         segmentation = segmentationNode.GetSegmentation()
         present = [i for i in painted.segmentIds if segmentation.GetSegment(i) is not None]
         if not present:
@@ -369,7 +441,7 @@ class FewShotSAMSlicerLogic:
         for value, segmentId in enumerate(painted.segmentIds, start=1):
             if segmentId not in present:
                 continue
-            mask = result == value
+            mask = resultOf[segmentId] == value
             # The engine keeps painted slices as painted; put them back anyway, bit for bit.
             paintedIndices = list(painted.painted[segmentId])
             ps.copySlices(mask, painted.masks[segmentId], axis, paintedIndices)
@@ -404,7 +476,11 @@ class FewShotSAMSlicerLogic:
                    checkpoint: str | None = None, device: str = "auto", orientation: str = "auto",
                    hardenTransforms: bool = False, overwrite: bool = False, seed: int | None = None,
                    progressCallback: ProgressCallback | None = None, finishedCallback=None) -> FewShotSAMJob:
-        """Start "Save adapted model": adapt the model to the painted slices and save it as a .fsam file."""
+        """Start "Save adapted model": adapt the model to the painted slices and save it as a .fsam file.
+
+        One adapted model holds all the chosen structures, so here every painted slice is taken as showing every
+        chosen structure that is visible on it (paint them all on the slices you paint).
+        """
         self._checkModel(model, checkpoint, device)
         if not modelPath:
             raise FewShotSAMSlicerError("Choose where to save the adapted model (.fsam).")
@@ -454,17 +530,20 @@ class FewShotSAMSlicerLogic:
                     os.remove(partial)
             return {"modelPath": modelPath, "segmentIds": list(painted.segmentIds)}
 
-        return self._startWorker(ADAPT, "adapt", arguments, folder, onSuccess, f"Adapting to '{volumeNode.GetName()}'",
-                                 progressCallback, finishedCallback)
+        return self._startWorker(ADAPT, [("adapt", arguments, "")], folder, onSuccess,
+                                 f"Adapting to '{volumeNode.GetName()}'", progressCallback, finishedCallback)
 
-    def startApply(self, modelPath: str, targetVolumeNode, device: str = "auto", outputName: str | None = None,
+    def startApply(self, modelPath: str, targetVolumeNode, model: str = "litemedsam", checkpoint: str | None = None,
+                   device: str = "auto", orientation: str = "auto", outputName: str | None = None,
                    hardenTransforms: bool = False, progressCallback: ProgressCallback | None = None,
                    finishedCallback=None) -> FewShotSAMJob:
-        """Start "Apply to volume": segment another volume with a saved adapted model, into a new segmentation."""
+        """Start "Apply to volume": segment another volume with a saved adapted model, into a new segmentation.
+
+        model/checkpoint must be the ones the adapted model was made with (the engine checks it).
+        """
         if not modelPath or not os.path.isfile(modelPath):
             raise FewShotSAMSlicerError("Choose an adapted model file (.fsam) first (Save adapted model).")
-        if device not in DEVICE_VALUES:
-            raise FewShotSAMSlicerError(f"Unknown device '{device}'; use one of {', '.join(DEVICE_VALUES)}.")
+        self._checkModel(model, checkpoint, device)
         mc.checkScalarVolume(targetVolumeNode, "target volume")
         mc.ensureNoParentTransforms([targetVolumeNode], hardenTransforms)
         scene = targetVolumeNode.GetScene()
@@ -478,13 +557,14 @@ class FewShotSAMSlicerLogic:
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        arguments = wk.applyArguments(modelPath, [imagePath], outDirectory, device=device, cacheDir=self.cacheDirectory)
+        arguments = wk.applyArguments(modelPath, [imagePath], outDirectory, model=model, checkpoint=checkpoint,
+                                      device=device, axis=orientation, cacheDir=self.cacheDirectory)
 
         def onSuccess(job):
             return self._loadApplyResult(scene, targetVolumeNode, outDirectory,
                                          outputName or f"{targetVolumeNode.GetName()} FewShotSAM")
 
-        return self._startWorker(APPLY, "apply", arguments, folder, onSuccess,
+        return self._startWorker(APPLY, [("apply", arguments, "")], folder, onSuccess,
                                  f"Applying the adapted model to '{targetVolumeNode.GetName()}'",
                                  progressCallback, finishedCallback)
 

@@ -67,6 +67,9 @@ PARAMETERS = (
     Parameter("device", str, "auto", tuple(value for value, _ in DEVICES)),
     Parameter("orientation", str, "auto", tuple(value for value, _ in ORIENTATIONS)),
     Parameter("hardenTransforms", bool, False),
+    # True: each painted slice shows every selected structure visible on it -> one worker run for all segments.
+    # False: a segment is known only where it is painted -> segments painted on different slices run separately.
+    Parameter("paintedSlicesComplete", bool, False),
     Parameter("targetVolume", slicer.vtkMRMLScalarVolumeNode),
     Parameter("adaptedModelPath", str, ""),
     # Empty = Slicer's cache folder (<cache>/FewShotSAM).

@@ -199,10 +199,10 @@ def adaptArguments(pairs: Sequence[tuple[str, str]], out, model="litemedsam", ch
     return arguments + ["--progress", "json"]
 
 
-def applyArguments(modelFile, images: Sequence[str], outDir, device="auto", cacheDir=None,
-                   overwrite=False) -> list[str]:
+def applyArguments(modelFile, images: Sequence[str], outDir, model="litemedsam", checkpoint=None, device="auto",
+                   axis="auto", cacheDir=None, overwrite=False) -> list[str]:
     arguments = [str(modelFile), *[str(i) for i in images], "--out-dir", str(outDir)]
-    arguments += _commonOptions(device=device, cacheDir=cacheDir)
+    arguments += _commonOptions(model, checkpoint, device, axis, cacheDir)
     if overwrite:
         arguments.append("--overwrite")
     return arguments + ["--progress", "json"]

@@ -22,6 +22,7 @@ CHECKPOINT_PARAMETER = "FewShotSAM.Checkpoint"
 DEVICE_PARAMETER = "FewShotSAM.Device"
 ORIENTATION_PARAMETER = "FewShotSAM.Orientation"
 SELECTED_ONLY_PARAMETER = "FewShotSAM.SelectedSegmentOnly"
+COMPLETE_SLICES_PARAMETER = "FewShotSAM.PaintedSlicesComplete"
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -60,6 +61,7 @@ image embeddings are cached, so the second run is fast. Ctrl+Z undoes the whole 
         self.scriptedEffect.setParameterDefault(DEVICE_PARAMETER, "auto")
         self.scriptedEffect.setParameterDefault(ORIENTATION_PARAMETER, "auto")
         self.scriptedEffect.setParameterDefault(SELECTED_ONLY_PARAMETER, 0)
+        self.scriptedEffect.setParameterDefault(COMPLETE_SLICES_PARAMETER, 0)
 
     def setupOptionsFrame(self):
         import ctk
@@ -88,6 +90,14 @@ image embeddings are cached, so the second run is fast. Ctrl+Z undoes the whole 
                                              "painted slices is propagated.")
         self.selectedOnlyCheckBox.toggled.connect(self.updateMRMLFromGUI)
         self.scriptedEffect.addOptionsWidget(self.selectedOnlyCheckBox)
+
+        self.completeSlicesCheckBox = qt.QCheckBox("Painted slices show every structure on them (one run, faster)")
+        self.completeSlicesCheckBox.toolTip = (
+            "Check if, on every slice you painted, you painted all the structures visible on it: all segments are then "
+            "propagated in one run, and a structure not painted on a painted slice is learned as absent there. "
+            "Unchecked: segments painted on different slices are propagated one after the other.")
+        self.completeSlicesCheckBox.toggled.connect(self.updateMRMLFromGUI)
+        self.scriptedEffect.addOptionsWidget(self.completeSlicesCheckBox)
 
         self.applyButton = qt.QPushButton("Apply")
         self.applyButton.objectName = self.__class__.__name__ + "Apply"
@@ -130,6 +140,9 @@ image embeddings are cached, so the second run is fast. Ctrl+Z undoes the whole 
         wasBlocked = self.selectedOnlyCheckBox.blockSignals(True)
         self.selectedOnlyCheckBox.checked = self.scriptedEffect.integerParameter(SELECTED_ONLY_PARAMETER) != 0
         self.selectedOnlyCheckBox.blockSignals(wasBlocked)
+        wasBlocked = self.completeSlicesCheckBox.blockSignals(True)
+        self.completeSlicesCheckBox.checked = self.scriptedEffect.integerParameter(COMPLETE_SLICES_PARAMETER) != 0
+        self.completeSlicesCheckBox.blockSignals(wasBlocked)
         running = self.job is not None and self.job.isRunning
         self.applyButton.enabled = not running
         self.cancelButton.enabled = running
@@ -140,6 +153,7 @@ image embeddings are cached, so the second run is fast. Ctrl+Z undoes the whole 
         self.scriptedEffect.setParameter(ORIENTATION_PARAMETER, self.orientationComboBox.currentData)
         self.scriptedEffect.setParameter(CHECKPOINT_PARAMETER, self.checkpointPathLineEdit.currentPath)
         self.scriptedEffect.setParameter(SELECTED_ONLY_PARAMETER, 1 if self.selectedOnlyCheckBox.checked else 0)
+        self.scriptedEffect.setParameter(COMPLETE_SLICES_PARAMETER, 1 if self.completeSlicesCheckBox.checked else 0)
         self.checkpointPathLineEdit.enabled = self.modelComboBox.currentData in parameters.MODELS_NEEDING_CHECKPOINT
 
     def _sourceVolumeNode(self):
@@ -177,6 +191,7 @@ image embeddings are cached, so the second run is fast. Ctrl+Z undoes the whole 
                 device=self.scriptedEffect.parameter(DEVICE_PARAMETER),
                 orientation=self.scriptedEffect.parameter(ORIENTATION_PARAMETER),
                 hardenTransforms=True,  # the user was asked just above
+                paintedSlicesComplete=self.scriptedEffect.integerParameter(COMPLETE_SLICES_PARAMETER) != 0,
                 progressCallback=self.onProgress, finishedCallback=self.onJobFinished,
                 beforeModifyCallback=self.scriptedEffect.saveStateForUndo)
         except FewShotSAMSlicerError as error:

@@ -152,6 +152,7 @@ class Benchmark:
         self.args = args
         self.out = Path(args.out)
         self.started = time.time()
+        self.commit = git_commit()  # at start: the FewShotSAMLib code this process imported
         self.engine = Engine(EngineOptions(model=args.model, checkpoint=args.checkpoint, device=args.device,
                                            cache_dir=str(args.cache_dir)))
         self.decoder_steps = self.engine.options.adapt.decoder_steps
@@ -211,7 +212,7 @@ class Benchmark:
                 "weights_id": self.engine.model.weights_id,
                 "device": str(self.engine.model.device),
                 "threads": torch.get_num_threads(),
-                "commit": git_commit(),
+                "commit": self.commit,
                 "decoder_steps": self.decoder_steps,
                 "datasets": self.args.datasets,
                 "ks": self.args.ks,
@@ -379,11 +380,11 @@ class Benchmark:
 
     def run(self) -> str:
         try:
-            if 1 in self.args.protocols:
-                for dataset in self.args.datasets:
+            for dataset in self.args.datasets:
+                if 1 in self.args.protocols:
                     self.protocol1(dataset)
-            if 2 in self.args.protocols and "chaos" in self.args.datasets and not self.args.quick:
-                self.protocol2()
+                if dataset == "chaos" and 2 in self.args.protocols and not self.args.quick:
+                    self.protocol2()
             self.status = "complete"
         except KeyboardInterrupt:
             self.status = "partial: interrupted"
