@@ -22,7 +22,7 @@ from .models import SamModel
 from .progress import NO_PROGRESS, Progress
 from .prompts import PixelClassifier, structure_tokens, train_pixel_classifier
 from .tuning import tune_decoder
-from .volume import Segment
+from .volume import HasSegments, Segment
 
 FORMAT_VERSION = 1
 
@@ -35,7 +35,7 @@ class AdaptOptions:
 
 
 @dataclass
-class FewShotAdapter:
+class FewShotAdapter(HasSegments):
     segments: list[Segment]
     classifier: PixelClassifier
     tokens: torch.Tensor  # [S, C]
@@ -44,13 +44,6 @@ class FewShotAdapter:
     options: AdaptOptions = field(default_factory=AdaptOptions)
     n_labelled_slices: int = 0
 
-    @property
-    def label_values(self) -> list[int]:
-        return [segment.label_value for segment in self.segments]
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.segments) + 1
 
     @contextlib.contextmanager
     def tuned_decoder(self, model: SamModel):

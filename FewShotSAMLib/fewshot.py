@@ -18,25 +18,18 @@ from .encoding import EncodedVolume
 from .errors import FewShotSAMError
 from .orientation import to_slices
 from .preprocess import ResizeInfo
-from .volume import Segment
+from .volume import HasSegments, Segment
 
 IGNORE = 255  # target value for the zero padding the longest-side resize adds: neither structure nor background
 
 
 @dataclass
-class FewShotCollection:
+class FewShotCollection(HasSegments):
     segments: list[Segment]  # one per structure, in class order (class c + 1 <-> segments[c])
     embeddings: torch.Tensor = None  # [N, C, H, W] float32, the labelled slices
     targets: torch.Tensor = None  # [N, S, S] uint8 class maps at model-input resolution (0 bg, c+1, IGNORE)
     sources: list[tuple[int, int]] = field(default_factory=list)  # (scan number, slice index) per labelled slice
 
-    @property
-    def label_values(self) -> list[int]:
-        return [segment.label_value for segment in self.segments]
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.segments) + 1
 
     def coarse_targets(self, grid: int) -> torch.Tensor:
         """Class maps pooled to the embedding grid [N, grid, grid] (majority by area; IGNORE where mostly padding)."""

@@ -146,14 +146,10 @@ def hd95_mm(pred: np.ndarray, ref: np.ndarray, spacing_ijk: Sequence[float], per
     0.0 when both masks are empty, ``inf`` when exactly one is empty. ``percentile=100`` gives the Hausdorff
     distance.
     """
-    pred_mask, ref_mask = _check_pair(pred, ref)
-    _sampling_from_ijk(spacing_ijk, pred_mask.ndim)
-    has_pred, has_ref = bool(pred_mask.any()), bool(ref_mask.any())
-    if not has_pred and not has_ref:
-        return 0.0
-    if has_pred != has_ref:
-        return math.inf
-    d_pr, d_rp = surface_distances_mm(pred_mask, ref_mask, spacing_ijk)
+    distances = _surface_distance_pair(pred, ref, spacing_ijk)
+    if not isinstance(distances, tuple):
+        return distances
+    d_pr, d_rp = distances
     return float(np.percentile(np.concatenate([d_pr, d_rp]), percentile))
 
 
@@ -162,6 +158,16 @@ def assd_mm(pred: np.ndarray, ref: np.ndarray, spacing_ijk: Sequence[float]) -> 
 
     0.0 when both masks are empty, ``inf`` when exactly one is empty.
     """
+    distances = _surface_distance_pair(pred, ref, spacing_ijk)
+    if not isinstance(distances, tuple):
+        return distances
+    d_pr, d_rp = distances
+    return float((d_pr.mean() + d_rp.mean()) / 2.0)
+
+
+def _surface_distance_pair(pred, ref, spacing_ijk):
+    """Both directed surface distance arrays, or the value a distance metric takes when a mask is empty:
+    0.0 when both are, inf when exactly one is."""
     pred_mask, ref_mask = _check_pair(pred, ref)
     _sampling_from_ijk(spacing_ijk, pred_mask.ndim)
     has_pred, has_ref = bool(pred_mask.any()), bool(ref_mask.any())
@@ -169,8 +175,7 @@ def assd_mm(pred: np.ndarray, ref: np.ndarray, spacing_ijk: Sequence[float]) -> 
         return 0.0
     if has_pred != has_ref:
         return math.inf
-    d_pr, d_rp = surface_distances_mm(pred_mask, ref_mask, spacing_ijk)
-    return float((d_pr.mean() + d_rp.mean()) / 2.0)
+    return surface_distances_mm(pred_mask, ref_mask, spacing_ijk)
 
 
 def _slices_with_structure(mask: np.ndarray, axis: int) -> np.ndarray:

@@ -65,3 +65,17 @@ class LabelVolume:
             if segment.label_value == value:
                 return segment
         raise KeyError(value)
+
+
+class HasSegments:
+    """Class bookkeeping for objects holding `segments`: class c + 1 stands for segments[c], class 0 is background."""
+
+    segments: list[Segment]
+
+    @property
+    def label_values(self) -> list[int]:
+        return [segment.label_value for segment in self.segments]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.segments) + 1

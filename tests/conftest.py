@@ -87,3 +87,4 @@ def chaos_scan(shared_data_dir):
         return image, labels
 
     return paths
+

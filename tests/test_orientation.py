@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from FewShotSAMLib.errors import FewShotSAMError
+from geometry_helpers import rotation
 from FewShotSAMLib.orientation import (
     from_slices,
     in_plane_spacing,
@@ -12,13 +13,6 @@ from FewShotSAMLib.orientation import (
 from FewShotSAMLib.volume import Geometry
 
 
-def rotation(axis: str, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    return {
-        "x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
-        "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
-        "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]),
-    }[axis]
 
 
 def geometry(direction, spacing=(0.5, 0.7, 3.0)) -> Geometry:

@@ -8,6 +8,7 @@ import slicerio
 
 from FewShotSAMLib import volume_io
 from FewShotSAMLib.errors import FewShotSAMError
+from geometry_helpers import rotation
 from FewShotSAMLib.orientation import slice_axis
 from FewShotSAMLib.volume import Geometry, LabelVolume, Segment, Volume
 from FewShotSAMLib.volume_io import (
@@ -20,13 +21,6 @@ from FewShotSAMLib.volume_io import (
 )
 
 
-def rotation(axis: str, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    return {
-        "x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
-        "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
-        "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]),
-    }[axis]
 
 
 DIRECTIONS = {
