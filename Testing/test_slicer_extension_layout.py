@@ -214,6 +214,8 @@ def test_configured_build_tree_has_module_library_effect_and_engine(tmp_path):
                     for p in (REPO_ROOT / "FewShotSAMLib").rglob("*.py") if "__pycache__" not in p.parts}
     packaged = {p.relative_to(modules / "FewShotSAMLib").as_posix() for p in (modules / "FewShotSAMLib").rglob("*.py")}
     assert engine_files and engine_files == packaged
+    for sample in (REPO_ROOT / "FewShotSAMLib" / "data" / "sample").glob("*"):  # package data, as in pyproject.toml
+        assert (modules / "FewShotSAMLib" / "data" / "sample" / sample.name).is_file(), sample.name
     assert (build / "tests.txt").read_text().split() == ["FewShotSAM.py"]
     # From that folder alone (as Slicer and PythonSlicer see it), the library and the engine are found there.
     probe = ("import importlib.util, sys; import FewShotSAMSlicerLib.worker as w; "

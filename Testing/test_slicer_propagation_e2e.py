@@ -35,13 +35,13 @@ from FewShotSAMSlicerLib.errors import FewShotSAMSlicerError  # noqa: E402
 # Dice against the manual reference after propagating 3 painted slices per organ (LiteMedSAM, CPU, seed 0): the
 # values measured on this case (see the comments) minus a margin for platform and library differences.
 DICE_FLOOR = {
-    "liver": 0.80,  # measured 0.87
-    "right kidney": 0.85,  # measured 0.93
-    "left kidney": 0.85,  # measured 0.93
-    "spleen": 0.87,  # measured 0.94
+    "liver": 0.79,  # measured 0.844
+    "right kidney": 0.88,  # measured 0.936
+    "left kidney": 0.87,  # measured 0.920
+    "spleen": 0.89,  # measured 0.942
 }
 SAME_RESULT_DICE = 0.98  # oblique / flipped: same voxels and painting as the main run, so (nearly) the same result
-APPLY_DICE_FLOOR = {"liver": 0.60, "spleen": 0.50}  # adapted model on another patient (case 3), no painting there
+APPLY_DICE_FLOOR = {"liver": 0.84, "spleen": 0.80}  # case 3, no painting there; measured 0.894, 0.858
 RUN_TIMEOUT_S = 1800
 VALUE = {organ: value for value, organ, _ in support.ORGANS}
 
@@ -141,7 +141,8 @@ def test_segments_are_filled_through_the_volume(propagated):
         result = propagated["result"][propagated["ids"][organ]]
         expected_slices = set(ps.nonEmptySlices(reference == value, 0))
         filled = set(ps.nonEmptySlices(result, 0))
-        assert len(filled & expected_slices) >= 0.8 * len(expected_slices), organ
+        # filled through the organ (its thin first/last slices may stay empty; Dice above measures the quality)
+        assert len(filled & expected_slices) >= 0.7 * len(expected_slices), organ
         assert len(filled) > len(propagated["painted"][organ])
 
 

@@ -581,7 +581,9 @@ class FewShotSAMSlicerLogic:
             output.CreateDefaultDisplayNodes()
         output.SetReferenceImageGeometryParameterFromVolumeNode(targetVolumeNode)
         if path.lower().endswith(".seg.nrrd"):
-            loaded = slicer.vtkMRMLSegmentationNode()
+            # read in a private scene: reading creates display nodes, which needs a scene, but not the user's
+            privateScene = slicer.vtkMRMLScene()
+            loaded = privateScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
             storage = slicer.vtkMRMLSegmentationStorageNode()
             storage.SetFileName(path)
             if not storage.ReadData(loaded):

@@ -226,8 +226,10 @@ def markdown(result: dict) -> str:
     lines += ["## Protocol 2: across scans, CHAOS 1-shot (published setting)", ""]
     if p2:
         lines += [
-            "One support scan with 3 fully labelled slices per organ at 1/6, 1/2 and 5/6 of each organ's extent "
-            "(`fractions_of_extent`, the SSL-ALPNet support rule); `engine.adapt([(support, labels)])`, then "
+            "One support scan with 3 labelled slices per organ at 1/6, 1/2 and 5/6 of each organ's extent "
+            "(`fractions_of_extent`, the SSL-ALPNet support rule); each chosen slice is labelled fully (every organ "
+            "on it, so about 11 distinct support slices per scan), which gives somewhat more than SSL-ALPNet's "
+            "per-organ binary support; `engine.adapt([(support, labels)])`, then "
             "`engine.apply(adapter, query)` on an unlabelled query scan. "
             f"Folds: {run.get('protocol2_folds_text', '')}. "
             "Scored by Dice inside the reference extent (`metrics.dice_inside_reference_extent`: only the query "

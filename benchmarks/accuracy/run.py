@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", default=None, help="checkpoint file for models that need one")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rewrite accuracy.md and the plot from --out/accuracy.json")
     parser.add_argument("--resume", action="store_true",
                         help="keep the records of an earlier run in --out (same model) and skip what they cover")
     args = parser.parse_args(argv)
@@ -404,8 +406,23 @@ def support_labels(scan: Scan) -> np.ndarray:
     return painted
 
 
+def rewrite_report(out: Path) -> str:
+    """Re-render accuracy.md and the plot from an existing accuracy.json (e.g. after a report template change)."""
+    result = json.loads((out / JSON_NAME).read_text())
+    result["summaries"] = report.summaries(result["records"])
+    plot = report.plot_dice_vs_k(result["summaries"], out / PNG_NAME)
+    result["plot"] = PNG_NAME if plot else None
+    (out / JSON_NAME).write_text(json.dumps(result, indent=1) + "\n")
+    text = report.markdown(result)
+    (out / MD_NAME).write_text(text + "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        print(rewrite_report(Path(args.out)))
+        return 0
     torch.set_num_threads(max(1, args.threads))
     if not args.data_dir.is_dir():
         log(f"data folder {args.data_dir} not found; pass --data-dir or set FEWSHOTSAM_DATA")
