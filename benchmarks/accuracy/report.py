@@ -179,6 +179,14 @@ def markdown(result: dict) -> str:
         f"({run['threads']} CPU thread(s), device {run['device']}).",
         f"- Model: `{run['model']}` ({run['weights_id']}); FewShotSAMLib commit `{run.get('commit') or 'unknown'}`.",
         f"- Command: `{run['command']}`",
+    ]
+    for earlier in run.get("history", []):
+        lines.append(f"- Resumed (`--resume`) from an earlier invocation: started {earlier.get('started')}, "
+                     f"{(earlier.get('wall_seconds') or 0) / 60:.1f} min, commit `{earlier.get('commit')}`, "
+                     f"status: {earlier.get('status')}. Its records are kept; only what it had not done was run here.")
+    if run.get("history"):
+        lines.append(f"- Wall time over all invocations: {run['wall_seconds_all_invocations'] / 60:.1f} min.")
+    lines += [
         "",
         "## What ran",
         "",
