@@ -53,11 +53,11 @@ def structure_cells(probabilities: torch.Tensor, painted_cells: torch.Tensor | N
     classes = probabilities.argmax(1).numpy()
     n_structures = probabilities.shape[1] - 1
     kept = np.zeros((classes.shape[0], n_structures) + classes.shape[1:], dtype=bool)
+    painted = painted_cells.numpy()[labelled] if painted_cells is not None and labelled else None
     for structure in range(n_structures):
         cells = classes == structure + 1
         anchors = np.zeros_like(cells)
-        if painted_cells is not None and labelled:
-            painted = painted_cells.numpy()[labelled]
+        if painted is not None:
             # Labelled slices say exactly where the structure is and is not: that also cuts components that
             # would run through a labelled slice where the structure is absent.
             cells[labelled] = painted == structure + 1
@@ -124,7 +124,8 @@ def propagate_volume(model: SamModel, adapter: FewShotAdapter, encoded: EncodedV
         painted_cells = painted_cells.where(painted_cells != IGNORE, torch.zeros_like(painted_cells))
     kept = structure_cells(probabilities, painted_cells, labelled)
     first, last = options.slice_range or (0, encoded.n_slices - 1)
-    to_predict = [z for z in range(max(0, first), min(encoded.n_slices - 1, last) + 1) if z not in set(labelled)]
+    labelled_set = set(labelled)
+    to_predict = [z for z in range(max(0, first), min(encoded.n_slices - 1, last) + 1) if z not in labelled_set]
     decoded = decoder_probabilities(model, adapter, encoded, kept, to_predict, options.batch_size, progress)
 
     rows, cols = encoded.slices.shape[1:]
