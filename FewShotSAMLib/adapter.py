@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 @dataclass
 class AdaptOptions:
     prompt_steps: int = 200  # pixel-prompt classifier training steps
-    decoder_steps: int = 24  # mask decoder tuning steps (0: keep the pretrained decoder)
+    decoder_steps: int = 16  # mask decoder tuning steps (0: keep the pretrained decoder)
     seed: int = 0
 
 

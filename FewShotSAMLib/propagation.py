@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .adapter import FewShotAdapter
-from .decoder import decode
+from .decoder import decode_in_windows
 from .encoding import EncodedVolume
 from .fewshot import IGNORE, class_maps, class_maps_to_model_space, pool_class_maps
 from .models import SamModel
@@ -39,13 +39,17 @@ class PropagationOptions:
 
 
 def coarse_probabilities(adapter: FewShotAdapter, encoded: EncodedVolume, batch_size: int = 16) -> torch.Tensor:
-    """[n, K, H, W] class probabilities on the embedding grid for every slice."""
-    chunks = []
+    """[n, K, H, W] class probabilities on the embedding grid for every slice (slices never encoded: background)."""
+    grid = encoded.embeddings.shape[-2:]
+    probabilities = torch.zeros((encoded.n_slices, adapter.n_classes) + tuple(grid))
+    probabilities[:, 0] = 1
+    available = encoded.encoded if encoded.encoded is not None else list(range(encoded.n_slices))
     with torch.inference_mode():
-        for start in range(0, encoded.n_slices, batch_size):
-            embeddings = torch.from_numpy(np.asarray(encoded.embeddings[start:start + batch_size], dtype=np.float32))
-            chunks.append(adapter.classifier(embeddings))
-    return torch.cat(chunks)
+        for start in range(0, len(available), batch_size):
+            indices = available[start:start + batch_size]
+            embeddings = torch.from_numpy(np.asarray(encoded.embeddings[indices], dtype=np.float32))
+            probabilities[indices] = adapter.classifier(embeddings)
+    return probabilities
 
 
 def structure_cells(probabilities: torch.Tensor, painted_cells: torch.Tensor | None, labelled: list[int]) -> np.ndarray:
@@ -86,19 +90,22 @@ def decoder_probabilities(model: SamModel, adapter: FewShotAdapter, encoded: Enc
     size = encoded.resize.target
     cell_size = size / kept.shape[-1]
     queries = [(z, s) for z in slices for s in range(kept.shape[1]) if kept[z, s].any()]
-    results = {}
+    if not queries:
+        return {}
+    boxes = grow_box(torch.from_numpy(np.stack([_cell_boxes(kept[z, s], cell_size) for z, s in queries])), size)
+    tokens = query_tokens(model, boxes, adapter.tokens[[s for _, s in queries]])
+
+    def embeddings_of(indices):
+        return torch.from_numpy(np.asarray(encoded.embeddings[[queries[i][0] for i in indices]], dtype=np.float32))
+
+    results, done = {}, 0
     with adapter.tuned_decoder(model), torch.inference_mode():
-        for start in range(0, len(queries), batch_size):
-            batch = queries[start:start + batch_size]
-            boxes = torch.from_numpy(np.stack([_cell_boxes(kept[z, s], cell_size) for z, s in batch]))
-            boxes = grow_box(boxes, size)
-            tokens = query_tokens(model, boxes, adapter.tokens[[s for _, s in batch]])
-            embeddings = torch.from_numpy(np.asarray(encoded.embeddings[[z for z, _ in batch]], dtype=np.float32))
-            logits, _ = decode(model, embeddings, tokens)
+        for indices, logits in decode_in_windows(model, embeddings_of, tokens, boxes, batch_size):
             logits = F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            for query, probability in zip(batch, torch.sigmoid(logits)):
-                results[query] = probability
-            progress.update("propagate", min(start + batch_size, len(queries)), len(queries), "propagating")
+            for index, probability in zip(indices, torch.sigmoid(logits)):
+                results[queries[index]] = probability.half()  # half the memory: a 300-slice CT holds ~1000
+            done += len(indices)
+            progress.update("propagate", done, len(queries), "propagating")
     return results
 
 
@@ -139,14 +146,14 @@ def propagate_volume(model: SamModel, adapter: FewShotAdapter, encoded: EncodedV
         coarse = F.interpolate(coarse[None], size=size, mode="bilinear", align_corners=False)[0]
         combined = (1 - options.decoder_weight) * coarse
         for s in structures:
-            combined[s] += options.decoder_weight * decoded[(z, s)]
+            combined[s] += options.decoder_weight * decoded.pop((z, s)).float()
         on_slice = mask_logits_to_stack(combined, encoded.resize, (rows, cols))  # [S, rows, cols]
         best, index = on_slice.max(dim=0)
         result[z] = np.where(best.numpy() > 0.5, index.numpy() + 1, 0)
 
     if options.clean_up:
         result = clean_up(result, labelled, painted_slices, adapter.label_values)
-    labels = np.zeros(result.shape, dtype=np.int32)
+    labels = np.zeros(result.shape, dtype=label_dtype(adapter.label_values, painted_slices))
     for class_index, value in enumerate(adapter.label_values, start=1):
         labels[result == class_index] = value
     if painted_slices is not None and labelled:
@@ -155,25 +162,55 @@ def propagate_volume(model: SamModel, adapter: FewShotAdapter, encoded: EncodedV
     return from_slices(labels, encoded.axis)
 
 
+def label_dtype(label_values: list[int], painted_slices: np.ndarray | None) -> np.dtype:
+    """The smallest integer type that holds every output value (a 512x512x300 label map is 79 MB as uint8)."""
+    values = list(label_values) + ([] if painted_slices is None else [int(painted_slices.min()), int(painted_slices.max())])
+    for dtype in (np.uint8, np.uint16, np.int32):
+        if np.iinfo(dtype).min <= min(values, default=0) and max(values, default=0) <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
 def clean_up(classes: np.ndarray, labelled: list[int], painted_slices: np.ndarray | None,
              label_values: list[int]) -> np.ndarray:
-    """Per structure: keep 3D components touching its painted voxels (else the largest), fill 2D holes."""
+    """Per structure: keep 3D components touching its painted voxels (else the largest), fill 2D holes.
+
+    Each structure is labelled within its own bounding box: a kidney's box is a small part of a CT, and the
+    component map of a whole 512x512x300 volume alone would take 300 MB per structure."""
     cleaned = np.zeros_like(classes)
+    has_painting = painted_slices is not None and bool(labelled)
     for class_index, value in enumerate(label_values, start=1):
         mask = classes == class_index
-        if painted_slices is not None and labelled:
+        if has_painting:
             mask[labelled] = painted_slices[labelled] == value
-        components, count = ndimage.label(mask)
-        if count == 0:
+        box = bounding_box(mask)
+        if box is None:
             continue
+        mask = mask[box]
         anchors = np.zeros_like(mask)
-        if painted_slices is not None and labelled:
-            anchors[labelled] = painted_slices[labelled] == value
+        if has_painting:
+            painted = np.zeros(classes.shape, dtype=bool)
+            painted[labelled] = painted_slices[labelled] == value
+            anchors = painted[box]
+        components, _ = ndimage.label(mask)
         if anchors.any():
             keep = np.isin(components, np.unique(components[anchors & (components > 0)]))
         else:
             keep = components == (np.argmax(np.bincount(components.ravel())[1:]) + 1)
+        del components
         for z in np.flatnonzero(keep.any(axis=(1, 2))):
             keep[z] = ndimage.binary_fill_holes(keep[z])
-        cleaned[keep & (cleaned == 0)] = class_index
+        region = cleaned[box]
+        region[keep & (region == 0)] = class_index
     return cleaned
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (as slices) holding every True voxel of a 3D mask, or None if it is empty."""
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)

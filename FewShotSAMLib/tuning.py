@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .decoder import box_tokens, decode, positional_tokens
+from .decoder import box_tokens, decode_in_windows, positional_tokens
 from .fewshot import IGNORE, FewShotCollection
 from .models import SamModel
 from .progress import NO_PROGRESS, Progress
@@ -68,7 +68,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -
     return (1 - (2 * intersection + 1) / (union + 1)).mean()
 
 
-def tune_decoder(model: SamModel, collection: FewShotCollection, tokens: torch.Tensor, steps: int = 24,
+def tune_decoder(model: SamModel, collection: FewShotCollection, tokens: torch.Tensor, steps: int = 16,
                  batch_size: int = 4, learning_rate: float = 1e-4, seed: int = 0,
                  progress: Progress = NO_PROGRESS) -> dict:
     """Fine-tune a copy of the mask decoder; returns its state dict (the model itself is left untouched)."""
@@ -86,8 +86,15 @@ def tune_decoder(model: SamModel, collection: FewShotCollection, tokens: torch.T
     try:
         for step in range(steps):
             pick = torch.randint(len(slices), (min(batch_size, len(slices)),), generator=generator)
-            query = query_tokens(model, jitter_boxes(boxes[pick], size, generator), tokens[classes[pick] - 1])
-            logits, _ = decode(model, collection.embeddings[slices[pick]], query)
+            query_boxes = jitter_boxes(boxes[pick], size, generator)
+            query = query_tokens(model, query_boxes, tokens[classes[pick] - 1])
+            embeddings = collection.embeddings[slices[pick]]
+            order, parts = [], []
+            for indices, window_logits in decode_in_windows(model, lambda i: embeddings[i], query, query_boxes,
+                                                            len(pick)):
+                order += indices
+                parts.append(window_logits)
+            logits = torch.cat(parts)[torch.argsort(torch.tensor(order))]
             # The loss is taken at the decoder's native resolution (256 px for every model): subsampling the
             # targets is far cheaper than upsampling logits to SAM's 1024 px input.
             stride = size // logits.shape[-1]

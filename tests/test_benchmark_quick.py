@@ -6,20 +6,10 @@ over the two scans, Fill between slices 0.917, SAM box 0.924. The floors leave a
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def running_in_ci() -> bool:  # same rule as conftest.running_in_ci
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+from benchmark_helpers import require_chaos_cases, require_module, run_benchmark
 
 
 FEWSHOTSAM_DICE_FLOOR = 0.85  # measured 0.942
@@ -28,24 +18,13 @@ MARGIN_TO_FILL_BETWEEN_SLICES = 0.02  # FewShotSAM must not be worse than Fill b
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, shared_data_dir, engine_cache_dir):
-    if importlib.util.find_spec("slicer") is None:  # the Fill between slices baseline runs Slicer's own code
-        message = "slicer-core is needed for the Fill between slices baseline (pip install -e '.[slicer]')"
-        if running_in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    for case in (2, 15):
-        for kind in ("image", "label"):
-            path = shared_data_dir / "chaos_t2_mri" / f"{kind}_{case}.nii.gz"
-            if not path.exists():
-                if running_in_ci():
-                    pytest.fail(f"{path} is missing", pytrace=False)
-                pytest.skip(f"{path} is missing")
+    # The Fill between slices baseline runs Slicer's own code.
+    require_module("slicer", "slicer-core is needed for the Fill between slices baseline (pip install -e '.[slicer]')")
+    require_chaos_cases(shared_data_dir, (2, 15))
     out = tmp_path_factory.mktemp("accuracy-quick")
-    command = [sys.executable, "-m", "benchmarks.accuracy.run", "--quick", "--out", str(out),
-               "--cache-dir", str(engine_cache_dir), "--data-dir", str(shared_data_dir)]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert completed.returncode == 0, f"benchmark failed ({completed.returncode}):\n{completed.stderr[-4000:]}"
+    completed = run_benchmark("benchmarks.accuracy.run", ["--quick", "--out", str(out), "--cache-dir",
+                                                          str(engine_cache_dir), "--data-dir", str(shared_data_dir)],
+                              timeout=900)
     return out, completed
 
 

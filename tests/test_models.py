@@ -17,7 +17,7 @@ def test_litemedsam_weights_are_bundled_and_verified():
     assert file_sha256(path) == LITEMEDSAM_SHA256
     model = load_model("litemedsam", device="cpu")
     assert model.spec.input_size == 256
-    embeddings = model.encode(torch.rand(1, 3, 256, 256), use_bf16=False)
+    embeddings = model.encode(torch.rand(1, 3, 256, 256), path="fp32")
     assert embeddings.shape == (1, 256, 64, 64)
     assert torch.isfinite(embeddings).all()
 
@@ -27,7 +27,7 @@ def test_sam_vit_b_loads_from_a_checkpoint_file(tmp_path):
     model = load_model("sam_vit_b", checkpoint, device="cpu")
     assert model.spec.input_size == 1024
     assert model.weights_id.startswith("sam_vit_b:")
-    embeddings = model.encode(torch.rand(1, 3, 1024, 1024), use_bf16=False)
+    embeddings = model.encode(torch.rand(1, 3, 1024, 1024), path="fp32")
     assert embeddings.shape == (1,) + model.spec.embedding_shape
     boxes = torch.tensor([[100.0, 120.0, 400.0, 380.0]])
     logits, quality = decode(model, embeddings, query_tokens(model, boxes, torch.zeros(1, 256)))

@@ -51,6 +51,8 @@ REQUIREMENTS = (
     Requirement("filelock", "filelock>=3.12"),
     Requirement("platformdirs", "platformdirs>=3.0"),
     Requirement("PIL", "pillow>=9.0"),
+    Requirement("onnxruntime", "onnxruntime>=1.17", "runs the image encoder about 2x faster on CPU"),
+    Requirement("onnx", "onnx>=1.15", "exports the image encoder for ONNX Runtime"),
 )
 # Packages that Slicer itself or the PyTorch extension must provide; pip must not replace them.
 NOT_FROM_PIP = ("torch", "torchvision", "SimpleITK")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -20,6 +21,12 @@ METHOD_ORDER = [FEWSHOTSAM, FEWSHOTSAM_NO_TUNING, FILL, GROW, SAM_BOX, SAM_POINT
 K_INDEPENDENT = {SAM_POINT, SAM_BOX}  # prompted on every slice of the reference extent: no labelled slices
 
 SSL_ALPNET_CHAOS_SETTING1_MEAN_DICE = 78.8  # Ouyang et al., ECCV 2020, Table 1, ABD-MRI (CHAOS T2), setting 1
+
+# The fully supervised reference (benchmarks/supervised), read from the same results folder when present.
+SUPERVISED = "Supervised 2D U-Net (MONAI)"
+SUPERVISED_JSON = "supervised.json"
+SUPERVISED_COLOUR = (0, 0, 0)
+FEWSHOTSAM_KS_BESIDE_SUPERVISED = (1, 3, 5)
 
 METRICS = ["dice", "iou", "hd95_mm", "assd_mm", "false_positive_slices", "dice_inside_reference_extent"]
 
@@ -169,7 +176,165 @@ def protocol2_table(rows: list[dict], records: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(result: dict) -> str:
+def load_supervised(out: Path) -> dict | None:
+    """supervised.json from the results folder ``out`` (written by benchmarks.supervised.run), or None."""
+    path = Path(out) / SUPERVISED_JSON
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _scan_mean_dice(record: dict) -> float | None:
+    return _mean([scores["dice"] for scores in record["structures"].values()])
+
+
+def supervised_reference(supervised: dict | None) -> dict | None:
+    """The headline supervised result: the models trained on the most scans (every slice of a whole fold).
+
+    Returns the dataset, those models and their test records, the mean over scans of the per-scan mean Dice, and
+    a short text naming the training data; None when there is nothing to report.
+    """
+    records = (supervised or {}).get("records") or []
+    if not records:
+        return None
+    size = max(r["train_size"] for r in records)
+    records = [r for r in records if r["train_size"] == size]
+    models = [m for m in supervised.get("models", []) if m["train_size"] == size]
+    return {
+        "dataset": supervised["run"].get("dataset", "chaos"),
+        "train_size": size,
+        "models": models,
+        "records": records,
+        "dice": _mean([_scan_mean_dice(r) for r in records]),
+        "training_text": f"all slices of {size} other scan{'s' if size > 1 else ''}",
+    }
+
+
+def _dice_cells(records: list[dict], organs: list[str]) -> list[str]:
+    """Per-organ 'mean ± sd' over scans, then the mean over scans of the per-scan mean Dice ± its sd."""
+    cells = []
+    for organ in organs:
+        values = [r["structures"][organ]["dice"] for r in records if organ in r["structures"]]
+        std = _std(values)
+        cells.append(_f(_mean(values)) + ("" if std is None else f" ± {std:.3f}"))
+    per_scan = [_scan_mean_dice(r) for r in records]
+    std = _std(per_scan)
+    cells.append(f"**{_f(_mean(per_scan))}" + ("" if std is None else f" ± {std:.3f}") + "**")
+    return cells
+
+
+def _minutes(models: list[dict]) -> str:
+    return _f(_mean([m["seconds_trained"] / 60 for m in models]), 1)
+
+
+def supervised_section(supervised: dict, records: list[dict]) -> list[str]:
+    """Supervised U-Net beside FewShotSAM's protocol-1 results on the same scans, and the data-size curve."""
+    run = supervised["run"]
+    reference = supervised_reference(supervised)
+    models, sup_records = reference["models"], reference["records"]
+    scans = sorted((r["scan"] for r in sup_records), key=lambda name: (len(name), name))  # numeric order
+    organs = list(OrderedDict.fromkeys(o for r in sup_records for o in r["structures"]))
+    folds = "; ".join(f"fold {f['fold']}: trains on {', '.join(f['train_scans'])}, predicts {', '.join(f['test_scans'])}"
+                      for f in run.get("folds", []))
+    settings = run.get("settings", {})
+    lines = ["## Supervised reference (MONAI 2D U-Net)", ""]
+    if run.get("quick"):
+        lines += ["**Quick mode** (`--quick`): a smoke test of the pipeline, not a result.", ""]
+    lines += [
+        "A fully supervised model for scale, trained from scratch on **every slice** of other CHAOS scans and never "
+        "shown the scan it predicts (`python -m benchmarks.supervised.run`).",
+        "",
+        f"- Cross-validation over the case list: {folds}.",
+        f"- Network: {settings.get('network', 'MONAI UNet')}; input: axial slices resized to "
+        f"{run.get('image_size')}x{run.get('image_size')}, intensities {settings.get('normalisation', '')}.",
+        f"- Loss: {settings.get('loss', '')}; optimiser: {settings.get('optimiser', '')}; batch "
+        f"{run.get('batch_size')}; augmentation: {settings.get('augmentation', '')}.",
+        "- Prediction slice by slice, class probabilities resized back to the scan's grid, no post-processing; "
+        "scored with the same `metrics.score_labels` as the tables above.",
+        f"- Training was **bounded by wall time** on a shared 2-core CPU ({run.get('torch_threads')} torch "
+        f"thread(s), MONAI {run.get('monai_version')}, torch {run.get('torch_version')}); "
+        + ("commands " if run.get("history") else "command ")
+        + ", then ".join(f"`{c}`" for c in [h.get("command") for h in run.get("history", [])] + [run.get("command")]
+                         if c) + ".",
+    ]
+    if run.get("status") != "complete":
+        lines.append(f"- Status of the last invocation: **{run.get('status')}**; the models it finished are kept.")
+    if run.get("notes", {}).get("development"):
+        lines.append(f"- Development: {run['notes']['development']}")
+    lines += [
+        "",
+        "| model | training data | labelled slices | trained (min) | steps | epochs | final training loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in models:
+        lines.append(f"| fold {m['fold']} | all slices of scans {', '.join(m['train_scans'])} | {m['train_slices']} "
+                     f"| {m['seconds_trained'] / 60:.1f} (budget {m['budget_minutes']:g}) | {m['steps']} "
+                     f"| {m['epochs']:.1f} | {_f(m.get('final_training_loss'))} |")
+    lines += [
+        "",
+        f"Per-organ Dice, mean ± sd over the {len(scans)} scans each method segmented (scans {', '.join(scans)}); "
+        "the last column is the mean over scans of the per-scan mean Dice ± its sd across scans:",
+        "",
+        "| method | labelled data | " + " | ".join(organs) + " | mean Dice ± sd | scans |",
+        "|---|---|" + "---|" * (len(organs) + 2),
+        f"| {SUPERVISED} | none of the scan itself; {reference['training_text']} "
+        f"(~{_f(_mean([m['train_slices'] for m in models]), 0)} slices) | "
+        + " | ".join(_dice_cells(sup_records, organs)) + f" | {len(sup_records)} |",
+    ]
+    for k in FEWSHOTSAM_KS_BESIDE_SUPERVISED:
+        mine = [r for r in group(records, protocol=1, dataset=reference["dataset"], method=FEWSHOTSAM, k=k)
+                if r["scan"] in scans]
+        if not mine:
+            continue
+        labelled = _f(_mean([r.get("labelled_slices") for r in mine]), 1)
+        lines.append(f"| {FEWSHOTSAM}, protocol 1, k={k} | {labelled} slices of the scan itself (k per organ) | "
+                     + " | ".join(_dice_cells(mine, organs)) + f" | {len(mine)} |")
+    worst = min(sup_records, key=lambda r: _scan_mean_dice(r) or 0.0)
+    lines += [
+        "",
+        f"Lowest U-Net scan: {worst['scan']}, mean Dice {_f(_scan_mean_dice(worst))} ("
+        + ", ".join(f"{organ} {_f(scores['dice'])}" for organ, scores in worst["structures"].items()) + ").",
+        "",
+        "The two use different information: the U-Net learns from a few hundred labelled slices of *other* patients "
+        "and gets nothing from the test scan; FewShotSAM gets k labelled slices *of the test scan itself* (scored "
+        "with them included, as in protocol 1) and a frozen encoder pretrained elsewhere. The U-Net's size and "
+        "training time are capped by the CPU, so it is a lower bound on what supervised training reaches on CHAOS "
+        "(nnU-Net-style models train for hours on a GPU). FewShotSAM's defaults were chosen on CHAOS (see above); "
+        "the U-Net's settings were not tuned" + (" beyond the development note above." if run.get("notes", {}).get(
+            "development") else "."),
+        "",
+    ]
+    sizes = sorted({r["train_size"] for r in supervised["records"]})
+    if len(sizes) > 1:
+        # Compare sizes on the same test scans: a stopped run can leave a size with one fold only.
+        common = set.intersection(*({r["scan"] for r in supervised["records"] if r["train_size"] == size}
+                                    for size in sizes))
+        all_scans = {r["scan"] for r in supervised["records"]}
+        subset = "" if common == all_scans else (
+            f" Not every size was run on both folds, so all rows are restricted to the test scans every size was "
+            f"evaluated on: {', '.join(sorted(common, key=lambda name: (len(name), name)))}.")
+        lines += [
+            "Dice as the labelled data grow: per fold, a model trained on all slices of the fold's first n training "
+            "scans (case-number order), evaluated on the fold's test scans (the n = "
+            f"{reference['train_size']} row is the model above). Training budgets differ between rows: see the "
+            f"minutes column.{subset}",
+            "",
+            "| training scans per model | folds | labelled slices (mean per model) | trained (min per model) | "
+            "steps (mean) | " + " | ".join(organs) + " | mean Dice ± sd | scans |",
+            "|---|---|---|---|---|" + "---|" * (len(organs) + 2),
+        ]
+        for size in sizes:
+            size_records = [r for r in supervised["records"] if r["train_size"] == size and r["scan"] in common]
+            folds_used = sorted({r["fold"] for r in size_records})
+            size_models = [m for m in supervised.get("models", []) if m["train_size"] == size
+                           and m["fold"] in folds_used]
+            lines.append(f"| {size} | {', '.join(folds_used)} | {_f(_mean([m['train_slices'] for m in size_models]), 0)} "
+                         f"| {_minutes(size_models)} | {_f(_mean([m['steps'] for m in size_models]), 0)} | "
+                         + " | ".join(_dice_cells(size_records, organs)) + f" | {len(size_records)} |")
+        lines.append("")
+    return lines
+
+
+def markdown(result: dict, supervised: dict | None = None) -> str:
+    """The report; ``supervised``: the content of supervised.json (see load_supervised), or None."""
     run = result["run"]
     records = result["records"]
     rows = result["summaries"]
@@ -257,14 +422,19 @@ def markdown(result: dict) -> str:
         ]
     else:
         lines += ["Not run in this invocation.", ""]
+    if supervised_reference(supervised):
+        lines += supervised_section(supervised, records)
+    else:
+        lines += [
+            "## Supervised reference: not run",
+            "",
+            "A fully supervised model (e.g. nnU-Net trained on the other scans) is part of the issue's comparison but "
+            "was **not run** for this report (no supervised.json beside accuracy.json). "
+            "`python -m benchmarks.supervised.run` trains a MONAI 2D U-Net on CHAOS (2-fold cross-validation, "
+            "time-bounded on the CPU) and writes it; `--report-only` then adds it here.",
+            "",
+        ]
     lines += [
-        "## Supervised reference: not run",
-        "",
-        "A fully supervised model (e.g. nnU-Net trained on the other scans) is part of the issue's comparison but was "
-        "**not run**: training one needs a GPU and hours per dataset, and this benchmark ran on a shared 2-core CPU. "
-        "No supervised numbers are reported here; published nnU-Net-style results on these datasets are not comparable "
-        "with a k-slice protocol anyway.",
-        "",
         "## Wall time",
         "",
         "| method | protocol | dataset | total s | s per scan (mean) | runs |",
@@ -320,11 +490,13 @@ def _dashed_line(draw, start, end, fill, width, dash=8):
                   fill=fill, width=width)
 
 
-def plot_dice_vs_k(rows: list[dict], path: Path) -> Path | None:
+def plot_dice_vs_k(rows: list[dict], path: Path, supervised: dict | None = None) -> Path | None:
     """One panel per dataset (protocol 1): mean Dice against k labelled slices per structure, one line per method.
 
-    Methods without labelled slices (the prompted-SAM baselines) are drawn as dashed horizontal lines.
+    Methods without labelled slices (the prompted-SAM baselines) are drawn as dashed horizontal lines; so is the
+    supervised reference (``supervised``: the content of supervised.json, or None), on its dataset's panel.
     """
+    reference = supervised_reference(supervised)
     from PIL import Image, ImageDraw
 
     p1 = [s for s in rows if s["protocol"] == 1 and s["dice"] is not None]
@@ -334,7 +506,8 @@ def plot_dice_vs_k(rows: list[dict], path: Path) -> Path | None:
     panel_w, panel_h, margin_l, margin_r, margin_t, margin_b = 460, 360, 62, 18, 40, 52
     width = panel_w * len(datasets)
     columns = max(1, min(3, width // 320))
-    legend_h = 28 * ((len(METHOD_ORDER) + columns - 1) // columns) + 16
+    entries = len(METHOD_ORDER) + (1 if reference else 0)
+    legend_h = 28 * ((entries + columns - 1) // columns) + 16
     height = panel_h + legend_h
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -347,6 +520,8 @@ def plot_dice_vs_k(rows: list[dict], path: Path) -> Path | None:
         right = (index + 1) * panel_w - margin_r
         top, bottom = margin_t, panel_h - margin_b
         values = [s["dice"] for s in ds]
+        if reference and reference["dataset"] == dataset:
+            values.append(reference["dice"])
         y_low = max(0.0, math.floor((min(values) - 0.05) * 10) / 10)
         y_high = 1.0
 
@@ -392,12 +567,19 @@ def plot_dice_vs_k(rows: list[dict], path: Path) -> Path | None:
                 _dashed_line(draw, (left + 2, y), (right - 2, y), colour, 2)
             if (points or flat) and method not in used:
                 used.append(method)
+        if reference and reference["dataset"] == dataset:
+            y = to_y(max(y_low, reference["dice"]))
+            _dashed_line(draw, (left + 2, y), (right - 2, y), SUPERVISED_COLOUR, 2, dash=4)
+            used.append(SUPERVISED)
     for number, method in enumerate(used):
         column, row = number % columns, number // columns
         x = 20 + column * (width - 40) / columns
         y = panel_h + 12 + row * 28
         colour = COLOURS.get(method, (0, 0, 0))
-        if method in K_INDEPENDENT:
+        if method == SUPERVISED:
+            _dashed_line(draw, (x, y + 7), (x + 34, y + 7), SUPERVISED_COLOUR, 2, dash=4)
+            label = f"Supervised U-Net on {reference['dataset'].upper()}, {reference['training_text']}"
+        elif method in K_INDEPENDENT:
             _dashed_line(draw, (x, y + 7), (x + 34, y + 7), colour, 2)
             label = f"{method}, every slice"
         else:

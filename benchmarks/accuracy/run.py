@@ -88,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: rewrite accuracy.md and the plot from --out/accuracy.json")
+                        help="run nothing: rewrite accuracy.md and the plot from --out/accuracy.json "
+                             "(and --out/supervised.json when present)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the records of an earlier run in --out (same model) and skip what they cover")
     args = parser.parse_args(argv)
@@ -207,7 +208,8 @@ class Benchmark:
     def write(self) -> str:
         self.out.mkdir(parents=True, exist_ok=True)
         rows = report.summaries(self.records)
-        plot = report.plot_dice_vs_k(rows, self.out / PNG_NAME)
+        supervised = report.load_supervised(self.out)  # benchmarks.supervised.run's results, if in the same folder
+        plot = report.plot_dice_vs_k(rows, self.out / PNG_NAME, supervised)
         result = {
             "run": {
                 "status": self.status,
@@ -243,7 +245,7 @@ class Benchmark:
             "plot": PNG_NAME if plot else None,
         }
         (self.out / JSON_NAME).write_text(json.dumps(result, indent=1) + "\n")
-        text = report.markdown(result)
+        text = report.markdown(result, supervised)
         (self.out / MD_NAME).write_text(text + "\n")
         return text
 
@@ -418,10 +420,11 @@ def rewrite_report(out: Path) -> str:
     """Re-render accuracy.md and the plot from an existing accuracy.json (e.g. after a report template change)."""
     result = json.loads((out / JSON_NAME).read_text())
     result["summaries"] = report.summaries(result["records"])
-    plot = report.plot_dice_vs_k(result["summaries"], out / PNG_NAME)
+    supervised = report.load_supervised(out)
+    plot = report.plot_dice_vs_k(result["summaries"], out / PNG_NAME, supervised)
     result["plot"] = PNG_NAME if plot else None
     (out / JSON_NAME).write_text(json.dumps(result, indent=1) + "\n")
-    text = report.markdown(result)
+    text = report.markdown(result, supervised)
     (out / MD_NAME).write_text(text + "\n")
     return text
 

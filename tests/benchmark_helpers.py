@@ -1,0 +1,46 @@
+"""Shared by the tests that run a benchmark's quick mode in a subprocess."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def running_in_ci() -> bool:  # same rule as conftest.running_in_ci (not imported: Testing/ has a conftest too)
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def skip_or_fail(message: str) -> None:
+    """Skip with the reason here; under CI, where everything is installed and present, fail instead."""
+    if running_in_ci():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def require_module(name: str, message: str) -> None:
+    if importlib.util.find_spec(name) is None:
+        skip_or_fail(message)
+
+
+def require_chaos_cases(data_dir: Path, cases) -> None:
+    for case in cases:
+        for kind in ("image", "label"):
+            path = data_dir / "chaos_t2_mri" / f"{kind}_{case}.nii.gz"
+            if not path.exists():
+                skip_or_fail(f"{path} is missing")
+
+
+def run_benchmark(module: str, arguments: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """`python -m <module> <arguments>` from the repository root; fails the test with its stderr if it fails."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    completed = subprocess.run([sys.executable, "-m", module, *arguments], cwd=REPO_ROOT, capture_output=True,
+                               text=True, timeout=timeout, env=env)
+    assert completed.returncode == 0, f"{module} failed ({completed.returncode}):\n{completed.stderr[-4000:]}"
+    return completed
