@@ -103,8 +103,8 @@ class SamModel(nn.Module):
     def encode(self, images: torch.Tensor, path: str = "auto", onnx_folder: Path | None = None) -> torch.Tensor:
         """Encode [B, 3, S, S] images in 0..1 into float32 embeddings [B, C, H, W].
 
-        path: see encoder_path. onnx_folder: where the exported ONNX encoder is kept (default: the embedding
-        cache's encoders/ folder). The decoder always runs in fp32.
+        path: see encoder_path. onnx_folder: where the exported ONNX encoder is kept (default: the default
+        embedding cache's .encoders folder). The decoder always runs in fp32.
         """
         path = self.encoder_path(path)
         images = images.to(self.device, torch.float32)
