@@ -33,11 +33,9 @@ class Windows:
     cols: list[int]
     side: int  # cells
 
-    def crop(self, maps: torch.Tensor, scale: int = 1) -> torch.Tensor:
-        """[B or 1, ..., H, W] maps at `scale` pixels per grid cell -> [B, ..., side*scale, side*scale]."""
-        side = self.side * scale
-        return torch.stack([maps[min(index, maps.shape[0] - 1), ..., row * scale:row * scale + side,
-                                 col * scale:col * scale + side]
+    def crop(self, maps: torch.Tensor) -> torch.Tensor:
+        """[B or 1, C, H, W] maps on the embedding grid -> [B, C, side, side] (a single map serves every window)."""
+        return torch.stack([maps[min(index, maps.shape[0] - 1), :, row:row + self.side, col:col + self.side]
                             for index, (row, col) in enumerate(zip(self.rows, self.cols))])
 
     def paste(self, logits: torch.Tensor, grid: int) -> torch.Tensor:

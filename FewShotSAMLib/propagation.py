@@ -187,11 +187,11 @@ def clean_up(classes: np.ndarray, labelled: list[int], painted_slices: np.ndarra
         if box is None:
             continue
         mask = mask[box]
+        # The anchors are the painted voxels: the mask itself on the labelled slices (set from the painting above).
         anchors = np.zeros_like(mask)
         if has_painting:
-            painted = np.zeros(classes.shape, dtype=bool)
-            painted[labelled] = painted_slices[labelled] == value
-            anchors = painted[box]
+            inside = [z - box[0].start for z in labelled if box[0].start <= z < box[0].stop]
+            anchors[inside] = mask[inside]
         components, _ = ndimage.label(mask)
         if anchors.any():
             keep = np.isin(components, np.unique(components[anchors & (components > 0)]))

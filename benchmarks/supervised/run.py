@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import shlex
 import sys
@@ -31,9 +30,9 @@ import monai
 import numpy as np
 import torch
 
-from FewShotSAMLib.metrics import score_labels
 
 from ..accuracy.datasets import CHAOS_CASES, CHAOS_STRUCTURES, Scan, load_scan
+from ..accuracy.run import clean_number, log, score
 from ..accuracy.report import SUPERVISED_JSON
 from . import unet
 
@@ -91,19 +90,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.minutes <= 0 or args.threads < 1:
         parser.error("--minutes and --threads must be positive")
     return args
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def json_number(value):
-    """JSON-safe: non-finite floats become null (as in accuracy.json: inf distance = one mask empty)."""
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
@@ -214,7 +200,7 @@ class SupervisedBenchmark:
             "fold": fold, "train_size": len(train_names), "train_scans": train_names, "test_scans": test_names,
             "train_slices": len(x), "budget_minutes": args.minutes, "seconds_trained": round(training.seconds, 1),
             "steps": training.steps, "epochs": round(training.epochs, 2), "batch_size": args.batch_size,
-            "image_size": args.size, "final_training_loss": json_number(training.final_loss), "seed": seed,
+            "image_size": args.size, "final_training_loss": clean_number(training.final_loss), "seed": seed,
         })
         for name in test_names:
             scan = self.scan(name)
@@ -222,9 +208,7 @@ class SupervisedBenchmark:
             class_to_label = np.asarray([0] + self.values, dtype=np.int32)
             predicted = class_to_label[unet.predict(net, scan.volume.array, scan.axis, args.size)]
             seconds = time.perf_counter() - start
-            scores = score_labels(predicted, scan.reference, list(scan.structures), scan.spacing_ijk, scan.axis)
-            structures = {scan.structures[value]: {metric: json_number(v) for metric, v in metrics.items()}
-                          for value, metrics in scores.items()}
+            structures = score(scan, predicted)  # the accuracy benchmark's own scoring
             self.records.append({"fold": fold, "train_size": len(train_names), "train_scans": train_names,
                                  "scan": name, "seconds": round(seconds, 2), "structures": structures})
             text = ", ".join(f"{organ} {s['dice']:.3f}" for organ, s in structures.items())
