@@ -53,9 +53,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                             "they teach the model where structures are absent, e.g. 0,5,30-32")
     group.add_argument("--decoder-steps", type=int, default=None,
                        help="mask decoder tuning steps (default 16; 0 keeps the pretrained decoder)")
-    group.add_argument("--encoder", choices=("auto", "onnx", "fp32", "bf16"), default="auto",
-                       help="how the image encoder runs: onnx (ONNX Runtime, fp32, CPU), fp32 or bf16 (PyTorch); "
-                            "auto picks ONNX Runtime on CPU for LiteMedSAM, else bf16 where supported, else fp32")
+    group.add_argument("--encoder", choices=("auto", "compiled", "onnx", "fp32", "bf16"), default="auto",
+                       help="how the image encoder runs: compiled (built once for this CPU, bf16), onnx (ONNX "
+                            "Runtime, fp32, CPU), fp32 or bf16 (PyTorch); auto picks compiled, then ONNX Runtime on "
+                            "CPU for LiteMedSAM, else bf16 where supported, else fp32")
     group.add_argument("--no-clean-up", action="store_true",
                        help="skip the 3D clean-up (keep components connected to the painting, fill holes)")
     group.add_argument("--slice-range", type=_slice_list, metavar="FIRST-LAST",

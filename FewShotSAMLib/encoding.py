@@ -40,23 +40,26 @@ class EncodedVolume:
 def encode_volume(model: SamModel, volume: Volume, axis: int, cache: EmbeddingCache, window=None, preset=None,
                   progress: Progress = NO_PROGRESS, batch_size: int = 8, encoder: str = "auto",
                   only: list[int] | None = None) -> EncodedVolume:
-    """encoder: how the encoder runs, "auto", "onnx", "fp32" or "bf16" (see SamModel.encoder_path).
+    """encoder: how the encoder runs, "auto", "compiled", "onnx", "fp32" or "bf16" (see SamModel.encoder_path).
     only: encode just these slice indices (None: all); cached slices are never encoded again."""
-    path = model.encoder_path(encoder)
+    if model.will_compile_encoder(encoder, cache.encoders_dir):
+        progress.update("encode", 0, 1, "compiling the encoder for this computer (once, about 30 s)")
+    path = model.prepare_encoder(encoder, cache.encoders_dir)
     normalisation = choose_normalisation(volume, window=window, preset=preset)
     slices = to_slices(apply_normalisation(volume.array, normalisation), axis)
     pixel_spacing = in_plane_spacing(volume.geometry, axis)
     target = model.spec.input_size
     _, resize = resize_stack_longest_side(slices[:1], target, pixel_spacing)
-    # The arithmetic is part of the key: bf16 embeddings differ from fp32 ones by a few percent. ONNX Runtime and
-    # PyTorch fp32 differ by ~1e-6 relative (as much as two thread counts do), below the cache's fp16 storage.
-    arithmetic = "bf16" if path == "bf16" else "fp32"
+    # The arithmetic is part of the key: bf16 embeddings differ from fp32 ones by a few percent, and the compiled
+    # encoder's from autocast's by its own rounding. ONNX Runtime and PyTorch fp32 differ by ~1e-6 relative (as much
+    # as two thread counts do), below the cache's fp16 storage, so they share fp32 entries.
+    arithmetic = {"bf16": "bf16", "compiled": "bf16-compiled"}.get(path, "fp32")
     preprocessing = f"{normalisation.key()};size={target};{arithmetic}"
     key = cache_key(volume.array, axis, preprocessing, model.weights_id)
 
     def compute(indices):
         images, _ = resize_stack_longest_side(slices[list(indices)], target, pixel_spacing)
-        return model.encode(images, path, onnx_folder=cache.encoders_dir)
+        return model.encode(images, path, encoders_folder=cache.encoders_dir)
 
     wanted = sorted(set(only)) if only is not None else list(range(slices.shape[0]))
     entry = cache.open_entry(key, slices.shape[0], model.spec.embedding_shape, model.weights_id)

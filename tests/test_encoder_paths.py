@@ -1,10 +1,12 @@
-"""The encoder's execution paths: ONNX Runtime (the CPU default for LiteMedSAM) against eager PyTorch fp32."""
+"""The encoder's execution paths: compiled (the CPU default for LiteMedSAM), ONNX Runtime (its fallback without a
+C++ compiler) and bf16 autocast, against eager PyTorch fp32."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from FewShotSAMLib.compiled_encoder import compiled_encoder_file, failure_note, why_not_compilable
 from FewShotSAMLib.demo import SAMPLE_IMAGE
 from FewShotSAMLib.errors import FewShotSAMError
 from FewShotSAMLib.models import load_model
@@ -29,8 +31,12 @@ def mri_slices():
     return images
 
 
-def test_auto_runs_litemedsam_through_onnxruntime_on_cpu(model):
-    assert model.encoder_path("auto") == "onnx"
+CANNOT_COMPILE = why_not_compilable()
+needs_compiler = pytest.mark.skipif(CANNOT_COMPILE is not None, reason=f"cannot compile here: {CANNOT_COMPILE}")
+
+
+def test_auto_compiles_litemedsam_on_cpu_where_it_can(model, tmp_path):
+    assert model.encoder_path("auto", tmp_path) == ("onnx" if CANNOT_COMPILE else "compiled")
     assert model.encoder_path("bf16") == "bf16"
     with pytest.raises(FewShotSAMError, match="unknown encoder path"):
         model.encoder_path("int4")
@@ -38,30 +44,66 @@ def test_auto_runs_litemedsam_through_onnxruntime_on_cpu(model):
 
 def test_onnxruntime_gives_the_fp32_embeddings(model, mri_slices, tmp_path):
     reference = model.encode(mri_slices, "fp32")
-    embeddings = model.encode(mri_slices, "onnx", onnx_folder=tmp_path)
+    embeddings = model.encode(mri_slices, "onnx", encoders_folder=tmp_path)
     assert embeddings.shape == reference.shape == (3, 256, 64, 64)
     relative = (embeddings - reference).norm() / reference.norm()
     assert relative < 1e-4, f"ONNX Runtime differs from PyTorch fp32 by {relative:.2e} (relative)"
 
 
 def test_the_encoder_is_exported_once_per_folder(model, mri_slices, tmp_path):
-    model.encode(mri_slices[:1], "onnx", onnx_folder=tmp_path)
+    model.encode(mri_slices[:1], "onnx", encoders_folder=tmp_path)
     exported = list(tmp_path.glob("*.onnx"))
     assert len(exported) == 1 and exported[0].name.startswith("litemedsam-")
     stamp = exported[0].stat().st_mtime_ns
     fresh = load_model("litemedsam", device="cpu")  # a new process would see the same folder
-    fresh.encode(mri_slices[:1], "onnx", onnx_folder=tmp_path)
+    fresh.encode(mri_slices[:1], "onnx", encoders_folder=tmp_path)
     assert exported[0].stat().st_mtime_ns == stamp
     assert not list(tmp_path.glob(".tmp-*")), "a temporary export file was left behind"
 
 
-def test_onnx_path_is_refused_off_cpu_or_without_the_package(model, monkeypatch):
+def test_onnx_path_is_refused_without_the_package(model, monkeypatch, tmp_path):
     import FewShotSAMLib.models as models
 
     monkeypatch.setattr(models, "onnxruntime_available", lambda: False)
     with pytest.raises(FewShotSAMError, match="pip install onnxruntime onnx"):
         model.encoder_path("onnx")
-    assert model.encoder_path("auto") in ("bf16", "fp32")  # falls back to PyTorch silently
+    failure_note(compiled_encoder_file(model, tmp_path)).write_text("no compiler\n")
+    assert model.encoder_path("auto", tmp_path) in ("bf16", "fp32")  # falls back to PyTorch silently
+
+
+@needs_compiler
+def test_compiled_encoder_is_built_once_and_stays_close_to_fp32(model, mri_slices, tmp_path):
+    reference = model.encode(mri_slices, "fp32")
+    assert model.will_compile_encoder("auto", tmp_path)
+    embeddings = model.encode(mri_slices, "auto", encoders_folder=tmp_path)
+    built = compiled_encoder_file(model, tmp_path)
+    assert built.is_file() and not model.will_compile_encoder("auto", tmp_path)
+    assert not list(tmp_path.glob(".tmp-*")), "a temporary build file was left behind"
+    # bf16 arithmetic: a few percent relative, like bf16 autocast; the accuracy benchmark checks Dice holds
+    relative = (embeddings - reference).norm() / reference.norm()
+    cosine = torch.nn.functional.cosine_similarity(embeddings.flatten(1), reference.flatten(1))
+    assert relative < 0.1 and cosine.min() > 0.99, f"relative {relative:.3f}, cosine {cosine.min():.4f}"
+    stamp = built.stat().st_mtime_ns
+    fresh = load_model("litemedsam", device="cpu")  # as a new process would: loads, does not build again
+    again = fresh.encode(mri_slices, "compiled", encoders_folder=tmp_path)
+    assert built.stat().st_mtime_ns == stamp
+    assert torch.equal(again, embeddings)
+
+
+def test_a_failed_build_is_not_retried_and_auto_falls_back(model, mri_slices, tmp_path):
+    note = failure_note(compiled_encoder_file(model, tmp_path))
+    note.write_text("CalledProcessError: g++ exited with 1\n")  # what a failed build leaves behind
+    assert model.encoder_path("auto", tmp_path) == "onnx"
+    with pytest.raises(FewShotSAMError, match=f"could not be built earlier: CalledProcessError.*delete {note}"):
+        model.encode(mri_slices[:1], "compiled", encoders_folder=tmp_path)
+    assert not compiled_encoder_file(model, tmp_path).exists()
+
+
+def test_compiled_and_onnx_paths_are_refused_off_cpu(tmp_path):
+    meta = load_model("litemedsam", device="cpu").to("meta")  # any non-CPU device; no GPU is needed to check
+    for path in ("compiled", "onnx"):
+        with pytest.raises(FewShotSAMError, match=f"--encoder {path} runs on the CPU only"):
+            meta.encoder_path(path, tmp_path)
 
 
 def test_bf16_embeddings_stay_close_to_fp32(model, mri_slices):

@@ -90,6 +90,19 @@ def hippocampus_cases(data_dir: Path, count: int, only: list[str] | None = None)
     return [name for name in names if only is None or name in only]
 
 
+CHAOS_QUICK_FOLD = ("quick", ["1", "2"], ["13"])
+
+
+def chaos_training_folds(quick: bool = False) -> list[tuple[str, list[str], list[str]]]:
+    """Across-scan folds (name, training scans, test scans) shared by the supervised U-Net and protocol 3: the two
+    halves of the CHAOS case list swap roles, so every scan is tested by a model that never saw it."""
+    if quick:
+        return [CHAOS_QUICK_FOLD]
+    cases = [str(case) for case in sorted(CHAOS_CASES)]
+    half = len(cases) // 2
+    return [("A", cases[:half], cases[half:]), ("B", cases[half:], cases[:half])]
+
+
 def scan_names(dataset: str, data_dir: Path, quick: bool, hippocampus_count: int,
                only: list[str] | None = None) -> list[str]:
     if dataset == "chaos":

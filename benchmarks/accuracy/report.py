@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import OrderedDict
@@ -98,15 +99,18 @@ def summarise(records: list[dict]) -> dict:
 
 
 def summaries(records: list[dict]) -> list[dict]:
+    """One summary per (protocol, dataset, method, k, training scans): train_size is None outside protocol 3."""
     keys = OrderedDict()
     for r in records:
-        keys[(r["protocol"], r["dataset"], r["method"], r["k"])] = None
+        keys[(r["protocol"], r["dataset"], r["method"], r["k"], r.get("train_size"))] = None
     out = []
-    for protocol, dataset, method, k in keys:
-        selected = group(records, protocol=protocol, dataset=dataset, method=method, k=k)
-        out.append({"protocol": protocol, "dataset": dataset, "method": method, "k": k, **summarise(selected)})
+    for protocol, dataset, method, k, train_size in keys:
+        selected = group(records, protocol=protocol, dataset=dataset, method=method, k=k, train_size=train_size)
+        out.append({"protocol": protocol, "dataset": dataset, "method": method, "k": k, "train_size": train_size,
+                    **summarise(selected)})
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    out.sort(key=lambda s: (s["protocol"], s["dataset"], order.get(s["method"], 99), -1 if s["k"] is None else s["k"]))
+    out.sort(key=lambda s: (s["protocol"], s["dataset"], order.get(s["method"], 99), -1 if s["k"] is None else s["k"],
+                            s["train_size"] or 0))
     return out
 
 
@@ -208,16 +212,16 @@ def supervised_reference(supervised: dict | None) -> dict | None:
     }
 
 
+def _mean_and_std_text(values) -> str:
+    std = _std(values)
+    return _f(_mean(values)) + ("" if std is None else f" ± {std:.3f}")
+
+
 def _dice_cells(records: list[dict], organs: list[str]) -> list[str]:
     """Per-organ 'mean ± sd' over scans, then the mean over scans of the per-scan mean Dice ± its sd."""
-    cells = []
-    for organ in organs:
-        values = [r["structures"][organ]["dice"] for r in records if organ in r["structures"]]
-        std = _std(values)
-        cells.append(_f(_mean(values)) + ("" if std is None else f" ± {std:.3f}"))
-    per_scan = [_scan_mean_dice(r) for r in records]
-    std = _std(per_scan)
-    cells.append(f"**{_f(_mean(per_scan))}" + ("" if std is None else f" ± {std:.3f}") + "**")
+    cells = [_mean_and_std_text([r["structures"][organ]["dice"] for r in records if organ in r["structures"]])
+             for organ in organs]
+    cells.append(f"**{_mean_and_std_text([_scan_mean_dice(r) for r in records])}**")
     return cells
 
 
@@ -333,6 +337,67 @@ def supervised_section(supervised: dict, records: list[dict]) -> list[str]:
     return lines
 
 
+def supervised_on_scans(supervised: dict | None, train_size: int, scans) -> list[dict]:
+    """The supervised U-Net's test records at ``train_size`` training scans, on the given query scans only.
+
+    Protocol 3 uses the U-Net's folds, and a CHAOS scan is a test scan of one fold only, so these come from a model
+    trained on the same scans as FewShotSAM's adapter.
+    """
+    return [r for r in (supervised or {}).get("records") or [] if r["train_size"] == train_size and r["scan"] in scans]
+
+
+def _protocol3_cell(records: list[dict]) -> str:
+    """Mean over query scans of the per-scan mean Dice ± its sd, and (the number of query scans)."""
+    if not records:
+        return "–"
+    return f"{_mean_and_std_text([_scan_mean_dice(r) for r in records])} ({len(records)})"
+
+
+def protocol3_table(records: list[dict], supervised: dict | None) -> list[str]:
+    """Rows: FewShotSAM, its training-free variant and the supervised U-Net; columns: training scans per model."""
+    p3 = group(records, protocol=3)
+    sizes = sorted({r["train_size"] for r in p3})
+    lines = [
+        "| method | " + " | ".join(f"{n} training scan{'s' if n > 1 else ''}" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for method in (FEWSHOTSAM, FEWSHOTSAM_NO_TUNING):
+        if group(p3, method=method):
+            lines.append(f"| {method} | "
+                         + " | ".join(_protocol3_cell(group(p3, method=method, train_size=n)) for n in sizes) + " |")
+    if (supervised or {}).get("records"):
+        cells = [_protocol3_cell(supervised_on_scans(supervised, n, {r["scan"] for r in group(p3, train_size=n)}))
+                 for n in sizes]
+        lines.append(f"| {SUPERVISED}, every slice of the same scans (time-bounded training) | "
+                     + " | ".join(cells) + " |")
+    labelled = [_f(_mean([r["labelled_slices"] for r in group(p3, train_size=n)]), 0) for n in sizes]
+    lines.append("| labelled slices FewShotSAM adapts on (mean per model) | " + " | ".join(labelled) + " |")
+    return lines
+
+
+def protocol3_section(run: dict, records: list[dict], supervised: dict | None) -> list[str]:
+    lines = ["## Protocol 3: labelled data vs accuracy, across scans (CHAOS)", ""]
+    if not group(records, protocol=3):
+        return lines + ["Not run in this invocation.", ""]
+    folds = "; ".join(f"fold {f['fold']}: training scans {', '.join(f['train_scans'])}, queries "
+                      f"{', '.join(f['test_scans'])}" for f in run.get("protocol3_folds", []))
+    lines += [
+        "FewShotSAM adapted on **every labelled slice** (every slice holding an organ, fully labelled from the "
+        "reference) of the first n training scans of a fold, in case-number order: one "
+        "`engine.adapt([(scan, labels), ...])` per fold and n, then `engine.apply(adapter, query)` on each "
+        "unlabelled query scan of the fold. The folds are the supervised U-Net's "
+        f"(`benchmarks.accuracy.datasets.chaos_training_folds`: {folds}), so its row below comes from models trained on all slices "
+        "of the same scans and tested on the same queries (see the supervised reference for its training budgets; "
+        "'–' or fewer query scans: not every fold's model was trained at that size). Cells: whole-volume Dice, "
+        "mean over the query scans of the per-scan mean over organs ± sd across scans, (number of query scans). "
+        "FewShotSAM's wall times (below) include the adaptation, shared by the fold's queries.",
+        "",
+    ]
+    lines += protocol3_table(records, supervised)
+    lines.append("")
+    return lines
+
+
 def markdown(result: dict, supervised: dict | None = None) -> str:
     """The report; ``supervised``: the content of supervised.json (see load_supervised), or None."""
     run = result["run"]
@@ -422,6 +487,7 @@ def markdown(result: dict, supervised: dict | None = None) -> str:
         ]
     else:
         lines += ["Not run in this invocation.", ""]
+    lines += protocol3_section(run, records, supervised)
     if supervised_reference(supervised):
         lines += supervised_section(supervised, records)
     else:
@@ -453,6 +519,10 @@ def markdown(result: dict, supervised: dict | None = None) -> str:
     lines += ["", "Encoding times near zero mean the embeddings came from the persistent cache.", ""]
     if result.get("plot"):
         lines += ["## Dice against the number of labelled slices", "", f"![Dice vs k]({result['plot']})", ""]
+        if group(records, protocol=3):
+            lines += [f"The last panel ({PROTOCOL3_TITLE}) is protocol 3: x = the number of training scans whose "
+                      "every slice was labelled; the U-Net's points average only the query scans of the folds it "
+                      "was trained on at that size (counts in the protocol-3 table).", ""]
     return "\n".join(lines)
 
 
@@ -469,6 +539,7 @@ COLOURS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _font(size: int):
     from PIL import ImageFont
 
@@ -490,103 +561,150 @@ def _dashed_line(draw, start, end, fill, width, dash=8):
                   fill=fill, width=width)
 
 
+PANEL_W, PANEL_H, MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 460, 360, 62, 18, 40, 52
+LEGEND_ROW = 28
+PROTOCOL3_TITLE = "CHAOS across scans (protocol 3)"
+
+
+class _Panel:
+    """The axes of panel ``index``: Dice (y) against ``ticks`` (x), with a title and grid; maps data to pixels."""
+
+    def __init__(self, draw, index: int, title: str, ticks: list, x_label: str, values: list[float]):
+        self.left, self.right = index * PANEL_W + MARGIN_L, (index + 1) * PANEL_W - MARGIN_R
+        self.top, self.bottom = MARGIN_T, PANEL_H - MARGIN_B
+        self.y_low, self.y_high = max(0.0, math.floor((min(values) - 0.05) * 10) / 10), 1.0
+        span = (min(ticks), max(ticks)) if ticks else (0, 1)
+        self.x_span = span if span[0] != span[1] else (span[0] - 1, span[1] + 1)
+        font, small = _font(13), _font(12)
+        draw.text(((self.left + self.right) / 2, 10), title, fill="black", font=_font(15), anchor="mt")
+        for step in range(int(round((self.y_high - self.y_low) / 0.1)) + 1):
+            value = self.y_low + step * 0.1
+            draw.line([(self.left, self.y(value)), (self.right, self.y(value))], fill=(225, 225, 225))
+            draw.text((self.left - 6, self.y(value)), f"{value:.1f}", fill="black", font=small, anchor="rm")
+        for tick in ticks:
+            draw.line([(self.x(tick), self.bottom), (self.x(tick), self.bottom + 5)], fill="black")
+            draw.text((self.x(tick), self.bottom + 8), str(tick), fill="black", font=small, anchor="mt")
+        draw.rectangle([self.left, self.top, self.right, self.bottom], outline="black")
+        draw.text(((self.left + self.right) / 2, PANEL_H - 16), x_label, fill="black", font=font, anchor="mm")
+        draw.text((index * PANEL_W + 4, (self.top + self.bottom) / 2 - 40), "Dice", fill="black", font=font)
+
+    def x(self, value: float) -> float:
+        pad = 0.08 * (self.right - self.left)
+        return self.left + pad + (value - self.x_span[0]) / (self.x_span[1] - self.x_span[0]) * (
+            self.right - self.left - 2 * pad)
+
+    def y(self, value: float) -> float:
+        value = max(self.y_low, value)  # a value below the axis sits on it
+        return self.bottom - (value - self.y_low) / (self.y_high - self.y_low) * (self.bottom - self.top)
+
+    def horizontal(self, draw, value: float, colour, dash: int) -> None:
+        _dashed_line(draw, (self.left + 2, self.y(value)), (self.right - 2, self.y(value)), colour, 2, dash=dash)
+
+
+def _marker(draw, x: float, y: float, colour, marker: str) -> None:
+    box = [x - 4, y - 4, x + 4, y + 4]
+    (draw.rectangle if marker == "square" else draw.ellipse)(box, fill=colour)
+
+
+def _curve(draw, xy: list[tuple[float, float]], colour, marker: str) -> None:
+    if len(xy) > 1:
+        draw.line(xy, fill=colour, width=3)
+    for x, y in xy:
+        _marker(draw, x, y, colour, marker)
+
+
+def _add_legend(legend: list, style: str, colour, label: str) -> None:
+    """style: 'circle' or 'square' (a line with that marker), 'dashed', or 'fine dashed' (the supervised line)."""
+    if (style, colour, label) not in legend:
+        legend.append((style, colour, label))
+
+
+def _protocol1_panel(draw, index: int, dataset: str, ds: list[dict], reference: dict | None, legend: list) -> None:
+    """Dice against k; methods without labelled slices and the supervised reference as dashed horizontal lines."""
+    ks = sorted({s["k"] for s in ds if s["k"] is not None})
+    values = [s["dice"] for s in ds] + ([reference["dice"]] if reference else [])
+    panel = _Panel(draw, index, DATASET_TITLES.get(dataset, dataset), ks, "labelled slices per structure (k)", values)
+    for method in METHOD_ORDER:
+        points = sorted((s["k"], s["dice"]) for s in ds if s["method"] == method and s["k"] is not None)
+        flat = [s["dice"] for s in ds if s["method"] == method and s["k"] is None]
+        colour = COLOURS.get(method, (0, 0, 0))
+        _curve(draw, [(panel.x(k), panel.y(v)) for k, v in points], colour, "circle")
+        if flat:
+            panel.horizontal(draw, flat[0], colour, dash=8)
+        if method in K_INDEPENDENT and flat:
+            _add_legend(legend, "dashed", colour, f"{method}, every slice")
+        elif points:
+            _add_legend(legend, "circle", colour, method)
+    if reference:
+        panel.horizontal(draw, reference["dice"], SUPERVISED_COLOUR, dash=4)
+        _add_legend(legend, "fine dashed", SUPERVISED_COLOUR,
+                    f"Supervised U-Net on {reference['dataset'].upper()}, {reference['training_text']}")
+
+
+def _protocol3_panel(draw, index: int, p3: list[dict], supervised: dict | None, legend: list) -> None:
+    """Dice against the number of training scans (all their slices): FewShotSAM, and the supervised U-Net's
+    data-size curve on the same query scans."""
+    sizes = sorted({s["train_size"] for s in p3})
+    curves = [(f"{method}, all slices of n scans", COLOURS[method],
+               sorted((s["train_size"], s["dice"]) for s in p3 if s["method"] == method))
+              for method in (FEWSHOTSAM, FEWSHOTSAM_NO_TUNING)]
+    supervised_points = []
+    for n in sizes:
+        scans = {scan for s in p3 if s["train_size"] == n for scan in s["scans"]}
+        dice = _mean([_scan_mean_dice(r) for r in supervised_on_scans(supervised, n, scans)])
+        if dice is not None:
+            supervised_points.append((n, dice))
+    curves.append(("Supervised U-Net, all slices of n scans", SUPERVISED_COLOUR, supervised_points))
+    curves = [curve for curve in curves if curve[2]]
+    values = [dice for _, _, points in curves for _, dice in points]
+    panel = _Panel(draw, index, PROTOCOL3_TITLE, sizes, "training scans n (every slice labelled)", values)
+    for label, colour, points in curves:
+        _curve(draw, [(panel.x(n), panel.y(dice)) for n, dice in points], colour, "square")
+        _add_legend(legend, "square", colour, label)
+
+
+def _draw_legend(draw, legend: list, width: int, columns: int) -> None:
+    for number, (style, colour, label) in enumerate(legend):
+        x = 20 + (number % columns) * (width - 40) / columns
+        y = PANEL_H + 12 + (number // columns) * LEGEND_ROW + 7
+        if style in ("dashed", "fine dashed"):
+            _dashed_line(draw, (x, y), (x + 34, y), colour, 2, dash=4 if style == "fine dashed" else 8)
+        else:
+            draw.line([(x, y), (x + 34, y)], fill=colour, width=3)
+            _marker(draw, x + 17, y, colour, style)
+        draw.text((x + 42, y), label, fill="black", font=_font(13), anchor="lm")
+
+
 def plot_dice_vs_k(rows: list[dict], path: Path, supervised: dict | None = None) -> Path | None:
-    """One panel per dataset (protocol 1): mean Dice against k labelled slices per structure, one line per method.
+    """One panel per dataset (protocol 1): mean Dice against k labelled slices per structure, one line per method;
+    then, when protocol 3 ran, one panel of CHAOS Dice against the number of fully labelled training scans.
 
     Methods without labelled slices (the prompted-SAM baselines) are drawn as dashed horizontal lines; so is the
-    supervised reference (``supervised``: the content of supervised.json, or None), on its dataset's panel.
+    supervised reference (``supervised``: the content of supervised.json, or None), on its dataset's panel. Its
+    data-size curve goes on the protocol-3 panel, on the same query scans as FewShotSAM's.
     """
-    reference = supervised_reference(supervised)
     from PIL import Image, ImageDraw
 
+    reference = supervised_reference(supervised)
     p1 = [s for s in rows if s["protocol"] == 1 and s["dice"] is not None]
+    p3 = [s for s in rows if s["protocol"] == 3 and s["dice"] is not None]
     datasets = list(OrderedDict.fromkeys(s["dataset"] for s in p1))
-    if not datasets:
+    if not datasets and not p3:
         return None
-    panel_w, panel_h, margin_l, margin_r, margin_t, margin_b = 460, 360, 62, 18, 40, 52
-    width = panel_w * len(datasets)
+    width = PANEL_W * (len(datasets) + (1 if p3 else 0))
     columns = max(1, min(3, width // 320))
-    entries = len(METHOD_ORDER) + (1 if reference else 0)
-    legend_h = 28 * ((entries + columns - 1) // columns) + 16
-    height = panel_h + legend_h
-    image = Image.new("RGB", (width, height), "white")
+    most_entries = len(METHOD_ORDER) + 4  # + the supervised line and the three protocol-3 curves
+    image = Image.new("RGB", (width, PANEL_H + LEGEND_ROW * most_entries + 16), "white")
     draw = ImageDraw.Draw(image)
-    title_font, font, small = _font(15), _font(13), _font(12)
-    used = []
+    legend = []
     for index, dataset in enumerate(datasets):
-        ds = [s for s in p1 if s["dataset"] == dataset]
-        ks = sorted({s["k"] for s in ds if s["k"] is not None})
-        left = index * panel_w + margin_l
-        right = (index + 1) * panel_w - margin_r
-        top, bottom = margin_t, panel_h - margin_b
-        values = [s["dice"] for s in ds]
-        if reference and reference["dataset"] == dataset:
-            values.append(reference["dice"])
-        y_low = max(0.0, math.floor((min(values) - 0.05) * 10) / 10)
-        y_high = 1.0
-
-        def to_y(value):
-            return bottom - (value - y_low) / (y_high - y_low) * (bottom - top)
-
-        k_span = (min(ks), max(ks)) if ks else (0, 1)
-        if k_span[0] == k_span[1]:
-            k_span = (k_span[0] - 1, k_span[1] + 1)
-
-        def to_x(k):
-            pad = 0.08 * (right - left)
-            return left + pad + (k - k_span[0]) / (k_span[1] - k_span[0]) * (right - left - 2 * pad)
-
-        draw.text(((left + right) / 2, 10), DATASET_TITLES.get(dataset, dataset), fill="black", font=title_font,
-                  anchor="mt")
-        steps = int(round((y_high - y_low) / 0.1))
-        for step in range(steps + 1):
-            value = y_low + step * 0.1
-            y = to_y(value)
-            draw.line([(left, y), (right, y)], fill=(225, 225, 225))
-            draw.text((left - 6, y), f"{value:.1f}", fill="black", font=small, anchor="rm")
-        for k in ks:
-            x = to_x(k)
-            draw.line([(x, bottom), (x, bottom + 5)], fill="black")
-            draw.text((x, bottom + 8), str(k), fill="black", font=small, anchor="mt")
-        draw.rectangle([left, top, right, bottom], outline="black")
-        draw.text(((left + right) / 2, panel_h - 16), "labelled slices per structure (k)", fill="black", font=font,
-                  anchor="mm")
-        draw.text((index * panel_w + 4, (top + bottom) / 2 - 40), "Dice", fill="black", font=font)
-        for method in METHOD_ORDER:
-            points = sorted((s["k"], s["dice"]) for s in ds if s["method"] == method and s["k"] is not None)
-            flat = [s["dice"] for s in ds if s["method"] == method and s["k"] is None]
-            colour = COLOURS.get(method, (0, 0, 0))
-            if points:
-                xy = [(to_x(k), to_y(v)) for k, v in points]
-                if len(xy) > 1:
-                    draw.line(xy, fill=colour, width=3)
-                for x, y in xy:
-                    draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-            if flat:
-                y = to_y(max(y_low, flat[0]))
-                _dashed_line(draw, (left + 2, y), (right - 2, y), colour, 2)
-            if (points or flat) and method not in used:
-                used.append(method)
-        if reference and reference["dataset"] == dataset:
-            y = to_y(max(y_low, reference["dice"]))
-            _dashed_line(draw, (left + 2, y), (right - 2, y), SUPERVISED_COLOUR, 2, dash=4)
-            used.append(SUPERVISED)
-    for number, method in enumerate(used):
-        column, row = number % columns, number // columns
-        x = 20 + column * (width - 40) / columns
-        y = panel_h + 12 + row * 28
-        colour = COLOURS.get(method, (0, 0, 0))
-        if method == SUPERVISED:
-            _dashed_line(draw, (x, y + 7), (x + 34, y + 7), SUPERVISED_COLOUR, 2, dash=4)
-            label = f"Supervised U-Net on {reference['dataset'].upper()}, {reference['training_text']}"
-        elif method in K_INDEPENDENT:
-            _dashed_line(draw, (x, y + 7), (x + 34, y + 7), colour, 2)
-            label = f"{method}, every slice"
-        else:
-            draw.line([(x, y + 7), (x + 34, y + 7)], fill=colour, width=3)
-            draw.ellipse([x + 13, y + 3, x + 21, y + 11], fill=colour)
-            label = method
-        draw.text((x + 42, y + 7), label, fill="black", font=font, anchor="lm")
+        _protocol1_panel(draw, index, dataset, [s for s in p1 if s["dataset"] == dataset],
+                         reference if reference and reference["dataset"] == dataset else None, legend)
+    if p3:
+        _protocol3_panel(draw, len(datasets), p3, supervised, legend)
+    _draw_legend(draw, legend, width, columns)
+    legend_rows = (len(legend) + columns - 1) // columns
+    image = image.crop((0, 0, width, PANEL_H + LEGEND_ROW * legend_rows + 16))  # the legend drawn, no more
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path

@@ -1,6 +1,7 @@
 """Accuracy benchmark (issue 3): FewShotSAM against Slicer's tools and prompted SAM, on real scans.
 
     python -m benchmarks.accuracy.run [--quick] [--datasets chaos,hippocampus,totalseg] [--ks 1,3,5]
+                                      [--protocols 1,2,3] [--train-sizes 1,2,4]
                                       [--out benchmarks/results] [--cache-dir DIR] [--data-dir DIR]
 
 Protocol 1 (within one scan): k fully labelled slices per structure (``slice_selection.few_shot_labels``), the
@@ -8,6 +9,10 @@ whole volume segmented by each method, scored with ``metrics.score_labels``.
 Protocol 2 (across scans, CHAOS only): the published 1-shot setting (Ouyang et al., ECCV 2020): a support scan with
 3 labelled slices per organ at 1/6, 1/2, 5/6 of its extent adapts FewShotSAM, which then segments unlabelled
 query scans.
+Protocol 3 (labelled data vs accuracy, across scans, CHAOS only): FewShotSAM adapted on every labelled slice of the
+first n training scans of a fold (``--train-sizes``), then applied to the fold's unlabelled query scans. The folds
+are ``datasets.chaos_training_folds``, the supervised U-Net's, so its data-size curve is trained and tested on the
+same scans. ``--scans`` restricts the queries (e.g. ``--protocols 3 --train-sizes 1 --scans 15``: a smoke run).
 
 Writes ``accuracy.json``, ``accuracy.md`` and ``accuracy_dice_vs_k.png`` into ``--out`` (rewritten after every
 scan, so an interrupted run leaves its partial results, marked as such) and prints the markdown. Progress goes to
@@ -17,6 +22,7 @@ stderr. ``--quick``: CHAOS scans 2 and 15, k=3, FewShotSAM + Fill between slices
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -31,11 +37,12 @@ import numpy as np
 import torch
 
 from FewShotSAMLib.metrics import score_labels
+from FewShotSAMLib.atomic_text import write_text_atomically
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.slice_selection import few_shot_labels, fractions_of_extent
 
 from . import report
-from .datasets import CHAOS_CASES, Scan, load_scan, scan_names
+from .datasets import CHAOS_CASES, Scan, chaos_training_folds, load_scan, scan_names
 from .report import FEWSHOTSAM, FEWSHOTSAM_NO_TUNING, FILL, GROW, SAM_BOX, SAM_POINT
 from .sam_baselines import BOX, POINT, prompted_sam
 
@@ -51,7 +58,8 @@ METHOD_KEYS = {
 }
 QUICK_METHODS = ["fewshotsam", "fill", "box"]
 PROTOCOL2_FRACTIONS = (1 / 6, 1 / 2, 5 / 6)
-PROTOCOL2_METHODS = [FEWSHOTSAM, FEWSHOTSAM_NO_TUNING]
+ACROSS_SCANS_METHODS = [FEWSHOTSAM, FEWSHOTSAM_NO_TUNING]  # protocols 2 and 3: an adapter made on other scans
+DEFAULT_TRAIN_SIZES = [1, 2, 4]
 JSON_NAME, MD_NAME, PNG_NAME = "accuracy.json", "accuracy.md", "accuracy_dice_vs_k.png"
 
 
@@ -72,8 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ks", default=None, help="comma list of labelled slices per structure (default 1,3,5)")
     parser.add_argument("--methods", default=None,
                         help=f"comma list of {','.join(METHOD_KEYS)} (default: all; --quick: {','.join(QUICK_METHODS)})")
-    parser.add_argument("--protocols", default=None, help="comma list of 1,2 (default: 1,2; --quick: 1)")
-    parser.add_argument("--scans", default=None, help="only these scan names (e.g. 2,15 or hippocampus_001)")
+    parser.add_argument("--protocols", default=None, help="comma list of 1,2,3 (default: 1,2,3; --quick: 1)")
+    parser.add_argument("--scans", default=None,
+                        help="only these scan names (e.g. 2,15 or hippocampus_001); protocols 2 and 3: query scans")
+    parser.add_argument("--train-sizes", default=None,
+                        help="protocol 3: comma list of training-scan counts per fold (default 1,2,4)")
     parser.add_argument("--hippocampus-scans", type=int, default=10,
                         help="first N hippocampus scans in sorted order (default 10)")
     parser.add_argument("--totalseg-ks", default=None,
@@ -86,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="litemedsam", help="litemedsam (default), sam_vit_b, ...")
     parser.add_argument("--checkpoint", default=None, help="checkpoint file for models that need one")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    parser.add_argument("--encoder", default="auto", choices=("auto", "compiled", "onnx", "fp32", "bf16"),
+                        help="how the image encoder runs (default auto: the product's default); e.g. onnx gives "
+                             "the fp32 embeddings to check that a faster path leaves Dice unchanged")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite accuracy.md and the plot from --out/accuracy.json "
@@ -103,8 +117,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown method(s) {unknown}; use {', '.join(METHOD_KEYS)}")
     args.methods = [METHOD_KEYS[key] for key in method_keys]
-    args.protocols = [int(p) for p in _csv(args.protocols)] if args.protocols else ([1] if args.quick else [1, 2])
+    args.protocols = [int(p) for p in _csv(args.protocols)] if args.protocols else ([1] if args.quick else [1, 2, 3])
+    args.train_sizes = [int(n) for n in _csv(args.train_sizes)] if args.train_sizes else DEFAULT_TRAIN_SIZES
     args.scans = _csv(args.scans) if args.scans else None
+    if any(p not in (1, 2, 3) for p in args.protocols):
+        parser.error(f"unknown protocol(s) in {args.protocols}; use 1, 2, 3")
+    if 3 in args.protocols:
+        largest = min(len(train) for _, train, _ in chaos_training_folds())
+        if any(n < 1 or n > largest for n in args.train_sizes):
+            parser.error(f"--train-sizes must lie in 1..{largest}")
     for dataset in args.datasets:
         if dataset not in ("chaos", "hippocampus", "totalseg"):
             parser.error(f"unknown dataset {dataset!r}")
@@ -157,6 +178,7 @@ class Benchmark:
         self.started = time.time()
         self.commit = git_commit()  # at start: the FewShotSAMLib code this process imported
         self.engine = Engine(EngineOptions(model=args.model, checkpoint=args.checkpoint, device=args.device,
+                                           encoder=args.encoder,
                                            cache_dir=str(args.cache_dir)))
         self.decoder_steps = self.engine.options.adapt.decoder_steps
         self.records: list[dict] = []
@@ -164,6 +186,7 @@ class Benchmark:
         self.status = "partial: running (or stopped before the end)"
         self.plan: list[str] = []
         self.folds_text = ""
+        self.protocol3_folds: list[dict] = []
         self.history: list[dict] = []  # earlier invocations whose records --resume kept
         if args.resume:
             self._load_previous()
@@ -189,20 +212,25 @@ class Benchmark:
         return any(all(r.get(name) == value for name, value in key.items()) for r in self.records)
 
     def add(self, record: dict) -> None:
-        self.records = [r for r in self.records if not all(r.get(name) == record[name] for name in
-                                                           ("protocol", "dataset", "scan", "method", "k"))]
+        """Add a record, replacing the one it redoes (protocol 3 records of one query differ by training size)."""
+        key = ("protocol", "dataset", "scan", "method", "k", "train_size")
+        self.records = [r for r in self.records if not all(r.get(name) == record.get(name) for name in key)]
         self.records.append(record)
 
     def coverage(self) -> list[str]:
         lines = list(self.plan)
-        for protocol in (1, 2):
+        for protocol in (1, 2, 3):
             for dataset in dict.fromkeys(r["dataset"] for r in self.records if r["protocol"] == protocol):
                 mine = [r for r in self.records if r["protocol"] == protocol and r["dataset"] == dataset]
                 scans = list(dict.fromkeys(r["scan"] for r in mine))
                 methods = list(dict.fromkeys(r["method"] for r in mine))
-                ks = sorted({r["k"] for r in mine if r["k"] is not None})
+                if protocol == 3:
+                    sizes = sorted({r["train_size"] for r in mine})
+                    amount = f"training scans per model = {sizes}"
+                else:
+                    amount = f"k = {sorted({r['k'] for r in mine if r['k'] is not None}) or '–'}"
                 lines.append(f"Done, protocol {protocol}, {dataset}: {len(scans)} scan(s) ({', '.join(scans)}); "
-                             f"k = {ks or '–'}; methods: {', '.join(methods)}.")
+                             f"{amount}; methods: {', '.join(methods)}.")
         return lines
 
     def write(self) -> str:
@@ -219,6 +247,7 @@ class Benchmark:
                 "model": self.args.model,
                 "weights_id": self.engine.model.weights_id,
                 "device": str(self.engine.model.device),
+                "encoder": self.engine.model.encoder_path(self.args.encoder, self.engine.cache.encoders_dir),
                 "threads": torch.get_num_threads(),
                 "commit": self.commit,
                 "decoder_steps": self.decoder_steps,
@@ -232,6 +261,8 @@ class Benchmark:
                 "coverage": self.coverage(),
                 "encoding_seconds": self.encoding_seconds,
                 "protocol2_folds_text": self.folds_text,
+                "train_sizes": self.args.train_sizes,
+                "protocol3_folds": self.protocol3_folds,
                 "notes": {
                     "json_nulls": "null metric = not finite: inf distance when exactly one mask is empty, "
                                   "nan Dice-in-extent when the reference lacks the structure",
@@ -244,9 +275,9 @@ class Benchmark:
             "records": self.records,
             "plot": PNG_NAME if plot else None,
         }
-        (self.out / JSON_NAME).write_text(json.dumps(result, indent=1) + "\n")
+        write_text_atomically(self.out / JSON_NAME, json.dumps(result, indent=1) + "\n")
         text = report.markdown(result, supervised)
-        (self.out / MD_NAME).write_text(text + "\n")
+        write_text_atomically(self.out / MD_NAME, text + "\n")
         return text
 
     # ----- methods ------------------------------------------------------------------------------------------------
@@ -262,13 +293,26 @@ class Benchmark:
         self.encoding_seconds.setdefault(scan.dataset, {}).setdefault(scan.name, round(seconds, 2))
         return encoded
 
-    def fewshotsam(self, scan: Scan, painted: np.ndarray, tuned: bool) -> np.ndarray:
+    @contextlib.contextmanager
+    def decoder_tuning(self, tuned: bool):
+        """FewShotSAM (decoder tuned, the default) or its training-free variant (no decoder steps) inside."""
         options = self.engine.options.adapt
         options.decoder_steps = self.decoder_steps if tuned else 0
         try:
-            return self.engine.propagate(scan.volume, scan.label_volume(painted)).array
+            yield
         finally:
             options.decoder_steps = self.decoder_steps
+
+    def fewshotsam(self, scan: Scan, painted: np.ndarray, tuned: bool) -> np.ndarray:
+        with self.decoder_tuning(tuned):
+            return self.engine.propagate(scan.volume, scan.label_volume(painted)).array
+
+    def adapt(self, supports: list[tuple[Scan, np.ndarray]], tuned: bool):
+        """One adapter from the painted slices of the support scans, and the seconds it took."""
+        with self.decoder_tuning(tuned):
+            start = time.perf_counter()
+            adapter = self.engine.adapt([(scan.volume, scan.label_volume(painted)) for scan, painted in supports])
+            return adapter, time.perf_counter() - start
 
     def run_method(self, method: str, scan: Scan, painted: np.ndarray | None, encoded) -> np.ndarray:
         if method == FEWSHOTSAM:
@@ -341,54 +385,88 @@ class Benchmark:
                            "fold's support is the scan right after its queries, cyclically (" +
                            "; ".join(f"support {s} -> queries {', '.join(q)}" for _, s, q in folds) +
                            "), so every scan is a query once and a support once, never both in one fold")
-        methods = [m for m in PROTOCOL2_METHODS if m in args.methods]
+        methods = [m for m in ACROSS_SCANS_METHODS if m in args.methods]
         self.plan.append(f"Planned, protocol 2, chaos: 4 folds x 3 queries; methods: {', '.join(methods)}.")
         if args.scans:
             folds = [f for f in folds if any(q in args.scans for q in f[2])]
         for fold, support_name, queries in folds:
-            todo = [(m, q) for m in methods for q in queries
-                    if not self.done(protocol=2, dataset="chaos", scan=q, method=m)]
+            todo = {(m, q) for m in methods for q in queries
+                    if not self.done(protocol=2, dataset="chaos", scan=q, method=m)}
             if not todo:
                 continue
             support = load_scan("chaos", support_name, args.data_dir, self.engine.options.axis)
             painted = support_labels(support)
             log(f"[protocol 2, fold {fold + 1}/4] support {support_name} "
                 f"({labelled_count(painted, support.axis)} labelled slices), queries {', '.join(queries)}")
-            self.encode(support)
-            query_scans = {q: load_scan("chaos", q, args.data_dir, self.engine.options.axis) for q in queries}
-            for method in methods:
-                if not any(m == method for m, _ in todo):
-                    continue
-                options = self.engine.options.adapt
-                options.decoder_steps = self.decoder_steps if method == FEWSHOTSAM else 0
-                try:
-                    start = time.perf_counter()
-                    adapter = self.engine.adapt([(support.volume, support.label_volume(painted))])
-                    adapt_seconds = time.perf_counter() - start
-                finally:
-                    options.decoder_steps = self.decoder_steps
-                for query in queries:
-                    if (method, query) not in todo:
-                        continue
-                    scan = query_scans[query]
-                    self.encode(scan)
-                    start = time.perf_counter()
-                    prediction = self.engine.apply(adapter, scan.volume).array
-                    seconds = time.perf_counter() - start
-                    record = {
-                        "protocol": 2, "dataset": "chaos", "scan": query, "method": method, "k": 3,
-                        "support": support_name, "fold": fold + 1,
-                        "labelled_slices": labelled_count(painted, support.axis),
-                        "seconds": round(seconds + adapt_seconds / len(queries), 3),
-                        "adapt_seconds": round(adapt_seconds, 3), "apply_seconds": round(seconds, 3),
-                        "structures": score(scan, prediction),
-                    }
-                    self.add(record)
-                    extent = np.mean([s["dice_inside_reference_extent"] for s in record["structures"].values()])
-                    whole = np.mean([s["dice"] for s in record["structures"].values()])
-                    log(f"    {method}: query {query}: Dice in extent {extent:.3f}, whole volume {whole:.3f} "
-                        f"(adapt {adapt_seconds:.0f} s, apply {seconds:.0f} s)")
+            self.across_scans(2, [(support, painted)], queries, todo,
+                              {"k": 3, "support": support_name, "fold": fold + 1})
             self.write()
+
+    def protocol3(self) -> None:
+        """CHAOS, labelled data vs accuracy: adapted on every labelled slice of a fold's first n training scans."""
+        args = self.args
+        methods = [m for m in ACROSS_SCANS_METHODS if m in args.methods]
+        fold_list = chaos_training_folds()
+        self.protocol3_folds = [{"fold": name, "train_scans": train, "test_scans": test}
+                                for name, train, test in fold_list]
+        self.plan.append(f"Planned, protocol 3, chaos: {len(fold_list)} folds (benchmarks.accuracy.datasets.chaos_training_folds); "
+                         f"training scans per model {args.train_sizes}; queries "
+                         f"{', '.join(args.scans) if args.scans else 'every test scan of the fold'}; "
+                         f"methods: {', '.join(methods)}.")
+        for fold, train_names, test_names in fold_list:
+            queries = [q for q in test_names if not args.scans or q in args.scans]
+            for n in args.train_sizes:
+                todo = {(m, q) for m in methods for q in queries
+                        if not self.done(protocol=3, dataset="chaos", scan=q, method=m, train_size=n)}
+                if not todo:
+                    continue
+                training = [load_scan("chaos", name, args.data_dir, self.engine.options.axis)
+                            for name in train_names[:n]]
+                # "All slices": the full reference, so every slice holding any organ is labelled.
+                supports = [(scan, scan.reference) for scan in training]
+                log(f"[protocol 3, fold {fold}, {n} training scan(s): {', '.join(train_names[:n])}] "
+                    f"{sum(labelled_count(p, s.axis) for s, p in supports)} labelled slices, "
+                    f"queries {', '.join(queries)}")
+                self.across_scans(3, supports, test_names, todo,
+                                  {"k": None, "fold": fold, "train_scans": train_names[:n], "train_size": n})
+                self.write()
+
+    def across_scans(self, protocol: int, supports: list[tuple[Scan, np.ndarray]], queries: list[str],
+                     todo: set[tuple[str, str]], fields: dict) -> None:
+        """Adapt once per method on the supports, segment the unlabelled queries in ``todo``, record each.
+
+        ``queries``: the fold's query scans, which share the adaptation time (one adapter serves them all);
+        ``fields``: the protocol's own record fields (k, fold, support or training scans).
+        """
+        for scan, _ in supports:
+            self.encode(scan)
+        labelled = sum(labelled_count(painted, scan.axis) for scan, painted in supports)
+        query_scans = {}
+        for method in ACROSS_SCANS_METHODS:
+            mine = [q for q in queries if (method, q) in todo]
+            if not mine:
+                continue
+            adapter, adapt_seconds = self.adapt(supports, tuned=method == FEWSHOTSAM)
+            for query in mine:
+                if query not in query_scans:
+                    query_scans[query] = load_scan("chaos", query, self.args.data_dir, self.engine.options.axis)
+                scan = query_scans[query]
+                self.encode(scan)
+                start = time.perf_counter()
+                prediction = self.engine.apply(adapter, scan.volume).array
+                seconds = time.perf_counter() - start
+                record = {
+                    "protocol": protocol, "dataset": "chaos", "scan": query, "method": method, **fields,
+                    "labelled_slices": labelled,
+                    "seconds": round(seconds + adapt_seconds / len(queries), 3),
+                    "adapt_seconds": round(adapt_seconds, 3), "apply_seconds": round(seconds, 3),
+                    "structures": score(scan, prediction),
+                }
+                self.add(record)
+                extent = np.mean([s["dice_inside_reference_extent"] for s in record["structures"].values()])
+                whole = np.mean([s["dice"] for s in record["structures"].values()])
+                log(f"    {method}: query {query}: Dice in extent {extent:.3f}, whole volume {whole:.3f} "
+                    f"(adapt {adapt_seconds:.0f} s, apply {seconds:.0f} s)")
 
     def run(self) -> str:
         try:
@@ -397,6 +475,8 @@ class Benchmark:
                     self.protocol1(dataset)
                 if dataset == "chaos" and 2 in self.args.protocols and not self.args.quick:
                     self.protocol2()
+                if dataset == "chaos" and 3 in self.args.protocols and not self.args.quick:
+                    self.protocol3()
             self.status = "complete"
         except KeyboardInterrupt:
             self.status = "partial: interrupted"
@@ -423,9 +503,9 @@ def rewrite_report(out: Path) -> str:
     supervised = report.load_supervised(out)
     plot = report.plot_dice_vs_k(result["summaries"], out / PNG_NAME, supervised)
     result["plot"] = PNG_NAME if plot else None
-    (out / JSON_NAME).write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomically(out / JSON_NAME, json.dumps(result, indent=1) + "\n")
     text = report.markdown(result, supervised)
-    (out / MD_NAME).write_text(text + "\n")
+    write_text_atomically(out / MD_NAME, text + "\n")
     return text
 
 

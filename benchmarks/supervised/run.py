@@ -22,7 +22,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,14 +29,14 @@ import monai
 import numpy as np
 import torch
 
+from FewShotSAMLib.atomic_text import write_text_atomically
 
-from ..accuracy.datasets import CHAOS_CASES, CHAOS_STRUCTURES, Scan, load_scan
+from ..accuracy.datasets import CHAOS_STRUCTURES, Scan, chaos_training_folds, load_scan
 from ..accuracy.run import clean_number, log, score
 from ..accuracy.report import SUPERVISED_JSON
 from . import unet
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-QUICK_FOLD = ("quick", ["1", "2"], ["13"])
 # What was tried before the reported runs, so that a reader can judge how much the setup was fitted to the test scans.
 DEVELOPMENT_NOTE = (
     "One pilot run (4 min per fold, otherwise the same setup) used narrower intensity jitter (gamma 0.8-1.25, "
@@ -50,15 +49,6 @@ DEVELOPMENT_NOTE = (
 def default_data_dir() -> Path:
     env = os.environ.get("FEWSHOTSAM_DATA")
     return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
-
-
-def folds(quick: bool) -> list[tuple[str, list[str], list[str]]]:
-    """(name, training scans, test scans); the two halves of the case list swap roles."""
-    if quick:
-        return [QUICK_FOLD]
-    cases = [str(case) for case in sorted(CHAOS_CASES)]
-    half = len(cases) // 2
-    return [("A", cases[:half], cases[half:]), ("B", cases[half:], cases[:half])]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.data_dir = args.data_dir or default_data_dir()
     args.minutes = args.minutes if args.minutes is not None else (1.0 if args.quick else 20.0)
-    largest = len(folds(args.quick)[0][1])
+    largest = len(chaos_training_folds(args.quick)[0][1])
     args.train_sizes = ([int(n) for n in args.train_sizes.split(",") if n.strip()] if args.train_sizes
                         else [largest])
     if any(n < 1 or n > largest for n in args.train_sizes):
@@ -90,20 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.minutes <= 0 or args.threads < 1:
         parser.error("--minutes and --threads must be positive")
     return args
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    """A reader (or a kill mid-write) never sees a half-written file: write a temporary file, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(json.dumps(data, indent=1) + "\n")
-        os.chmod(temporary, 0o644)  # mkstemp makes the file private; a results file is meant to be read
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class SupervisedBenchmark:
@@ -131,7 +107,7 @@ class SupervisedBenchmark:
         if run.get("settings") != unet.SETTINGS_TEXT or run.get("image_size") != self.args.size:
             raise SystemExit(f"{self.path} was made with other training settings; rerun every model with --fresh "
                              "(or write to another --out)")
-        planned = {(fold, n) for fold, _, _ in folds(self.args.quick) for n in self.args.train_sizes}
+        planned = {(fold, n) for fold, _, _ in chaos_training_folds(self.args.quick) for n in self.args.train_sizes}
         self.models = [m for m in previous.get("models", [])
                        if self.args.resume or (m["fold"], m["train_size"]) not in planned]
         kept = {(m["fold"], m["train_size"]) for m in self.models}
@@ -154,7 +130,7 @@ class SupervisedBenchmark:
 
     def write(self) -> None:
         args = self.args
-        write_json_atomically(self.path, {
+        write_text_atomically(self.path, json.dumps({
             "run": {
                 "status": self.status,
                 "started": datetime.datetime.fromtimestamp(self.started).isoformat(timespec="seconds"),
@@ -172,7 +148,7 @@ class SupervisedBenchmark:
                 "torch_threads": torch.get_num_threads(),
                 "device": "cpu",
                 "folds": [{"fold": name, "train_scans": train, "test_scans": test} for name, train, test in
-                          folds(args.quick)],
+                          chaos_training_folds(args.quick)],
                 "settings": unet.SETTINGS_TEXT,
                 "history": self.history,
                 "notes": {
@@ -183,7 +159,7 @@ class SupervisedBenchmark:
             },
             "models": self.models,
             "records": self.records,
-        })
+        }, indent=1) + "\n")
 
     def train_and_test(self, fold: str, train_names: list[str], test_names: list[str]) -> None:
         args = self.args
@@ -217,7 +193,7 @@ class SupervisedBenchmark:
 
     def run(self) -> None:
         try:
-            for fold, train_names, test_names in folds(self.args.quick):
+            for fold, train_names, test_names in chaos_training_folds(self.args.quick):
                 for n in self.args.train_sizes:
                     if any(m["fold"] == fold and m["train_size"] == n for m in self.models):
                         continue  # kept from an earlier invocation (--resume)
