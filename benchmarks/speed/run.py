@@ -54,8 +54,8 @@ def median_time(function, repeats: int) -> float:
 
 
 def encoder_paths(model, slices: torch.Tensor, repeats: int, encoders: Path, with_jit: bool) -> list[dict]:
-    """Slices per second for each way of running the encoder on the same 8 real slices; "first call" includes the
-    one-off build (ONNX export, compilation) in an empty encoders folder."""
+    """Slices per second for each way of running the encoder on the same 8 real slices. The compiled and ONNX
+    encoders are already built in `encoders` (built_encoders times that): "first call" is loading and warming up."""
     def batched(batch, path):
         def run():
             for start in range(0, len(slices), batch):
