@@ -130,17 +130,17 @@ def built_encoders(model):
         seconds = {}
         for path in ("compiled", "onnx"):
             start = time.perf_counter()
-            model.encode(torch.zeros(1, 3, 256, 256), path, encoders_folder=Path(folder))
+            size = model.spec.input_size
+            model.encode(torch.zeros(1, 3, size, size), path, encoders_folder=Path(folder))
             seconds[path] = round(time.perf_counter() - start, 1)
         model.release_encoder_sessions()
         yield Path(folder), seconds
 
 
-def with_built_encoders(cache_dir: str | Path, encoders: Path) -> str:
-    """An empty embedding cache that already holds this machine's built encoders, as after a first run: "cold"
-    means no cached embeddings, not a fresh install (the encoder table gives the one-off build time)."""
+def with_built_encoders(cache_dir: str | Path, encoders: Path) -> None:
+    """Make an empty embedding cache hold this machine's built encoders, as after a first run: "cold" means no
+    cached embeddings, not a fresh install (the encoder table gives the one-off build time)."""
     shutil.copytree(encoders, Path(cache_dir) / ".encoders", ignore=shutil.ignore_patterns(".*"), dirs_exist_ok=True)
-    return str(cache_dir)
 
 
 def propagate_case(model, scan, encoder: str, repeats: int, encoders: Path) -> dict:
