@@ -1,7 +1,7 @@
 """A few-shot adapter: everything learned from the labelled slices, savable as one `.fsam` file.
 
-It holds the structures (segment names, colours, label values), the pixel prompts, the structure tokens and the
-tuned mask decoder, plus the name and weights checksum of the model it was made with, so it can segment new scans
+It holds the structures (segment names, colours, label values), the pixel prompts, the structure tokens, the
+structures' footprints and the tuned mask decoder, plus the name and weights checksum of the model it was made with, so it can segment new scans
 of the same anatomy with no labels of their own.
 """
 
@@ -20,7 +20,7 @@ from .errors import FewShotSAMError
 from .fewshot import FewShotCollection
 from .models import SamModel
 from .progress import NO_PROGRESS, Progress
-from .prompts import PixelClassifier, structure_tokens, train_pixel_classifier
+from .prompts import PixelClassifier, structure_footprints, structure_tokens, train_pixel_classifier
 from .tuning import tune_decoder
 from .volume import HasSegments, Segment
 
@@ -43,7 +43,7 @@ class FewShotAdapter(HasSegments):
     model_id: str
     options: AdaptOptions = field(default_factory=AdaptOptions)
     n_labelled_slices: int = 0
-
+    footprints: torch.Tensor | None = None  # [S, H, W] (prompts.structure_footprints); None in older .fsam files
 
     @contextlib.contextmanager
     def tuned_decoder(self, model: SamModel):
@@ -75,6 +75,7 @@ class FewShotAdapter(HasSegments):
             "model_id": self.model_id,
             "options": asdict(self.options),
             "n_labelled_slices": self.n_labelled_slices,
+            "footprints": self.footprints,
         }
         handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".fsam", dir=path.parent)
         os.close(handle)
@@ -104,7 +105,8 @@ class FewShotAdapter(HasSegments):
         classifier.load_state_dict(payload["classifier"])
         segments = [Segment(s["name"], int(s["label_value"]), tuple(s["color"])) for s in payload["segments"]]
         return cls(segments, classifier.eval().requires_grad_(False), payload["tokens"], payload["decoder"],
-                   payload["model_id"], AdaptOptions(**payload["options"]), payload["n_labelled_slices"])
+                   payload["model_id"], AdaptOptions(**payload["options"]), payload["n_labelled_slices"],
+                   payload.get("footprints"))
 
 
 def adapt(model: SamModel, collection: FewShotCollection, options: AdaptOptions | None = None,
@@ -116,4 +118,4 @@ def adapt(model: SamModel, collection: FewShotCollection, options: AdaptOptions 
     decoder_state = tune_decoder(model, collection, tokens, steps=options.decoder_steps, seed=options.seed,
                                  progress=progress)
     return FewShotAdapter(list(collection.segments), classifier, tokens, decoder_state, model.weights_id, options,
-                          collection.embeddings.shape[0])
+                          collection.embeddings.shape[0], structure_footprints(collection))

@@ -7,12 +7,17 @@ Two kinds, both learned from the labelled slices only:
   explicitly, which is what lets the engine decide where a structure starts and ends.
 - Structure tokens: the mask-pooled embedding of each structure (the paper's few-shot embedding), given to the
   mask decoder as a prompt token together with a box from the pixel prompts.
+- Footprints: where in the slice plane each structure was painted, blurred. On a scan with no labels of its own,
+  the pixel prompts can find a structure in two places of similar size (the liver and a dark loop of bowel); the
+  footprint tells which of them lies where the structure lay on the labelled slices.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
 
 from .fewshot import IGNORE, FewShotCollection
@@ -20,6 +25,10 @@ from .progress import NO_PROGRESS, Progress
 
 FEATURE_SCALE = 16.0  # normalised embeddings scaled so that a linear layer can be sharp from the start
 POSITION_SCALE = 4.0  # position features matter as much as a few embedding channels, not more
+# Footprint blur in embedding-grid cells (3/16 of the field of view on the 64-cell grid, ~6 cm on an abdominal MRI):
+# patients lie a few centimetres apart between scans, so a sharper footprint would reject a kidney that moved,
+# while organs that the pixel prompts confuse lie much further apart (measured across CHAOS scan pairs).
+FOOTPRINT_SIGMA = 12.0
 
 
 def embedding_features(embeddings: torch.Tensor) -> torch.Tensor:
@@ -84,3 +93,17 @@ def structure_tokens(collection: FewShotCollection) -> torch.Tensor:
         pooled = (collection.embeddings * weights).sum(dim=(0, 2, 3)) / area.clamp(min=1)
         tokens.append(pooled)
     return torch.stack(tokens)
+
+
+def structure_footprints(collection: FewShotCollection, sigma: float = FOOTPRINT_SIGMA) -> torch.Tensor:
+    """[S, H, W] in 0..1: the share of a structure's labelled slices on which each embedding-grid cell belongs to
+    it, blurred by `sigma` cells and scaled to a maximum of 1 (all zeros for a structure never painted)."""
+    coarse = collection.coarse_targets(collection.embeddings.shape[-1]).numpy()
+    footprints = []
+    for class_index in range(1, collection.n_classes):
+        cells = coarse == class_index
+        present = cells.any(axis=(1, 2))
+        share = cells[present].mean(axis=0) if present.any() else np.zeros(coarse.shape[1:])
+        blurred = ndimage.gaussian_filter(share.astype(np.float64), sigma)
+        footprints.append(blurred / blurred.max() if blurred.max() > 0 else blurred)
+    return torch.from_numpy(np.stack(footprints).astype(np.float32))

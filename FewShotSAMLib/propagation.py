@@ -2,7 +2,8 @@
 
 1. Pixel prompts classify every embedding-grid cell of every slice (all structures jointly).
 2. Each structure keeps the 3D connected components of its cells that touch what was painted (or, on a scan
-   with nothing painted, its largest component): this decides where a structure starts and ends, and removes
+   with nothing painted, the component most likely to be it: the most probability mass where the structure lay on
+   the labelled slices, see most_likely_component): this decides where a structure starts and ends, and removes
    false positives in slices far from it.
 3. On each slice, the box around a structure's cells and its few-shot token prompt the tuned mask decoder,
    which draws the outline at full resolution; its probability is averaged with the pixel prompts'.
@@ -52,8 +53,16 @@ def coarse_probabilities(adapter: FewShotAdapter, encoded: EncodedVolume, batch_
     return probabilities
 
 
-def structure_cells(probabilities: torch.Tensor, painted_cells: torch.Tensor | None, labelled: list[int]) -> np.ndarray:
-    """[n, K, H, W] probabilities -> [n, S, H, W] boolean cells kept for each structure (see module doc, step 2)."""
+# Weight of a cell outside every labelled footprint, against 1 at the footprint's centre: a structure found only
+# where it was never painted (a scan framed differently) is still found, but loses to one found where it was painted.
+FOOTPRINT_FLOOR = 0.1
+
+
+def structure_cells(probabilities: torch.Tensor, painted_cells: torch.Tensor | None, labelled: list[int],
+                    footprints: torch.Tensor | None = None) -> np.ndarray:
+    """[n, K, H, W] probabilities -> [n, S, H, W] boolean cells kept for each structure (see module doc, step 2).
+
+    footprints: [S, H, W] (the adapter's), used on a scan with nothing painted to choose between components."""
     classes = probabilities.argmax(1).numpy()
     n_structures = probabilities.shape[1] - 1
     kept = np.zeros((classes.shape[0], n_structures) + classes.shape[1:], dtype=bool)
@@ -72,10 +81,21 @@ def structure_cells(probabilities: torch.Tensor, painted_cells: torch.Tensor | N
         if anchors.any():
             keep = np.unique(components[anchors & (components > 0)])
         else:
-            sizes = np.bincount(components.ravel())[1:]
-            keep = [int(np.argmax(sizes)) + 1]
+            footprint = None if footprints is None else footprints[structure].numpy()
+            keep = [most_likely_component(components, probabilities[:, structure + 1].numpy(), footprint)]
         kept[:, structure] = np.isin(components, keep)
     return kept
+
+
+def most_likely_component(components: np.ndarray, probability: np.ndarray, footprint: np.ndarray | None) -> int:
+    """The label of the component with the most probability mass, each cell weighted by the structure's footprint.
+
+    Not the largest component: two candidates of similar size (the liver and a loop of bowel on a scan of another
+    patient) were told apart by a few cells, so the choice flipped with the encoder's precision; their positions
+    differ by far more (tests/test_propagation.py)."""
+    weights = probability if footprint is None else probability * (FOOTPRINT_FLOOR + footprint)[None]
+    scores = np.bincount(components.ravel(), weights=weights.ravel(), minlength=int(components.max()) + 1)[1:]
+    return int(np.argmax(scores)) + 1
 
 
 def _cell_boxes(cells: np.ndarray, cell_size: float) -> np.ndarray:
@@ -129,7 +149,7 @@ def propagate_volume(model: SamModel, adapter: FewShotAdapter, encoded: EncodedV
         painted_cells = torch.zeros((encoded.n_slices,) + probabilities.shape[-2:], dtype=torch.uint8)
         painted_cells[labelled] = pool_class_maps(targets, adapter.n_classes, probabilities.shape[-1])
         painted_cells = painted_cells.where(painted_cells != IGNORE, torch.zeros_like(painted_cells))
-    kept = structure_cells(probabilities, painted_cells, labelled)
+    kept = structure_cells(probabilities, painted_cells, labelled, adapter.footprints)
     first, last = options.slice_range or (0, encoded.n_slices - 1)
     labelled_set = set(labelled)
     to_predict = [z for z in range(max(0, first), min(encoded.n_slices - 1, last) + 1) if z not in labelled_set]

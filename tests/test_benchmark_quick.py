@@ -20,9 +20,13 @@ MARGIN_TO_FILL_BETWEEN_SLICES = 0.02  # FewShotSAM must not be worse than Fill b
 # Protocol 3 smoke run: fold A of benchmarks.accuracy.datasets.chaos_training_folds, whose first training scan is 1;
 # query 15 (also encoded by the quick run, so a whole-module run encodes only scan 1).
 PROTOCOL3_TRAINING_SCAN, PROTOCOL3_QUERY = "1", "15"
-# Measured 0.487 (no tuning 0.354; kidneys ~0.9, spleen 0): scan 15's organs are far darker than scan 1's, the
-# hardest transfer of the set. The floor catches a broken adapt/apply path (labels or slices mixed up: Dice ~0).
-PROTOCOL3_LIVER_FLOOR = 0.3
+# Liver Dice with the encoder path each CPU picks (auto): 0.498 measured on an AMD EPYC Zen 3 (AVX2, no bf16: ONNX
+# Runtime fp32) with the footprint choice; 0.487 measured on a Zen 4 (compiled bf16) before it, and 0.002 on the Zen
+# 3 before it: two liver candidates of similar size (tests/test_propagation.py), the wrong one 8% larger. The
+# footprint-weighted choice separates them by 1.47x on fp32 embeddings (1.46x with them rounded to bf16), so the
+# precision no longer decides. Scan 15's organs are far darker than scan 1's (spleen 0 on both paths): the
+# hardest transfer of the set. The floor catches the component choice failing again.
+PROTOCOL3_LIVER_FLOOR = 0.4
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +36,7 @@ def quick_run(tmp_path_factory, shared_data_dir, engine_cache_dir):
     require_chaos_cases(shared_data_dir, (2, 15))
     out = tmp_path_factory.mktemp("accuracy-quick")
     completed = run_benchmark("benchmarks.accuracy.run", ["--quick", "--out", str(out), "--cache-dir",
-                                                          str(engine_cache_dir), "--data-dir", str(shared_data_dir)],
-                              timeout=900)
+                                                          str(engine_cache_dir), "--data-dir", str(shared_data_dir)])
     return out, completed
 
 
@@ -86,7 +89,7 @@ def protocol3_run(tmp_path_factory, shared_data_dir, engine_cache_dir):
     out = tmp_path_factory.mktemp("accuracy-protocol3")
     run_benchmark("benchmarks.accuracy.run", ["--protocols", "3", "--datasets", "chaos", "--train-sizes", "1",
                                               "--scans", PROTOCOL3_QUERY, "--out", str(out), "--cache-dir",
-                                              str(engine_cache_dir), "--data-dir", str(shared_data_dir)], timeout=600)
+                                              str(engine_cache_dir), "--data-dir", str(shared_data_dir)])
     return json.loads((out / "accuracy.json").read_text()), (out / "accuracy.md").read_text()
 
 

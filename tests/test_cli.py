@@ -144,8 +144,8 @@ def test_cli_end_to_end_with_json_progress(tmp_path, chaos_scan, engine_cache_di
     out = tmp_path / "result.nii.gz"
     command = [sys.executable, "-m", "FewShotSAMLib", "propagate", str(image_path), "--labels", str(painted_path),
                "--out", str(out), "--cache-dir", str(engine_cache_dir), "--device", "cpu", "--progress", "json"]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    # No time-out of its own: its speed depends on this CPU's encoder path; CI's own limit bounds the run.
+    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert completed.returncode == 0, completed.stderr
     events = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
     fractions = [event["fraction"] for event in events]
@@ -158,7 +158,7 @@ def test_cli_end_to_end_with_json_progress(tmp_path, chaos_scan, engine_cache_di
 
     # A second run on the same output without --overwrite is refused and leaves the file as it was.
     before = out.read_bytes()
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     assert out.read_bytes() == before
 

@@ -23,7 +23,7 @@ def quick_result(tmp_path_factory, shared_data_dir):
     require_chaos_cases(shared_data_dir, (1, 2, 13))
     out = tmp_path_factory.mktemp("supervised-quick")
     run_benchmark("benchmarks.supervised.run", ["--quick", "--minutes", str(TRAINING_SECONDS / 60), "--threads", "1",
-                                                "--out", str(out), "--data-dir", str(shared_data_dir)], timeout=600)
+                                                "--out", str(out), "--data-dir", str(shared_data_dir)])
     return out, json.loads((out / "supervised.json").read_text())
 
 
