@@ -5,6 +5,8 @@ The module panel and the "Few-shot SAM" Segment Editor effect are thin: all the 
 in a separate process so that the GUI never runs torch and never freezes.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 

@@ -5,6 +5,8 @@ The effect uses the editor's source volume and segmentation, and the same logic 
 state is saved right before the segments are modified, so Ctrl+Z returns to the painted slices.
 """
 
+from __future__ import annotations
+
 import os
 
 import qt
