@@ -256,3 +256,14 @@ def test_shutdown_at_application_exit_kills_without_polling_and_removes_the_fold
     assert not pid_alive(pid), "the worker survived the application exit"
     assert job.status == "cancelled" and calls == [] and finished == []
     assert not (tmp_path / "job-folder").exists(), "the temporary folder was left behind"
+
+
+def test_application_exit_stops_every_running_job(tmp_path):
+    from FewShotSAMSlicerLib import logic as fsLogic
+
+    slow = "import json, time; print(json.dumps({'stage': 'encode', 'fraction': 0.1}), flush=True); time.sleep(600)"
+    job = make_job(tmp_path, [slow], lambda j: None)
+    pid = job.pid
+    assert fsLogic.shutdownAllJobs() >= 1
+    assert job.status == "cancelled" and not pid_alive(pid) and not (tmp_path / "job-folder").exists()
+    assert fsLogic.shutdownAllJobs() == 0

@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -55,6 +56,9 @@ RUNNING = wk.RUNNING
 SUCCEEDED = wk.SUCCEEDED
 FAILED = wk.FAILED
 CANCELLED = wk.CANCELLED
+
+# Jobs whose worker may still run, so that application exit can stop them all (see shutdownAllJobs).
+_RUNNING_JOBS: weakref.WeakSet = weakref.WeakSet()
 
 MODEL_VALUES = tuple(value for value, _ in MODELS)
 DEVICE_VALUES = tuple(value for value, _ in DEVICES)
@@ -133,6 +137,7 @@ class FewShotSAMJob:
         self.runs: list[wk.WorkerRun] = []
         self.startedAt = time.monotonic()
         self.elapsedSeconds: float | None = None
+        _RUNNING_JOBS.add(self)
         self._startStep()
 
     @property
@@ -229,6 +234,7 @@ class FewShotSAMJob:
         return False
 
     def _conclude(self, status: str, message: str) -> None:
+        _RUNNING_JOBS.discard(self)
         self.status = status
         self.errorMessage = message
         self.elapsedSeconds = time.monotonic() - self.startedAt
@@ -258,6 +264,14 @@ class FewShotSAMJob:
         if self.status == CANCELLED:
             raise JobCancelled(self.errorMessage)
         return self
+
+
+def shutdownAllJobs() -> int:
+    """Stop every running job now (application exit: Slicer's aboutToQuit). Returns how many were stopped."""
+    jobs = [job for job in list(_RUNNING_JOBS) if job.isRunning]
+    for job in jobs:
+        job.shutdown()
+    return len(jobs)
 
 
 def groupSegmentsBySlices(painted: dict[str, list[int]], order: list[str]) -> list[list[str]]:
@@ -711,7 +725,7 @@ class FewShotSAMSlicerLogic:
             for value in [int(v) for v in np.unique(labels) if v != 0]:
                 segmentId = output.GetSegmentation().AddEmptySegment("", f"Segment {value}")
                 mc.setSegmentMask(output, segmentId, labels == value, targetVolumeNode)
-        return {"segmentationNode": output, "segmentIds": mc.segmentIds(output)}
+        return {"segmentationNode": output, "segmentIds": mc.segmentIds(output), "targetVolumeNode": targetVolumeNode}
 
     # ------------------------------------------------------------------------------------------------------------
     # Export
