@@ -34,6 +34,8 @@ class ScriptedEffectStandIn:
         self.requireSegments = False
         self.criticalMessages: list[str] = []
         self.undoStatesSaved = 0
+        if not scene.IsNodeClassRegistered("vtkMRMLSegmentEditorNode"):  # the Segmentations module does it in Slicer
+            scene.RegisterNodeClass(slicer.vtkMRMLSegmentEditorNode())
         self.editorNode = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
         self.history = slicer.vtkSegmentationHistory()
         self.logic = slicer.vtkSlicerSegmentEditorLogic()
