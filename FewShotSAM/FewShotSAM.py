@@ -91,15 +91,6 @@ def moduleCacheDirectory() -> str | None:
     return configured or fewShotSAMLogic.defaultCacheDirectory()
 
 
-def firstScalarVolume(scene):
-    """The first grey-level volume of the scene (GetFirstNodeByClass would also return a labelmap)."""
-    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
-        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
-        if not node.IsA("vtkMRMLLabelMapVolumeNode"):
-            return node
-    return None
-
-
 def segmentEditorUndoSaver(segmentationNode):
     """A callable that saves the Segment Editor's undo state when the editor shows this segmentation, so that
     Ctrl+Z there undoes the module's Adapt & Propagate as one step (and not together with the last stroke)."""
@@ -295,7 +286,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         p = self._parameterNode
         if p.sourceVolume is None:
-            p.sourceVolume = firstScalarVolume(slicer.mrmlScene)
+            p.sourceVolume = mrml_conversion.firstScalarVolume(slicer.mrmlScene)
         if p.segmentation is None:
             p.segmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
 

@@ -368,3 +368,22 @@ def test_coronal_painting_is_recognised_for_automatic_orientation(scene, make_lo
     assert result[:, 6:19].any(axis=(0, 2)).all() and not result[:, :6].any()
     record = ps.readRecord(segmentation.GetSegmentation().GetSegment(organ_id))
     assert record.axis == 1 and record.painted == (6, 12, 18)
+
+
+def test_first_scalar_volume_skips_labelmaps(scene):
+    labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    assert labels.IsA("vtkMRMLScalarVolumeNode")  # why GetFirstNodeByClass picked it
+    assert mc.firstScalarVolume(scene) is None
+    volume = add_volume(scene)
+    assert mc.firstScalarVolume(scene) is volume
+
+
+def test_segment_ids_with_commas_survive_the_parameter_node(scene):
+    from FewShotSAMSlicerLib import parameters
+
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    wrapped = parameters.FewShotSAMParameters(node)
+    wrapped.setSelectedSegmentIds(["liver, left lobe", "spleen"])
+    assert parameters.FewShotSAMParameters(node).selectedSegmentIds() == ["liver, left lobe", "spleen"]
+    node.SetParameter("segmentIds", "liver,spleen")  # a scene saved before: comma-separated
+    assert wrapped.selectedSegmentIds() == ["liver", "spleen"]

@@ -134,6 +134,15 @@ def checkScalarVolume(volumeNode, role: str = "source volume") -> None:
             "(colour or vector image); FewShotSAM needs a single-component (grey-level) volume.")
 
 
+def firstScalarVolume(scene):
+    """The first grey-level volume of the scene (GetFirstNodeByClass would also return a labelmap)."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return node
+    return None
+
+
 def transformedNodes(nodes) -> list:
     return [node for node in nodes if node is not None and node.GetParentTransformNode() is not None]
 
