@@ -310,6 +310,9 @@ class PendingResult:
         target = previewNode.GetSegmentation()
         wasModifying = previewNode.StartModify()
         try:
+            for index in reversed(range(target.GetNumberOfSegments())):  # a previous preview's other segments
+                if target.GetNthSegmentID(index) not in self.masks:
+                    target.RemoveSegment(target.GetNthSegmentID(index))
             for segmentId, mask in self.masks.items():
                 if target.GetSegment(segmentId) is None:
                     segment = slicer.vtkSegment()

@@ -254,7 +254,8 @@ as one undo step, within the editable area; <b>Cancel</b> leaves the segmentatio
         if self.pending is None or (self.job is not None and self.job.isRunning):
             return
         pending, self.pending = self.pending, None
-        writer = ee.editorResultWriter(self.scriptedEffect, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+        writer = ee.editorResultWriter(self.scriptedEffect,
+                                       slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
         try:
             result = pending.commit(writer, beforeModifyCallback=self.scriptedEffect.saveStateForUndo)
             self.statusLabel.text = _("Applied {count} segment(s).").format(count=len(result["segmentIds"]))
@@ -301,8 +302,8 @@ as one undo step, within the editable area; <b>Cancel</b> leaves the segmentatio
                                  ee.settings(self.scriptedEffect).previewOpacity)
             self.progressBar.value = 1000
             seconds = f" in {job.elapsedSeconds:.0f} s" if job.elapsedSeconds is not None else ""
-            self.statusLabel.text = _("Preview of {count} segment(s){seconds}: Apply, or paint more and Update.").format(
-                count=len(job.result["segmentIds"]), seconds=seconds)
+            self.statusLabel.text = _("Preview of {count} segment(s){seconds}: Apply, or paint more and Update.")\
+                .format(count=len(job.result["segmentIds"]), seconds=seconds)
         elif job.status == fewShotSAMLogic.CANCELLED:
             self._dropPreviewIfEmpty()
             self.progressBar.value = 0
