@@ -53,7 +53,8 @@ class ScriptedEffectStandIn:
         return self.editorNode
 
     def parameterDefined(self, name: str) -> bool:
-        return self.editorNode.GetAttribute(f"{self.name}.{name}") is not None
+        value = self.editorNode.GetAttribute(f"{self.name}.{name}")  # commonParameterDefined: set and not empty
+        return value is not None and len(value) > 0
 
     def parameter(self, name: str) -> str:
         value = self.editorNode.GetAttribute(f"{self.name}.{name}")
@@ -80,7 +81,7 @@ class ScriptedEffectStandIn:
             self.setParameter(name, value)
 
     def nodeReference(self, name: str):
-        return self.editorNode.GetNodeReference(f"{self.name}.{name}")
+        return self.editorNode.GetNodeReference(f"{self.name}.{name}") or self.editorNode.GetNodeReference(name)
 
     def setNodeReference(self, name: str, node) -> None:
         self.editorNode.SetNodeReferenceID(f"{self.name}.{name}", node.GetID() if node is not None else None)

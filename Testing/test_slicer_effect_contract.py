@@ -113,6 +113,14 @@ def test_module_classes_and_widget_hooks():
     assert "'aboutToQuit()', fewShotSAMLogic.shutdownAllJobs" in module_init
 
 
+def test_module_propagation_is_one_undo_step_in_the_segment_editor():
+    propagate = ast.unparse(methods_of(MODULE_FILE, "FewShotSAMWidget")["onPropagate"])
+    assert "beforeModifyCallback=segmentEditorUndoSaver(p.segmentation)" in propagate
+    saver = next(node for node in ast.parse(MODULE_FILE.read_text()).body
+                 if isinstance(node, ast.FunctionDef) and node.name == "segmentEditorUndoSaver")
+    assert "editor.saveStateForUndo()" in ast.unparse(saver)  # qMRMLSegmentEditorWidget public slot (5.8, 5.10)
+
+
 def test_job_finished_does_not_need_the_parameter_node():
     """exit() sets the parameter node to None; a job finishing afterwards must still record its result."""
     finished = ast.unparse(methods_of(MODULE_FILE, "FewShotSAMWidget")["onJobFinished"])

@@ -6,16 +6,17 @@
    ``hardenTransforms=True``, checkpoint file for the SAM/MedSAM models);
 2. finds, per segment, the slices the user painted (see painted_slices.py) along the slice axis the engine will
    use, and writes the source volume (image.nrrd) and those painted slices (labels-N.nrrd, one label value per
-   segment) on the source volume's grid into a fresh temporary folder, through Slicer's storage nodes;
+   segment) on the segmentation's reference geometry (the grid the Segment Editor paints on; usually the source
+   volume's, see mrml_conversion.workingGrid) into a fresh temporary folder, through Slicer's storage nodes;
 3. starts ``python -m FewShotSAMLib propagate ... --progress json`` in its own process (see worker.py) with the
    same ``--cache-dir`` every time, so the image embeddings computed on the first click are reused. The engine
    takes every painted slice as showing every structure it propagates; since a Slicer user paints each segment
    on its own slices, segments painted on different slices are propagated in separate runs, one after the other
    (``paintedSlicesComplete=True`` runs them all at once when the user painted every structure on each slice);
 4. returns a ``FewShotSAMJob`` that the caller polls from the GUI thread (a QTimer) or waits for (scripts, tests).
-   When the worker succeeds, the job writes the propagated masks into the propagated segments only, puts the
-   painted slices back exactly as painted, and records what it wrote. On error or Cancel the segmentation is
-   left exactly as it was.
+   When the worker succeeds, the job writes the propagated masks into the propagated segments only (or into a
+   preview node, committed later), puts the painted slices back exactly as painted, and records what it wrote.
+   On error or Cancel the segmentation is left exactly as it was.
 
 "Save adapted model" (``fewshotsam adapt``) and "Apply to volume" (``fewshotsam apply``) run the same way.
 
