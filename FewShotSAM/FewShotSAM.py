@@ -5,8 +5,12 @@ The module panel and the "Few-shot SAM" Segment Editor effect are thin: all the 
 in a separate process so that the GUI never runs torch and never freezes.
 """
 
+from __future__ import annotations
+
+import importlib
 import logging
 import os
+import time
 
 import qt
 import slicer
@@ -64,6 +68,8 @@ Uses Segment Anything (Meta AI), MedSAM and LiteMedSAM (Ma et al., Nature Commun
 """
         # Register the Segment Editor effect once Slicer has started, as SegmentEditorExtraEffects does.
         slicer.app.connect("startupCompleted()", registerSegmentEditorEffect)
+        # On exit no timer polls any more: stop every worker now (SIGTERM, then SIGKILL) and remove its files.
+        slicer.app.connect("aboutToQuit()", fewShotSAMLogic.shutdownAllJobs)
 
 
 def registerSegmentEditorEffect():
@@ -79,15 +85,41 @@ def registerSegmentEditorEffect():
     instance.self().register()
 
 
-def ensureDependenciesInteractively(parent=None) -> bool:
-    """True if the worker's Python packages are there, asking to install the missing ones first.
+def moduleCacheDirectory() -> str | None:
+    """The embedding cache folder set in the module (empty: Slicer's cache folder), shared with the effect."""
+    configured = FewShotSAMLogic().getParameterNode().cacheDirectory
+    return configured or fewShotSAMLogic.defaultCacheDirectory()
 
-    Runs in the GUI thread (installation is never started from a worker).
+
+def segmentEditorUndoSaver(segmentationNode):
+    """A callable that saves the Segment Editor's undo state when the editor shows this segmentation, so that
+    Ctrl+Z there undoes the module's Adapt & Propagate as one step (and not together with the last stroke)."""
+    def save():
+        try:
+            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        except AttributeError:
+            return
+        if editor is not None and editor.segmentationNode() is segmentationNode:
+            editor.saveStateForUndo()
+
+    return save
+
+
+_packageInstall = {"job": None, "timer": None, "dialog": None}
+
+
+def ensureDependenciesInteractively(parent=None) -> bool:
+    """True if the worker's Python packages are there. Otherwise asks, then installs them without blocking Slicer
+    (a progress dialog with Cancel; one pip run per package) and returns False: the user clicks again when done.
     """
     if dependencies.ensureEngineImportable(MODULE_DIRECTORY) is None:
         slicer.util.errorDisplay(
             "The FewShotSAM engine (FewShotSAMLib) was not found. Reinstall the extension, or when running from "
             "source add the FewShotSAM folder of the repository to Additional module paths.", parent=parent)
+        return False
+    if _packageInstall["job"] is not None and _packageInstall["job"].isRunning:
+        slicer.util.infoDisplay("FewShotSAM is still installing its Python packages; see the progress window.",
+                                windowTitle="FewShotSAM", parent=parent)
         return False
     missing = dependencies.missingRequirements()
     if not missing:
@@ -96,13 +128,54 @@ def ensureDependenciesInteractively(parent=None) -> bool:
                                              windowTitle="FewShotSAM: install Python packages", parent=parent):
         return False
     try:
-        # shows the error (with details) and re-raises; the exception stops here
-        with slicer.util.tryWithErrorDisplay("Could not install the Python packages FewShotSAM needs.", waitCursor=True):
-            dependencies.installRequirements(missing)
+        with slicer.util.tryWithErrorDisplay("Could not install PyTorch.", waitCursor=True):
+            dependencies.installTorchIfMissing(missing)  # the PyTorch extension's installer
     except Exception:
-        logging.exception("FewShotSAM: installing Python packages failed")
+        logging.exception("FewShotSAM: installing PyTorch failed")
         return False
-    return True
+    _startPackageInstall(dependencies.pipCommands(missing), parent)
+    return False
+
+
+def _startPackageInstall(commands, parent=None) -> None:
+    dialog = qt.QProgressDialog("Installing Python packages for FewShotSAM...", "Cancel", 0, 1000,
+                                parent or slicer.util.mainWindow())
+    dialog.setWindowTitle("FewShotSAM")
+    dialog.setModal(False)
+    dialog.setMinimumDuration(0)
+
+    def onProgress(fraction, message):
+        dialog.setValue(int(1000 * fraction))
+        dialog.setLabelText(message + "...")
+
+    job = dependencies.PackageInstallJob(commands, progressCallback=onProgress)
+    dialog.canceled.connect(job.cancel)
+    timer = qt.QTimer()
+    timer.setInterval(200)
+
+    def onPoll():
+        if job.poll():
+            return
+        timer.stop()
+        dialog.close()
+        _packageInstall.update(job=None, timer=None, dialog=None)
+        importlib.invalidate_caches()
+        still = dependencies.missingRequirements()
+        if job.cancelled:
+            slicer.util.infoDisplay("Installation cancelled.", windowTitle="FewShotSAM")
+        elif still:
+            failed = "\n".join(f"{name}: {error}" for name, error in job.failures)
+            slicer.util.errorDisplay("Some Python packages could not be installed: "
+                                     + ", ".join(r.distribution for r in still) + ".", windowTitle="FewShotSAM",
+                                     **({"detailedText": failed} if failed else {}))
+        else:
+            slicer.util.infoDisplay("The Python packages are installed. Click the button again to run FewShotSAM.",
+                                    windowTitle="FewShotSAM")
+
+    timer.timeout.connect(onPoll)
+    _packageInstall.update(job=job, timer=timer, dialog=dialog)
+    dialog.show()
+    timer.start()
 
 
 def askToHardenTransforms(nodes, parent=None) -> bool:
@@ -187,8 +260,8 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self.job is not None and self.job.isRunning:
-            self.job.cancel()
+        if self.job is not None:
+            self.job.shutdown()  # no timer will poll again: kill now and remove the temporary folder
         if self.pollTimer is not None:
             self.pollTimer.stop()
         self.removeObservers()
@@ -213,7 +286,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         p = self._parameterNode
         if p.sourceVolume is None:
-            p.sourceVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            p.sourceVolume = mrml_conversion.firstScalarVolume(slicer.mrmlScene)
         if p.segmentation is None:
             p.segmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
 
@@ -334,7 +407,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.sourceVolume, p.segmentation, segmentIds=ids, model=p.model,
             checkpoint=p.checkpointPath or None, device=p.device, orientation=p.orientation, hardenTransforms=harden,
             paintedSlicesComplete=p.paintedSlicesComplete, progressCallback=self.onProgress,
-            finishedCallback=self.onJobFinished))
+            finishedCallback=self.onJobFinished, beforeModifyCallback=segmentEditorUndoSaver(p.segmentation)))
 
     def onSaveAdaptedModel(self) -> None:
         p = self._parameterNode
@@ -383,10 +456,11 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.status == fewShotSAMLogic.SUCCEEDED:
             self.ui.progressBar.value = 1000
             self.ui.statusLabel.text = self._successMessage(job)
+            # The module may have been left meanwhile (exit() clears self._parameterNode): use the job's own data.
             if job.kind == fewShotSAMLogic.ADAPT:
-                self._parameterNode.adaptedModelPath = job.result["modelPath"]
+                self.logic.getParameterNode().adaptedModelPath = job.result["modelPath"]
             elif job.kind == fewShotSAMLogic.APPLY:
-                slicer.util.setSliceViewerLayers(background=self._parameterNode.targetVolume)
+                slicer.util.setSliceViewerLayers(background=job.result["targetVolumeNode"])
         elif job.status == fewShotSAMLogic.CANCELLED:
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = "Cancelled; nothing was changed."
@@ -394,7 +468,7 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = "Failed: " + job.errorMessage
             slicer.util.errorDisplay(job.errorMessage, windowTitle="FewShotSAM",
-                                     detailedText=job.errorDetails or None)
+                                     **({"detailedText": job.errorDetails} if job.errorDetails else {}))
 
     @staticmethod
     def _successMessage(job) -> str:
@@ -502,6 +576,8 @@ class FewShotSAMTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_WidgetAndEffect()
+        self.setUp()
         self.test_ParameterNode()
         self.setUp()
         self.test_PaintedSlicesAndExport()
@@ -531,6 +607,28 @@ class FewShotSAMTest(ScriptedLoadableModuleTest):
         return volume, segmentation, segmentId, ellipsoid, painted
 
     # -- tests --
+    def test_WidgetAndEffect(self):
+        """The module panel is created and the effect is registered, activates and has its defaults."""
+        self.delayDisplay("Module widget and Segment Editor effect")
+        from FewShotSAMSlicerLib import editor_effect
+
+        moduleWidget = slicer.util.getModuleWidget("FewShotSAM")
+        self.assertIsNotNone(moduleWidget)
+        self.assertTrue(moduleWidget.ui.propagateButton is not None)
+        volume, segmentation, _, _, _ = self._syntheticScene()
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(segmentation)
+        setSource = getattr(editor, "setSourceVolumeNode", None) or editor.setMasterVolumeNode
+        setSource(volume)
+        editor.setActiveEffectByName(editor_effect.EFFECT_NAME)
+        effect = editor.activeEffect()
+        self.assertIsNotNone(effect, "the Few-shot SAM effect is not registered")
+        for name, value in editor_effect.DEFAULTS.items():  # setMRMLDefaults ran for the editor's node
+            self.assertEqual(effect.parameter(name), value)
+        editor.setActiveEffectByName("")
+        slicer.util.selectModule("FewShotSAM")
+
     def test_ParameterNode(self):
         self.delayDisplay("Parameter node")
         logic = FewShotSAMLogic()
@@ -586,8 +684,13 @@ class FewShotSAMTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Propagation with the real worker (LiteMedSAM on CPU)")
         volume, segmentation, segmentId, ellipsoid, painted = self._syntheticScene()
         logic = FewShotSAMLogic()
-        job = logic.propagate(volume, segmentation, device="cpu", timeout=600)
-        self.assertEqual(job.status, fewShotSAMLogic.SUCCEEDED)
+        job = logic.startPropagation(volume, segmentation, device="cpu")
+        deadline = time.monotonic() + 600
+        while job.poll() and time.monotonic() < deadline:  # the GUI keeps running meanwhile
+            slicer.app.processEvents(qt.QEventLoop.AllEvents, 50)
+        if job.isRunning:
+            job.shutdown()
+        self.assertEqual(job.status, fewShotSAMLogic.SUCCEEDED, job.errorMessage)
         mask = mrml_conversion.segmentMask(segmentation, segmentId, volume)
         for index in (6, 12, 18):
             self.assertTrue(np.array_equal(mask[index], painted[index]))

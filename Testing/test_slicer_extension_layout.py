@@ -39,6 +39,7 @@ def test_root_cmakelists_is_an_extension():
     for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                      "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert re.search(rf"set\({variable}\s", text), variable
+    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', text), "torch comes from the PyTorch extension"
     assert "find_package(Slicer REQUIRED)" in text and "include(${Slicer_USE_FILE})" in text
     assert "add_subdirectory(FewShotSAM)" in text
     assert "include(${Slicer_EXTENSION_GENERATE_CONFIG})" in text and "include(${Slicer_EXTENSION_CPACK})" in text
@@ -72,7 +73,8 @@ def test_effect_is_registered_at_startup():
     assert '"SegmentEditorFewShotSAMLib", "SegmentEditorEffect.py"' in source
     effect = (MODULE_DIR / "SegmentEditorFewShotSAMLib" / "SegmentEditorEffect.py").read_text()
     assert "class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect)" in effect
-    assert 'scriptedEffect.name = "Few-shot SAM"' in effect
+    assert "scriptedEffect.name = ee.EFFECT_NAME" in effect
+    assert 'EFFECT_NAME = "Few-shot SAM"' in (MODULE_DIR / "FewShotSAMSlicerLib" / "editor_effect.py").read_text()
     assert "beforeModifyCallback=self.scriptedEffect.saveStateForUndo" in effect
 
 

@@ -233,3 +233,37 @@ def test_cancel_stops_the_chain(tmp_path):
     job = make_job(tmp_path, [slow, STEP_OK], lambda j: calls.append(1))
     job.progressCallback = lambda f, m: job.cancel()
     assert job.wait(60) == "cancelled" and calls == [] and len(job.runs) == 1
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM handling is POSIX")
+def test_shutdown_at_application_exit_kills_without_polling_and_removes_the_folder(tmp_path):
+    """Slicer's exit (module cleanup) calls job.shutdown(): no timer polls after it, so the SIGKILL escalation and
+    the temporary folder's removal must happen inside that call (before, the worker only got SIGTERM)."""
+    stubborn = ("import json, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "print(json.dumps({'stage': 'encode', 'fraction': 0.1}), flush=True); time.sleep(600)")
+    calls, finished = [], []
+    job = make_job(tmp_path, [stubborn], lambda j: calls.append(1))
+    job.finishedCallback = finished.append
+    deadline = time.monotonic() + 30
+    while job.run.lastProgress is None and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.02)
+    assert job.run.lastProgress is not None, "the fake worker did not start"
+    pid = job.pid
+    started = time.monotonic()
+    job.shutdown(grace=0.5)
+    assert time.monotonic() - started < 5
+    assert not pid_alive(pid), "the worker survived the application exit"
+    assert job.status == "cancelled" and calls == [] and finished == []
+    assert not (tmp_path / "job-folder").exists(), "the temporary folder was left behind"
+
+
+def test_application_exit_stops_every_running_job(tmp_path):
+    from FewShotSAMSlicerLib import logic as fsLogic
+
+    slow = "import json, time; print(json.dumps({'stage': 'encode', 'fraction': 0.1}), flush=True); time.sleep(600)"
+    job = make_job(tmp_path, [slow], lambda j: None)
+    pid = job.pid
+    assert fsLogic.shutdownAllJobs() >= 1
+    assert job.status == "cancelled" and not pid_alive(pid) and not (tmp_path / "job-folder").exists()
+    assert fsLogic.shutdownAllJobs() == 0

@@ -1,5 +1,7 @@
 """Errors the Slicer side of FewShotSAM shows to the user as one readable message (never a traceback)."""
 
+from __future__ import annotations
+
 
 class FewShotSAMSlicerError(Exception):
     """A problem with the user's input, the scene or the worker, explained in one or two sentences."""

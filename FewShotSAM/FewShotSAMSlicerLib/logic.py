@@ -6,16 +6,17 @@
    ``hardenTransforms=True``, checkpoint file for the SAM/MedSAM models);
 2. finds, per segment, the slices the user painted (see painted_slices.py) along the slice axis the engine will
    use, and writes the source volume (image.nrrd) and those painted slices (labels-N.nrrd, one label value per
-   segment) on the source volume's grid into a fresh temporary folder, through Slicer's storage nodes;
+   segment) on the segmentation's reference geometry (the grid the Segment Editor paints on; usually the source
+   volume's, see mrml_conversion.workingGrid) into a fresh temporary folder, through Slicer's storage nodes;
 3. starts ``python -m FewShotSAMLib propagate ... --progress json`` in its own process (see worker.py) with the
    same ``--cache-dir`` every time, so the image embeddings computed on the first click are reused. The engine
    takes every painted slice as showing every structure it propagates; since a Slicer user paints each segment
    on its own slices, segments painted on different slices are propagated in separate runs, one after the other
    (``paintedSlicesComplete=True`` runs them all at once when the user painted every structure on each slice);
 4. returns a ``FewShotSAMJob`` that the caller polls from the GUI thread (a QTimer) or waits for (scripts, tests).
-   When the worker succeeds, the job writes the propagated masks into the propagated segments only, puts the
-   painted slices back exactly as painted, and records what it wrote. On error or Cancel the segmentation is
-   left exactly as it was.
+   When the worker succeeds, the job writes the propagated masks into the propagated segments only (or into a
+   preview node, committed later), puts the painted slices back exactly as painted, and records what it wrote.
+   On error or Cancel the segmentation is left exactly as it was.
 
 "Save adapted model" (``fewshotsam adapt``) and "Apply to volume" (``fewshotsam apply``) run the same way.
 
@@ -30,6 +31,7 @@ import shutil
 import tempfile
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,6 +46,8 @@ from .errors import FewShotSAMSlicerError, JobCancelled, WorkerFailed
 from .parameters import MODELS, MODELS_NEEDING_CHECKPOINT, DEVICES
 
 ProgressCallback = Callable[[float, str], None]
+# resultWriter(segmentationNode, segmentId, mask [k, j, i] bool, gridNode): writes one segment's result
+ResultWriter = Callable[[object, str, np.ndarray, object], None]
 
 PROPAGATE = "propagate"
 ADAPT = "adapt"
@@ -53,6 +57,9 @@ RUNNING = wk.RUNNING
 SUCCEEDED = wk.SUCCEEDED
 FAILED = wk.FAILED
 CANCELLED = wk.CANCELLED
+
+# Jobs whose worker may still run, so that application exit can stop them all (see shutdownAllJobs).
+_RUNNING_JOBS: weakref.WeakSet = weakref.WeakSet()
 
 MODEL_VALUES = tuple(value for value, _ in MODELS)
 DEVICE_VALUES = tuple(value for value, _ in DEVICES)
@@ -86,6 +93,7 @@ class PaintedInput:
     masks: dict[str, np.ndarray]  # each segment's full mask when the job started
     labels: np.ndarray
     skipped: list[str] = field(default_factory=list)  # segments without painted slices (left untouched)
+    orientation: str = "auto"  # the slice orientation passed to the engine (names the plane `axis` stands for)
 
 
 @dataclass
@@ -130,6 +138,7 @@ class FewShotSAMJob:
         self.runs: list[wk.WorkerRun] = []
         self.startedAt = time.monotonic()
         self.elapsedSeconds: float | None = None
+        _RUNNING_JOBS.add(self)
         self._startStep()
 
     @property
@@ -181,6 +190,18 @@ class FewShotSAMJob:
         self._cancelRequested = True
         self.run.cancel()
 
+    def shutdown(self, grace: float = wk.KILL_GRACE_SECONDS) -> None:
+        """Stop now, for application exit or module cleanup: SIGTERM, then SIGKILL after `grace` seconds (this
+        blocks at most that long: no timer will poll again), then the temporary folder is removed. The scene is
+        not changed and no callback runs."""
+        if self.status != RUNNING:
+            return
+        self._cancelRequested = True
+        self.progressCallback = self.finishedCallback = None
+        if self.run is not None:
+            self.run.process.stop(grace)
+        self._conclude(CANCELLED, JobCancelled().args[0])
+
     def poll(self) -> bool:
         """Never blocks. Returns True while the job is running; finishes the job (in this thread) when it ends."""
         if self.status != RUNNING:
@@ -214,6 +235,7 @@ class FewShotSAMJob:
         return False
 
     def _conclude(self, status: str, message: str) -> None:
+        _RUNNING_JOBS.discard(self)
         self.status = status
         self.errorMessage = message
         self.elapsedSeconds = time.monotonic() - self.startedAt
@@ -245,6 +267,14 @@ class FewShotSAMJob:
         return self
 
 
+def shutdownAllJobs() -> int:
+    """Stop every running job now (application exit: Slicer's aboutToQuit). Returns how many were stopped."""
+    jobs = [job for job in list(_RUNNING_JOBS) if job.isRunning]
+    for job in jobs:
+        job.shutdown()
+    return len(jobs)
+
+
 def groupSegmentsBySlices(painted: dict[str, list[int]], order: list[str]) -> list[list[str]]:
     """Segments painted on exactly the same slices, together; in the order of `order`.
 
@@ -256,6 +286,71 @@ def groupSegmentsBySlices(painted: dict[str, list[int]], order: list[str]) -> li
     for segmentId in order:
         groups.setdefault(tuple(sorted(painted[segmentId])), []).append(segmentId)
     return list(groups.values())
+
+
+class PendingResult:
+    """A propagation result not yet in the segmentation: shown as a preview, then committed (or dropped).
+
+    ``masks`` are on ``gridNode``'s voxel grid (the segmentation's reference geometry); ``painted`` holds each
+    segment's painted slices, recorded with the result so that the next run knows which slices the user painted.
+    """
+
+    def __init__(self, segmentationNode, gridNode, axis: int, grid: str, skipped=()):
+        self.segmentationNode = segmentationNode
+        self.scene = segmentationNode.GetScene()
+        self.gridNode = gridNode
+        self.axis = axis
+        self.grid = grid
+        self.skipped = list(skipped)
+        self.masks: dict[str, np.ndarray] = {}
+        self.painted: dict[str, tuple[int, ...]] = {}
+
+    def showIn(self, previewNode) -> None:
+        """Write the result into a separate segmentation node (same segment IDs, names and colours)."""
+        source = self.segmentationNode.GetSegmentation()
+        target = previewNode.GetSegmentation()
+        wasModifying = previewNode.StartModify()
+        try:
+            for index in reversed(range(target.GetNumberOfSegments())):  # a previous preview's other segments
+                if target.GetNthSegmentID(index) not in self.masks:
+                    target.RemoveSegment(target.GetNthSegmentID(index))
+            for segmentId, mask in self.masks.items():
+                if target.GetSegment(segmentId) is None:
+                    segment = slicer.vtkSegment()
+                    segment.SetName(source.GetSegment(segmentId).GetName())
+                    segment.SetColor(source.GetSegment(segmentId).GetColor())
+                    target.AddSegment(segment, segmentId)
+                mc.setSegmentMask(previewNode, segmentId, mask, self.gridNode)
+        finally:
+            previewNode.EndModify(wasModifying)
+
+    def commit(self, resultWriter: ResultWriter | None = None, beforeModifyCallback=None) -> dict:
+        """Write the result into the segmentation, as one modification (one undo step when the caller saves the
+        editor's undo state in beforeModifyCallback). Segments deleted meanwhile are left out."""
+        segmentationNode = self.segmentationNode
+        if self.scene is not None and segmentationNode.GetScene() is not self.scene:
+            raise FewShotSAMSlicerError("The segmentation was removed (or the scene was closed); nothing was written.")
+        segmentation = segmentationNode.GetSegmentation()
+        ids = [i for i in self.masks if segmentation.GetSegment(i) is not None]
+        if not ids:
+            raise FewShotSAMSlicerError("The propagated segments were deleted; nothing was written.")
+        if beforeModifyCallback is not None:
+            beforeModifyCallback()
+        write = resultWriter or mc.setSegmentMask
+        painted = {}
+        wasModifying = segmentationNode.StartModify()
+        try:
+            for segmentId in ids:
+                write(segmentationNode, segmentId, self.masks[segmentId], self.gridNode)
+                # What is there now (an editable area may have kept some voxels out) is what FewShotSAM wrote.
+                written = mc.segmentMask(segmentationNode, segmentId, self.gridNode)
+                record = ps.PropagationRecord(axis=self.axis, grid=self.grid, painted=self.painted[segmentId],
+                                              written=ps.sliceChecksums(written, self.axis))
+                ps.writeRecord(segmentation.GetSegment(segmentId), record)
+                painted[segmentId] = list(record.painted)
+        finally:
+            segmentationNode.EndModify(wasModifying)
+        return {"segmentIds": ids, "axis": self.axis, "painted": painted, "skipped": list(self.skipped)}
 
 
 class FewShotSAMSlicerLogic:
@@ -302,10 +397,11 @@ class FewShotSAMSlicerLogic:
             raise FewShotSAMSlicerError(
                 f"The segmentation '{segmentationNode.GetName()}' has no segments. Add a segment and paint it on a "
                 "few slices (Segment Editor), then try again.")
-        axis = self.sliceAxis(volumeNode, orientation)
         grid = mc.gridFingerprint(volumeNode)
         masks = mc.segmentMasks(segmentationNode, ids, volumeNode)
         segmentation = segmentationNode.GetSegmentation()
+        axis, orientation = self._paintedAxis(volumeNode, orientation, masks,
+                                              [ps.readRecord(segmentation.GetSegment(i)) for i in ids], grid)
         painted, used, skipped = {}, [], []
         for segmentId in ids:
             record = ps.readRecord(segmentation.GetSegment(segmentId))
@@ -327,7 +423,33 @@ class FewShotSAMSlicerLogic:
         for value, segmentId in enumerate(used, start=1):
             labels[ps.onlySlices(masks[segmentId], axis, painted[segmentId])] = value
         return PaintedInput(axis=axis, grid=grid, segmentIds=used, painted=painted,
-                            masks={i: masks[i] for i in used}, labels=labels, skipped=skipped)
+                            masks={i: masks[i] for i in used}, labels=labels, skipped=skipped,
+                            orientation=orientation)
+
+    def _paintedAxis(self, volumeNode, orientation: str, masks: dict, records: list, grid: str) -> tuple[int, str]:
+        """(array axis, orientation name for the engine). "auto" means the plane the user painted in.
+
+        A segment propagated before keeps the axis it was propagated along. Otherwise the painted plane is the
+        axis along which the painted voxels occupy the fewest slices: strokes painted in the coronal view fill a
+        few coronal slices but cross many axial ones. A tie (e.g. one painted blob) keeps the axial default.
+        """
+        ijkToRasMatrix = mc.ijkToRas(volumeNode)
+        if str(orientation).strip().lower() != "auto":
+            return mc.sliceAxis(ijkToRasMatrix, orientation), orientation
+        default = mc.sliceAxis(ijkToRasMatrix, "auto")
+        for record in records:
+            if record is not None and record.grid == grid:
+                axis = record.axis
+                break
+        else:
+            counts = [sum(len(ps.nonEmptySlices(mask, a)) for mask in masks.values()) for a in range(3)]
+            axis = default if counts[default] <= min(counts) else int(np.argmin(counts))
+        if axis == default:
+            return axis, "auto"
+        for name in ("axial", "coronal", "sagittal"):
+            if mc.sliceAxis(ijkToRasMatrix, name) == axis:
+                return axis, name
+        return default, "auto"  # an oblique grid where no named plane maps to that axis: keep the default
 
     def _checkModel(self, model: str, checkpoint: str | None, device: str) -> None:
         if model not in MODEL_VALUES:
@@ -361,7 +483,8 @@ class FewShotSAMSlicerLogic:
                          checkpoint: str | None = None, device: str = "auto", orientation: str = "auto",
                          hardenTransforms: bool = False, paintedSlicesComplete: bool = False,
                          seed: int | None = None, progressCallback: ProgressCallback | None = None,
-                         finishedCallback=None, beforeModifyCallback: Callable[[], None] | None = None) -> FewShotSAMJob:
+                         finishedCallback=None, beforeModifyCallback: Callable[[], None] | None = None,
+                         resultWriter: ResultWriter | None = None, previewNode=None) -> FewShotSAMJob:
         """Start "Adapt & Propagate" and return its job (poll it, or ``wait()``).
 
         paintedSlicesComplete: False (default) - a segment is known only on the slices where it is painted, as in
@@ -371,13 +494,22 @@ class FewShotSAMSlicerLogic:
             learned as absent there).
         beforeModifyCallback runs right before the segmentation is modified (the Segment Editor effect saves its
             undo state there, so the whole write-back is one undo step).
+        resultWriter(segmentationNode, segmentId, mask, gridNode) writes one segment's result (default:
+            mrml_conversion.setSegmentMask); the Segment Editor effect writes through the editor's
+            modifySegmentByLabelmap so that the editable area and overwrite settings apply.
+        previewNode: a segmentation node that receives the result instead; the segmentation is not changed and
+            ``job.result["pending"].commit(...)`` writes it later (the effect's preview, Apply and Cancel).
+
+        The work happens on the segmentation's reference geometry (see mrml_conversion.workingGrid).
         """
         self._checkModel(model, checkpoint, device)
         mc.checkScalarVolume(volumeNode)
         if segmentationNode is None:
             raise FewShotSAMSlicerError("Select a segmentation that has some painted slices.")
         mc.ensureNoParentTransforms([volumeNode, segmentationNode], hardenTransforms)
-        painted = self.paintedInput(volumeNode, segmentationNode, segmentIds, orientation)
+        gridNode = mc.workingGrid(volumeNode, segmentationNode)
+        scene = segmentationNode.GetScene()  # a scene closed meanwhile must not get the result
+        painted = self.paintedInput(gridNode, segmentationNode, segmentIds, orientation)
         if progressCallback is not None:
             progressCallback(0.0, "Preparing the volume and the painted slices")
         groups = ([list(painted.segmentIds)] if paintedSlicesComplete
@@ -387,14 +519,14 @@ class FewShotSAMSlicerLogic:
         folder = self._newFolder(PROPAGATE)
         runs, resultPaths = [], []
         try:
-            imagePath = mc.writeVolume(volumeNode, os.path.join(folder, "image.nrrd"))
+            imagePath = mc.writeVolume(gridNode, os.path.join(folder, "image.nrrd"))
             for number, group in enumerate(groups, start=1):
                 labels = painted.labels if len(groups) == 1 else np.where(
                     np.isin(painted.labels, [values[i] for i in group]), painted.labels, 0).astype(painted.labels.dtype)
-                labelsPath = mc.writeLabelArray(labels, volumeNode, os.path.join(folder, f"labels-{number}.nrrd"))
+                labelsPath = mc.writeLabelArray(labels, gridNode, os.path.join(folder, f"labels-{number}.nrrd"))
                 resultPath = os.path.join(folder, f"result-{number}.nrrd")
                 arguments = wk.propagateArguments(imagePath, labelsPath, resultPath, model=model,
-                                                  checkpoint=checkpoint, device=device, axis=orientation,
+                                                  checkpoint=checkpoint, device=device, axis=painted.orientation,
                                                   cacheDir=self.cacheDirectory, seed=seed)
                 runs.append(("propagate", arguments, ", ".join(segmentation.GetSegment(i).GetName() for i in group)))
                 resultPaths.append((resultPath, group))
@@ -404,13 +536,15 @@ class FewShotSAMSlicerLogic:
 
         def onSuccess(job):
             return self._writePropagationResult(volumeNode, segmentationNode, painted, resultPaths,
-                                                beforeModifyCallback)
+                                                beforeModifyCallback, gridNode, resultWriter, scene, previewNode)
 
         names = [segmentation.GetSegment(i).GetName() for i in painted.segmentIds]
         job = self._startWorker(PROPAGATE, runs, folder, onSuccess, f"Propagating {', '.join(names)}",
                                 progressCallback, finishedCallback)
         job.paintedInput = painted
         job.groups = groups
+        job.gridNode = gridNode
+        job.segmentationNode = segmentationNode
         return job
 
     def propagate(self, volumeNode, segmentationNode, timeout: float | None = None, **options) -> FewShotSAMJob:
@@ -424,20 +558,25 @@ class FewShotSAMSlicerLogic:
         return job.raiseIfFailed()
 
     def _writePropagationResult(self, volumeNode, segmentationNode, painted: PaintedInput, resultPaths,
-                                beforeModifyCallback) -> dict:
+                                beforeModifyCallback, gridNode=None, resultWriter: ResultWriter | None = None,
+                                scene=None, previewNode=None) -> dict:
+        gridNode = volumeNode if gridNode is None else gridNode
+        if segmentationNode.GetScene() is None and scene is not None:
+            raise FewShotSAMSlicerError("The segmentation was removed (or the scene was closed) while FewShotSAM was "
+                                        "running; nothing was written.")
         if volumeNode.GetScene() is None and segmentationNode.GetScene() is not None:
             raise FewShotSAMSlicerError("The source volume was removed while FewShotSAM was running.")
         resultOf = {}
         for resultPath, group in resultPaths:
-            array, _ = mc.readLabelArray(resultPath, volumeNode)
+            array, _ = mc.readLabelArray(resultPath, gridNode)
             resultOf.update({segmentId: array for segmentId in group})
         segmentation = segmentationNode.GetSegmentation()
         present = [i for i in painted.segmentIds if segmentation.GetSegment(i) is not None]
         if not present:
             raise FewShotSAMSlicerError("The propagated segments were deleted while FewShotSAM was running.")
         axis = painted.axis
-        current = mc.segmentMasks(segmentationNode, present, volumeNode)
-        newMasks, records = {}, {}
+        current = mc.segmentMasks(segmentationNode, present, gridNode)
+        pending = PendingResult(segmentationNode, gridNode, axis, painted.grid, list(painted.skipped))
         for value, segmentId in enumerate(painted.segmentIds, start=1):
             if segmentId not in present:
                 continue
@@ -450,24 +589,13 @@ class FewShotSAMSlicerLogic:
             ps.copySlices(mask, current[segmentId], axis, editedMeanwhile)
             paintedNow = sorted(set(paintedIndices) | {i for i in editedMeanwhile if current[segmentId][
                 ps.sliceIndex(axis, i)].any()})
-            newMasks[segmentId] = mask
-            records[segmentId] = ps.PropagationRecord(axis=axis, grid=painted.grid, painted=tuple(paintedNow),
-                                                      written=ps.sliceChecksums(mask, axis))
-        if beforeModifyCallback is not None:
-            beforeModifyCallback()
-        wasModifying = segmentationNode.StartModify()
-        try:
-            for segmentId, mask in newMasks.items():
-                mc.setSegmentMask(segmentationNode, segmentId, mask, volumeNode)
-                ps.writeRecord(segmentation.GetSegment(segmentId), records[segmentId])
-        finally:
-            segmentationNode.EndModify(wasModifying)
-        return {
-            "segmentIds": list(newMasks),
-            "axis": axis,
-            "painted": {i: list(records[i].painted) for i in newMasks},
-            "skipped": list(painted.skipped),
-        }
+            pending.masks[segmentId] = mask
+            pending.painted[segmentId] = tuple(paintedNow)
+        if previewNode is not None:
+            pending.showIn(previewNode)
+            return {"segmentIds": list(pending.masks), "axis": axis, "skipped": list(painted.skipped),
+                    "pending": pending, "previewNode": previewNode}
+        return pending.commit(resultWriter, beforeModifyCallback)
 
     # ------------------------------------------------------------------------------------------------------------
     # Save adapted model / Apply to volume
@@ -601,7 +729,7 @@ class FewShotSAMSlicerLogic:
             for value in [int(v) for v in np.unique(labels) if v != 0]:
                 segmentId = output.GetSegmentation().AddEmptySegment("", f"Segment {value}")
                 mc.setSegmentMask(output, segmentId, labels == value, targetVolumeNode)
-        return {"segmentationNode": output, "segmentIds": mc.segmentIds(output)}
+        return {"segmentationNode": output, "segmentIds": mc.segmentIds(output), "targetVolumeNode": targetVolumeNode}
 
     # ------------------------------------------------------------------------------------------------------------
     # Export

@@ -134,6 +134,15 @@ def checkScalarVolume(volumeNode, role: str = "source volume") -> None:
             "(colour or vector image); FewShotSAM needs a single-component (grey-level) volume.")
 
 
+def firstScalarVolume(scene):
+    """The first grey-level volume of the scene (GetFirstNodeByClass would also return a labelmap)."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return node
+    return None
+
+
 def transformedNodes(nodes) -> list:
     return [node for node in nodes if node is not None and node.GetParentTransformNode() is not None]
 
@@ -207,6 +216,67 @@ def referenceGeometryImage(volumeNode):
     return image
 
 
+def segmentationReferenceGeometry(segmentationNode):
+    """The segmentation's reference image geometry (what the Segment Editor edits on) as an empty
+    vtkOrientedImageData, or None when the segmentation has none yet."""
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    text = segmentationNode.GetSegmentation().GetConversionParameter(name) if segmentationNode is not None else ""
+    if not text:
+        return None
+    image = slicer.vtkOrientedImageData()
+    if not slicer.vtkSegmentationConverter.DeserializeImageGeometry(text, image, False):
+        return None
+    extent = image.GetExtent()
+    return image if extent[0] <= extent[1] and extent[2] <= extent[3] and extent[4] <= extent[5] else None
+
+
+def _zeroBasedIjkToRas(image) -> np.ndarray:
+    """IJK-to-RAS of an oriented image whose extent is moved to start at (0, 0, 0)."""
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    array = matrixToArray(matrix)
+    extent = image.GetExtent()
+    array[:3, 3] = (array @ np.array([extent[0], extent[2], extent[4], 1.0]))[:3]
+    return array
+
+
+def workingGrid(volumeNode, segmentationNode):
+    """The volume node whose voxel grid FewShotSAM works on: the segmentation's reference geometry.
+
+    That is the grid the Segment Editor paints on. Usually it is the source volume's own grid, and the source
+    volume is returned. When the segmentation was made on another grid (oversampled, cropped, or another
+    volume), a standalone scalar volume (in no scene) holding the source image resampled (linear) onto the
+    reference geometry is returned, so that segments are never resampled to a coarser grid and keep their
+    resolution. The caller may tell the user (``grid is not volumeNode``).
+    """
+    reference = segmentationReferenceGeometry(segmentationNode)
+    if reference is None:
+        return volumeNode
+    ijkToRasMatrix = _zeroBasedIjkToRas(reference)
+    extent = reference.GetExtent()
+    shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    if shape == volumeShape(volumeNode) and np.allclose(ijkToRasMatrix, ijkToRas(volumeNode), atol=1e-4):
+        return volumeNode
+    source = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volumeNode)
+    target = slicer.vtkOrientedImageData()
+    target.SetExtent(0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1)
+    target.SetImageToWorldMatrix(arrayToMatrix(ijkToRasMatrix))
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            source, target, resampled, True, False):
+        raise FewShotSAMSlicerError(
+            f"Could not resample '{volumeNode.GetName()}' onto the geometry of '{segmentationNode.GetName()}'.")
+    array = arrayFromImageData(resampled)
+    if array.shape != shape:
+        raise FewShotSAMSlicerError(
+            f"'{volumeNode.GetName()}' did not resample onto the geometry of '{segmentationNode.GetName()}'.")
+    grid = slicer.vtkMRMLScalarVolumeNode()
+    grid.SetName(f"{volumeNode.GetName()} on the geometry of {segmentationNode.GetName()}")
+    grid.SetIJKToRASMatrix(arrayToMatrix(ijkToRasMatrix))
+    grid.SetAndObserveImageData(imageDataFromArray(array))
+    return grid
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Segments <-> arrays on the reference grid
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,8 +301,9 @@ def segmentMask(segmentationNode, segmentId: str, referenceVolumeNode) -> np.nda
     if labelmap.GetPointData().GetScalars() is None or labelmap.IsEmpty():
         return np.zeros(shape, dtype=bool)
     resampled = slicer.vtkOrientedImageData()
+    # padImage=False: the output keeps the reference extent even where the segment reaches outside the volume.
     ok = slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        labelmap, referenceGeometryImage(referenceVolumeNode), resampled, False, True)
+        labelmap, referenceGeometryImage(referenceVolumeNode), resampled, False, False)
     if not ok:
         raise FewShotSAMSlicerError(f"Could not resample segment '{segmentId}' to the source volume's grid.")
     mask = arrayFromImageData(resampled) > 0

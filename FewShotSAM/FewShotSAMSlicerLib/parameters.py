@@ -16,6 +16,7 @@ No ``qt`` import here.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import slicer
@@ -60,7 +61,7 @@ PARAMETERS = (
     Parameter("segmentation", slicer.vtkMRMLSegmentationNode),
     # True: propagate every segment that has painted slices; False: only the segments listed in segmentIds.
     Parameter("allPaintedSegments", bool, True),
-    # Comma-separated segment IDs (used when allPaintedSegments is False).
+    # Segment IDs as a JSON list (used when allPaintedSegments is False); an ID may contain a comma.
     Parameter("segmentIds", str, ""),
     Parameter("model", str, "litemedsam", tuple(value for value, _ in MODELS)),
     Parameter("checkpointPath", str, ""),
@@ -135,14 +136,31 @@ class FewShotSAMParameters:
             parameterNode.EndModify(wasModifying)
 
     def selectedSegmentIds(self) -> list[str]:
-        return [s for s in (self.segmentIds or "").split(",") if s]
+        return decodeSegmentIds(self.segmentIds)
 
     def segmentIdsToPropagate(self) -> list[str] | None:
         """None = every segment with painted slices; else the chosen segment IDs."""
         return None if self.allPaintedSegments else self.selectedSegmentIds()
 
     def setSelectedSegmentIds(self, ids) -> None:
-        self.segmentIds = ",".join(ids or [])
+        self.segmentIds = encodeSegmentIds(ids)
+
+
+def encodeSegmentIds(ids) -> str:
+    return json.dumps([str(i) for i in (ids or [])]) if ids else ""
+
+
+def decodeSegmentIds(text: str) -> list[str]:
+    """Segment IDs from encodeSegmentIds; a comma-separated list (scenes saved before) is read too."""
+    text = (text or "").strip()
+    if text.startswith("["):
+        try:
+            values = json.loads(text)
+        except ValueError:
+            values = None
+        if isinstance(values, list):
+            return [str(v) for v in values if str(v)]
+    return [s for s in text.split(",") if s]
 
 
 def _isMissing(parameterNode, name: str) -> bool:

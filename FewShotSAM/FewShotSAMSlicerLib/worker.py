@@ -332,6 +332,20 @@ class WorkerProcess:
             if self._process.poll() is None:
                 self._process.kill()
 
+    def stop(self, grace: float = KILL_GRACE_SECONDS) -> None:
+        """Terminate the tree and block until it is gone: SIGKILL if it is still alive after `grace` seconds.
+
+        For application exit, where no timer polls any more, so the kill deadline of terminate() would never come.
+        """
+        if self._process is None:
+            return
+        self.terminate()
+        self.wait(grace)
+        if not self._hardKilled:  # also whatever the child left running in its process group
+            self._hardKilled = True
+            self._signalTree(hard=True)
+        self.wait(grace)
+
     def wait(self, timeout: float | None = None) -> int | None:
         """Block until the process exits (for scripts and tests; the GUI polls instead)."""
         if self._process is None:

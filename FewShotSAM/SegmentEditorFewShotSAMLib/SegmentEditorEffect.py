@@ -1,9 +1,16 @@
 """Segment Editor effect "Few-shot SAM": fill the painted segments through the volume from a few painted slices.
 
-The effect uses the editor's source volume and segmentation, and the same logic as the FewShotSAM module
-(FewShotSAMSlicerLib), with the worker in a separate process. The write-back is one undo step: the editor's undo
-state is saved right before the segments are modified, so Ctrl+Z returns to the painted slices.
+Workflow, as Fill between slices and Grow from seeds: **Initialize** runs the model (in a separate process; the GUI
+never blocks) and shows the result as a preview; paint one more slice where it is wrong and click **Update** (the
+image embeddings are cached, so it takes seconds); **Apply** writes the preview into the segments as one undo step,
+through the editor (editable area, intensity mask and "overwrite other segments" apply); **Cancel** stops a run or
+drops the preview, leaving the segmentation as it was.
+
+This file is the Qt shell; what touches the editor and the scene is in FewShotSAMSlicerLib/editor_effect.py and
+FewShotSAMSlicerLib/logic.py (tested without Qt).
 """
+
+from __future__ import annotations
 
 import os
 
@@ -11,31 +18,34 @@ import qt
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
+from FewShotSAMSlicerLib import editor_effect as ee
 from FewShotSAMSlicerLib import logic as fewShotSAMLogic
 from FewShotSAMSlicerLib import parameters
 from FewShotSAMSlicerLib.errors import FewShotSAMSlicerError
 
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # Slicer before 5.4
+    def _(text):
+        return text
+
 EFFECT_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
-# Effect parameters are stored in the Segment Editor's parameter node, under these names.
-MODEL_PARAMETER = "FewShotSAM.Model"
-CHECKPOINT_PARAMETER = "FewShotSAM.Checkpoint"
-DEVICE_PARAMETER = "FewShotSAM.Device"
-ORIENTATION_PARAMETER = "FewShotSAM.Orientation"
-SELECTED_ONLY_PARAMETER = "FewShotSAM.SelectedSegmentOnly"
-COMPLETE_SLICES_PARAMETER = "FewShotSAM.PaintedSlicesComplete"
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     """Few-shot SAM effect."""
 
     def __init__(self, scriptedEffect):
-        scriptedEffect.name = "Few-shot SAM"
+        scriptedEffect.name = ee.EFFECT_NAME  # not translated: modules find effects by name
+        scriptedEffect.title = _("Few-shot SAM")
         scriptedEffect.perSegment = False
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.logic = None
         self.job = None
+        self.pending = None  # the previewed result (logic.PendingResult) until Apply or Cancel
         self.pollTimer = None
+        self.sceneObserverTag = None
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as editorEffects
@@ -49,20 +59,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return qt.QIcon(iconPath) if os.path.exists(iconPath) else qt.QIcon()
 
     def helpText(self):
-        return """<html>Fill segments through the whole volume from a few painted slices.<p>
-Paint each structure on a few slices (for example with Paint or Draw), then click <b>Apply</b>. A Segment Anything
-model (LiteMedSAM by default) is adapted to your painted slices and the segments are filled slice by slice.
-Painted slices are kept exactly as painted. Paint one more slice where the result is wrong and click Apply again;
-image embeddings are cached, so the second run is fast. Ctrl+Z undoes the whole result at once.</html>"""
+        return _("""<html>Fill segments through the whole volume from a few painted slices.<p>
+Paint each structure on a few slices (Paint, Draw, ...), then click <b>Initialize</b>: a Segment Anything model
+(LiteMedSAM by default) is adapted to your painted slices and the result is shown as a preview. Paint one more
+slice where it is wrong and click <b>Update</b> (fast: image embeddings are cached). <b>Apply</b> writes the result
+as one undo step, within the editable area; <b>Cancel</b> leaves the segmentation unchanged.</html>""")
 
-    def setDefaultParameters(self):
-        self.scriptedEffect.setParameterDefault(MODEL_PARAMETER, "litemedsam")
-        self.scriptedEffect.setParameterDefault(CHECKPOINT_PARAMETER, "")
-        self.scriptedEffect.setParameterDefault(DEVICE_PARAMETER, "auto")
-        self.scriptedEffect.setParameterDefault(ORIENTATION_PARAMETER, "auto")
-        self.scriptedEffect.setParameterDefault(SELECTED_ONLY_PARAMETER, 0)
-        self.scriptedEffect.setParameterDefault(COMPLETE_SLICES_PARAMETER, 0)
+    def setMRMLDefaults(self):
+        ee.setMRMLDefaults(self.scriptedEffect)
 
+    # -- options frame -------------------------------------------------------------------------------------------
     def setupOptionsFrame(self):
         import ctk
 
@@ -74,42 +80,58 @@ image embeddings are cached, so the second run is fast. Ctrl+Z undoes the whole 
             for value, label in choices:
                 comboBox.addItem(label, value)
             comboBox.currentIndexChanged.connect(self.updateMRMLFromGUI)
-        self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelComboBox)
+        self.scriptedEffect.addLabeledOptionsWidget(_("Model:"), self.modelComboBox)
 
         self.checkpointPathLineEdit = ctk.ctkPathLineEdit()
         self.checkpointPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
         self.checkpointPathLineEdit.nameFilters = ["Checkpoints (*.pth *.pt)", "All files (*)"]
-        self.checkpointPathLineEdit.toolTip = "Weights (.pth) for SAM ViT-B/L/H or MedSAM ViT-B; not needed for LiteMedSAM."
+        self.checkpointPathLineEdit.toolTip = _("Weights (.pth) for SAM ViT-B/L/H or MedSAM ViT-B; not needed for "
+                                                "LiteMedSAM.")
         self.checkpointPathLineEdit.currentPathChanged.connect(self.updateMRMLFromGUI)
-        self.scriptedEffect.addLabeledOptionsWidget("Checkpoint:", self.checkpointPathLineEdit)
-        self.scriptedEffect.addLabeledOptionsWidget("Device:", self.deviceComboBox)
-        self.scriptedEffect.addLabeledOptionsWidget("Slice orientation:", self.orientationComboBox)
+        self.scriptedEffect.addLabeledOptionsWidget(_("Checkpoint:"), self.checkpointPathLineEdit)
+        self.scriptedEffect.addLabeledOptionsWidget(_("Device:"), self.deviceComboBox)
+        self.scriptedEffect.addLabeledOptionsWidget(_("Slice orientation:"), self.orientationComboBox)
 
-        self.selectedOnlyCheckBox = qt.QCheckBox("Only the selected segment")
-        self.selectedOnlyCheckBox.toolTip = ("Propagate only the selected segment. Otherwise every segment that has "
-                                             "painted slices is propagated.")
+        self.selectedOnlyCheckBox = qt.QCheckBox(_("Only the selected segment"))
+        self.selectedOnlyCheckBox.toolTip = _("Propagate only the selected segment. Otherwise every segment that has "
+                                              "painted slices is propagated.")
         self.selectedOnlyCheckBox.toggled.connect(self.updateMRMLFromGUI)
         self.scriptedEffect.addOptionsWidget(self.selectedOnlyCheckBox)
 
-        self.completeSlicesCheckBox = qt.QCheckBox("Painted slices show every structure on them (one run, faster)")
-        self.completeSlicesCheckBox.toolTip = (
+        self.completeSlicesCheckBox = qt.QCheckBox(_("Painted slices show every structure on them (one run, faster)"))
+        self.completeSlicesCheckBox.toolTip = _(
             "Check if, on every slice you painted, you painted all the structures visible on it: all segments are then "
             "propagated in one run, and a structure not painted on a painted slice is learned as absent there. "
             "Unchecked: segments painted on different slices are propagated one after the other.")
         self.completeSlicesCheckBox.toggled.connect(self.updateMRMLFromGUI)
         self.scriptedEffect.addOptionsWidget(self.completeSlicesCheckBox)
 
-        self.applyButton = qt.QPushButton("Apply")
-        self.applyButton.objectName = self.__class__.__name__ + "Apply"
-        self.applyButton.toolTip = "Fill the painted segments through the volume."
-        self.applyButton.clicked.connect(self.onApply)
-        self.cancelButton = qt.QPushButton("Cancel")
-        self.cancelButton.enabled = False
-        self.cancelButton.toolTip = "Stop; the segmentation is left exactly as it was."
+        self.previewButton = qt.QPushButton(_("Initialize"))
+        self.previewButton.objectName = self.__class__.__name__ + "Preview"
+        self.previewButton.toolTip = _("Run the model and show the result as a preview.")
+        self.previewButton.clicked.connect(self.onPreview)
+        self.scriptedEffect.addOptionsWidget(self.previewButton)
+
+        self.previewOpacitySlider = ctk.ctkSliderWidget()
+        self.previewOpacitySlider.toolTip = _("Opacity of the preview.")
+        self.previewOpacitySlider.minimum = 0.0
+        self.previewOpacitySlider.maximum = 1.0
+        self.previewOpacitySlider.singleStep = 0.05
+        self.previewOpacitySlider.spinBoxVisible = False
+        self.previewOpacitySlider.valueChanged.connect(self.updateMRMLFromGUI)
+        self.scriptedEffect.addLabeledOptionsWidget(_("Preview opacity:"), self.previewOpacitySlider)
+
+        self.cancelButton = qt.QPushButton(_("Cancel"))
+        self.cancelButton.objectName = self.__class__.__name__ + "Cancel"
+        self.cancelButton.toolTip = _("Stop the run, or drop the preview; the segmentation is left as it was.")
         self.cancelButton.clicked.connect(self.onCancel)
+        self.applyButton = qt.QPushButton(_("Apply"))
+        self.applyButton.objectName = self.__class__.__name__ + "Apply"
+        self.applyButton.toolTip = _("Write the preview into the segments (one undo step).")
+        self.applyButton.clicked.connect(self.onApply)
         buttons = qt.QHBoxLayout()
-        buttons.addWidget(self.applyButton)
         buttons.addWidget(self.cancelButton)
+        buttons.addWidget(self.applyButton)
         self.scriptedEffect.addOptionsWidget(buttons)
 
         self.progressBar = qt.QProgressBar()
@@ -123,91 +145,146 @@ image embeddings are cached, so the second run is fast. Ctrl+Z undoes the whole 
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(100)
         self.pollTimer.timeout.connect(self.onPollJob)
+        # Close Scene: stop the worker and forget the preview (its nodes go with the scene).
+        self.sceneObserverTag = slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+
+    def cleanup(self):
+        """Called by Slicer 5.10+ before the effect is deleted, and by the module's cleanup on exit."""
+        if self.job is not None:
+            self.job.shutdown()
+        if self.pollTimer is not None:
+            self.pollTimer.stop()
+        if self.sceneObserverTag is not None:
+            slicer.mrmlScene.RemoveObserver(self.sceneObserverTag)
+            self.sceneObserverTag = None
 
     def createCursor(self, widget):
         return slicer.util.mainWindow().cursor  # this effect does not paint
 
+    # -- GUI <-> parameters --------------------------------------------------------------------------------------
     def updateGUIFromMRML(self):
-        for comboBox, name in ((self.modelComboBox, MODEL_PARAMETER), (self.deviceComboBox, DEVICE_PARAMETER),
-                               (self.orientationComboBox, ORIENTATION_PARAMETER)):
+        current = ee.settings(self.scriptedEffect)
+        for comboBox, value in ((self.modelComboBox, current.model), (self.deviceComboBox, current.device),
+                                (self.orientationComboBox, current.orientation)):
             wasBlocked = comboBox.blockSignals(True)
-            comboBox.setCurrentIndex(max(0, comboBox.findData(self.scriptedEffect.parameter(name))))
+            comboBox.setCurrentIndex(max(0, comboBox.findData(value)))
             comboBox.blockSignals(wasBlocked)
-        wasBlocked = self.checkpointPathLineEdit.blockSignals(True)
-        self.checkpointPathLineEdit.currentPath = self.scriptedEffect.parameter(CHECKPOINT_PARAMETER)
-        self.checkpointPathLineEdit.enabled = self.modelComboBox.currentData in parameters.MODELS_NEEDING_CHECKPOINT
-        self.checkpointPathLineEdit.blockSignals(wasBlocked)
-        wasBlocked = self.selectedOnlyCheckBox.blockSignals(True)
-        self.selectedOnlyCheckBox.checked = self.scriptedEffect.integerParameter(SELECTED_ONLY_PARAMETER) != 0
-        self.selectedOnlyCheckBox.blockSignals(wasBlocked)
-        wasBlocked = self.completeSlicesCheckBox.blockSignals(True)
-        self.completeSlicesCheckBox.checked = self.scriptedEffect.integerParameter(COMPLETE_SLICES_PARAMETER) != 0
-        self.completeSlicesCheckBox.blockSignals(wasBlocked)
-        running = self.job is not None and self.job.isRunning
-        self.applyButton.enabled = not running
-        self.cancelButton.enabled = running
+        for widget, setter in ((self.checkpointPathLineEdit, lambda: setattr(self.checkpointPathLineEdit,
+                                                                              "currentPath", current.checkpoint)),
+                               (self.selectedOnlyCheckBox, lambda: setattr(self.selectedOnlyCheckBox, "checked",
+                                                                            current.selectedOnly)),
+                               (self.completeSlicesCheckBox, lambda: setattr(self.completeSlicesCheckBox, "checked",
+                                                                              current.paintedSlicesComplete)),
+                               (self.previewOpacitySlider, lambda: setattr(self.previewOpacitySlider, "value",
+                                                                            current.previewOpacity))):
+            wasBlocked = widget.blockSignals(True)
+            setter()
+            widget.blockSignals(wasBlocked)
+        self.checkpointPathLineEdit.enabled = current.model in parameters.MODELS_NEEDING_CHECKPOINT
+        self.updateButtons()
 
     def updateMRMLFromGUI(self, *unused):
-        self.scriptedEffect.setParameter(MODEL_PARAMETER, self.modelComboBox.currentData)
-        self.scriptedEffect.setParameter(DEVICE_PARAMETER, self.deviceComboBox.currentData)
-        self.scriptedEffect.setParameter(ORIENTATION_PARAMETER, self.orientationComboBox.currentData)
-        self.scriptedEffect.setParameter(CHECKPOINT_PARAMETER, self.checkpointPathLineEdit.currentPath)
-        self.scriptedEffect.setParameter(SELECTED_ONLY_PARAMETER, 1 if self.selectedOnlyCheckBox.checked else 0)
-        self.scriptedEffect.setParameter(COMPLETE_SLICES_PARAMETER, 1 if self.completeSlicesCheckBox.checked else 0)
+        self.scriptedEffect.setParameter(ee.MODEL, self.modelComboBox.currentData)
+        self.scriptedEffect.setParameter(ee.DEVICE, self.deviceComboBox.currentData)
+        self.scriptedEffect.setParameter(ee.ORIENTATION, self.orientationComboBox.currentData)
+        self.scriptedEffect.setParameter(ee.CHECKPOINT, self.checkpointPathLineEdit.currentPath)
+        self.scriptedEffect.setParameter(ee.SELECTED_ONLY, 1 if self.selectedOnlyCheckBox.checked else 0)
+        self.scriptedEffect.setParameter(ee.COMPLETE_SLICES, 1 if self.completeSlicesCheckBox.checked else 0)
+        self.scriptedEffect.setParameter(ee.PREVIEW_OPACITY, f"{self.previewOpacitySlider.value:.2f}")
         self.checkpointPathLineEdit.enabled = self.modelComboBox.currentData in parameters.MODELS_NEEDING_CHECKPOINT
+        if self.pending is not None:
+            ee.setPreviewOpacity(self.pending.segmentationNode, ee.previewNode(self.scriptedEffect),
+                                 self.previewOpacitySlider.value)
 
-    def _sourceVolumeNode(self):
-        parameterSetNode = self.scriptedEffect.parameterSetNode()
-        getter = getattr(parameterSetNode, "GetSourceVolumeNode", None) or parameterSetNode.GetMasterVolumeNode
-        return getter()
+    def updateButtons(self):
+        running = self.job is not None and self.job.isRunning
+        self.previewButton.enabled = not running
+        self.previewButton.text = _("Update") if self.pending is not None else _("Initialize")
+        self.applyButton.enabled = self.pending is not None and not running
+        self.cancelButton.enabled = running or self.pending is not None
+        self.previewOpacitySlider.enabled = self.pending is not None
 
-    def onApply(self):
-        from FewShotSAM import askToHardenTransforms, ensureDependenciesInteractively
+    # -- actions -------------------------------------------------------------------------------------------------
+    def onPreview(self):
+        from FewShotSAM import askToHardenTransforms, ensureDependenciesInteractively, moduleCacheDirectory
 
         if self.job is not None and self.job.isRunning:
             return
+        current = ee.settings(self.scriptedEffect)
         parameterSetNode = self.scriptedEffect.parameterSetNode()
-        segmentationNode = parameterSetNode.GetSegmentationNode()
-        sourceVolumeNode = self._sourceVolumeNode()
-        segmentIds = None
-        if self.scriptedEffect.integerParameter(SELECTED_ONLY_PARAMETER):
-            selected = parameterSetNode.GetSelectedSegmentID()
-            if not selected:
-                slicer.util.errorDisplay("Select a segment first.", windowTitle="Few-shot SAM")
+        try:
+            segmentationNode, sourceVolumeNode = ee.editorInputs(parameterSetNode)
+            segmentIds = ee.selectedSegmentIds(parameterSetNode, current.selectedOnly)
+        except FewShotSAMSlicerError as error:
+            slicer.util.errorDisplay(str(error), windowTitle=_("Few-shot SAM"))
+            return
+        if ee.hasClosedSurfaceSource(segmentationNode):
+            if not slicer.util.confirmYesNoDisplay(
+                    _("'{name}' is stored as closed surfaces; Few-shot SAM writes binary labelmaps. Switch its source "
+                      "representation to binary labelmap?").format(name=segmentationNode.GetName()),
+                    windowTitle=_("Few-shot SAM")):
                 return
-            segmentIds = [selected]
+            ee.switchSourceToBinaryLabelmap(segmentationNode)
         if not ensureDependenciesInteractively():
             return
-        nodes = [sourceVolumeNode, segmentationNode]
-        if not askToHardenTransforms(nodes):
+        if not askToHardenTransforms([sourceVolumeNode, segmentationNode]):
             return
         if self.logic is None:
             self.logic = fewShotSAMLogic.FewShotSAMSlicerLogic()
+        self.logic.cacheDirectory = moduleCacheDirectory()  # the module's cache folder setting
+        preview = ee.previewNode(self.scriptedEffect) or ee.createPreviewNode(self.scriptedEffect, segmentationNode)
         try:
             self.job = self.logic.startPropagation(
-                sourceVolumeNode, segmentationNode, segmentIds=segmentIds,
-                model=self.scriptedEffect.parameter(MODEL_PARAMETER),
-                checkpoint=self.scriptedEffect.parameter(CHECKPOINT_PARAMETER) or None,
-                device=self.scriptedEffect.parameter(DEVICE_PARAMETER),
-                orientation=self.scriptedEffect.parameter(ORIENTATION_PARAMETER),
+                sourceVolumeNode, segmentationNode, segmentIds=segmentIds, model=current.model,
+                checkpoint=current.checkpoint or None, device=current.device, orientation=current.orientation,
                 hardenTransforms=True,  # the user was asked just above
-                paintedSlicesComplete=self.scriptedEffect.integerParameter(COMPLETE_SLICES_PARAMETER) != 0,
-                progressCallback=self.onProgress, finishedCallback=self.onJobFinished,
-                beforeModifyCallback=self.scriptedEffect.saveStateForUndo)
+                paintedSlicesComplete=current.paintedSlicesComplete, previewNode=preview,
+                progressCallback=self.onProgress, finishedCallback=self.onJobFinished)
         except FewShotSAMSlicerError as error:
-            slicer.util.errorDisplay(str(error), windowTitle="Few-shot SAM")
+            self._dropPreviewIfEmpty()
+            slicer.util.errorDisplay(str(error), windowTitle=_("Few-shot SAM"))
             return
         if not self.job.isRunning:  # could not even start; onJobFinished has reported it
             return
         self.statusLabel.text = self.job.description + "..."
-        self.applyButton.enabled = False
-        self.cancelButton.enabled = True
+        self.updateButtons()
         self.pollTimer.start()
+
+    def onApply(self):
+        if self.pending is None or (self.job is not None and self.job.isRunning):
+            return
+        pending, self.pending = self.pending, None
+        writer = ee.editorResultWriter(self.scriptedEffect,
+                                       slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+        try:
+            result = pending.commit(writer, beforeModifyCallback=self.scriptedEffect.saveStateForUndo)
+            self.statusLabel.text = _("Applied {count} segment(s).").format(count=len(result["segmentIds"]))
+        except FewShotSAMSlicerError as error:
+            slicer.util.errorDisplay(str(error), windowTitle=_("Few-shot SAM"))
+        ee.removePreviewNode(self.scriptedEffect, pending.segmentationNode)
+        self.progressBar.value = 0
+        self.updateButtons()
 
     def onCancel(self):
         if self.job is not None and self.job.isRunning:
-            self.statusLabel.text = "Cancelling..."
+            self.statusLabel.text = _("Cancelling...")
             self.job.cancel()
+            return
+        segmentationNode = self.pending.segmentationNode if self.pending is not None else None
+        self.pending = None
+        ee.removePreviewNode(self.scriptedEffect, segmentationNode)
+        self.statusLabel.text = _("Preview dropped; the segmentation was not changed.")
+        self.progressBar.value = 0
+        self.updateButtons()
+
+    def onSceneStartClose(self, caller=None, event=None):
+        if self.job is not None and self.job.isRunning:
+            self.job.cancel()
+        self.pending = None  # the preview node goes with the scene
+
+    def _dropPreviewIfEmpty(self):
+        if self.pending is None:
+            ee.removePreviewNode(self.scriptedEffect)
 
     def onPollJob(self):
         if self.job is None or not self.job.poll():
@@ -219,15 +296,22 @@ image embeddings are cached, so the second run is fast. Ctrl+Z undoes the whole 
 
     def onJobFinished(self, job):
         self.pollTimer.stop()
-        self.applyButton.enabled = True
-        self.cancelButton.enabled = False
         if job.status == fewShotSAMLogic.SUCCEEDED:
+            self.pending = job.result["pending"]
+            ee.setPreviewOpacity(self.pending.segmentationNode, job.result["previewNode"],
+                                 ee.settings(self.scriptedEffect).previewOpacity)
             self.progressBar.value = 1000
-            self.statusLabel.text = f"Propagated {len(job.result['segmentIds'])} segment(s) in {job.elapsedSeconds:.0f} s."
+            seconds = f" in {job.elapsedSeconds:.0f} s" if job.elapsedSeconds is not None else ""
+            self.statusLabel.text = _("Preview of {count} segment(s){seconds}: Apply, or paint more and Update.")\
+                .format(count=len(job.result["segmentIds"]), seconds=seconds)
         elif job.status == fewShotSAMLogic.CANCELLED:
+            self._dropPreviewIfEmpty()
             self.progressBar.value = 0
-            self.statusLabel.text = "Cancelled; nothing was changed."
+            self.statusLabel.text = _("Cancelled; nothing was changed.")
         else:
+            self._dropPreviewIfEmpty()
             self.progressBar.value = 0
-            self.statusLabel.text = "Failed: " + job.errorMessage
-            slicer.util.errorDisplay(job.errorMessage, windowTitle="Few-shot SAM")
+            self.statusLabel.text = _("Failed: ") + job.errorMessage
+            slicer.util.errorDisplay(job.errorMessage, windowTitle=_("Few-shot SAM"),
+                                     **({"detailedText": job.errorDetails} if job.errorDetails else {}))
+        self.updateButtons()
