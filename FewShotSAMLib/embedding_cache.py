@@ -31,6 +31,7 @@ open and entries whose lock another process holds at that moment.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import operator
@@ -161,7 +162,7 @@ class EmbeddingCache:
 
     @property
     def encoders_dir(self) -> Path:
-        """Where encoders exported for ONNX Runtime are kept: beside the entries, never evicted or cleared (a
+        """Where the compiled and ONNX encoders are kept: beside the entries, never evicted, removed by clear() (a
         dot-folder, which no key can name)."""
         return self.root / ".encoders"
 
@@ -191,10 +192,18 @@ class EmbeddingCache:
             return []  # another process is evicting right now and will bring the cache under its limit
 
     def clear(self) -> int:
-        """Delete every entry not in use; returns how many were deleted."""
+        """Delete every entry not in use, and the built encoders (rebuilt on next use); returns how many entries
+        were deleted."""
         try:
             with FileLock(self.root / ".lock", timeout=LOCK_TIMEOUT_S):
                 removed = sum(self._remove(key, lock_timeout=5.0) for key, _, _ in self._scan())
+                if self.encoders_dir.is_dir():
+                    # One rename: a process loading an encoder sees the whole folder or none. A process that has
+                    # one loaded keeps it (open files survive the unlink on POSIX).
+                    trash = self.root / ".trash" / f".encoders-{uuid.uuid4().hex}"
+                    trash.parent.mkdir(exist_ok=True)
+                    with contextlib.suppress(OSError):
+                        os.replace(self.encoders_dir, trash)
                 self._empty_trash()
                 return removed
         except Timeout as error:
