@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import sys
+import tempfile
 import uuid
 import zlib
 from dataclasses import replace
@@ -185,15 +187,39 @@ def _existing_path(path: str | os.PathLike, what: str) -> Path:
 
 
 @contextlib.contextmanager
-def _itk_warnings_silenced():
-    """Keep ITK/GDCM WARNING lines off the terminal: every problem they describe is checked here and reported as one
-    FewShotSAMError (a missing DICOM slice, a truncated file), so the warnings would only add noise before it."""
+def _itk_warnings_silenced(messages: list[str] | None = None):
+    """Keep ITK/GDCM WARNING lines, and what MetaIO, NIfTI and GDCM print straight to the C stderr, off the
+    terminal: every problem they describe is checked here and reported as one FewShotSAMError (a missing DICOM
+    slice, a truncated file), so they would only add noise before it. What was printed is appended to `messages`.
+    """
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        yield
+        with _c_stderr_captured(messages if messages is not None else []):
+            yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+@contextlib.contextmanager
+def _c_stderr_captured(messages: list[str]):
+    """Send file descriptor 2 to a temporary file while the block runs (C libraries write there directly)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable descriptor 2 (some embedded interpreters)
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", "replace")
+            messages.extend(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _short_itk_reason(error: Exception) -> str:
@@ -210,15 +236,17 @@ def _read_image_file(path: Path, what: str) -> tuple[sitk.Image, str | None]:
     """Image and its DICOM Modality tag (None when the file is not DICOM or has no such tag)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    printed: list[str] = []
     try:
-        with _itk_warnings_silenced():
+        with _itk_warnings_silenced(printed):
             reader.ReadImageInformation()
             modality = reader.GetMetaData(DICOM_MODALITY_TAG) if reader.HasMetaDataKey(DICOM_MODALITY_TAG) else None
             image = reader.Execute()
     except RuntimeError as error:
+        # MetaIO explains a short file only on stderr; its exception then carries a stale errno text.
+        reason = "; ".join(printed[-2:])[:200] if printed else _short_itk_reason(error)
         raise FewShotSAMError(
-            f"cannot read {what} {path}: not a readable NRRD, NIfTI, MHA/MHD or DICOM image "
-            f"({_short_itk_reason(error)})"
+            f"cannot read {what} {path}: not a readable NRRD, NIfTI, MHA/MHD or DICOM image ({reason})"
         ) from None
     if _matching_suffix(path, (".nii", ".nii.gz")):
         # SimpleITK pads a truncated NIfTI with zeros and reads NaN as 0; the file itself must be checked.
@@ -753,7 +781,8 @@ def _atomic_write(path: Path, overwrite: bool, write_to) -> None:
     suffix = _matching_suffix(path, SEGMENTATION_SUFFIXES + VOLUME_SUFFIXES) or path.suffix
     temporary = path.parent / f".{path.name[: -len(suffix)]}.{uuid.uuid4().hex[:8]}.partial{suffix}"
     try:
-        write_to(temporary)
+        with _itk_warnings_silenced():  # the NIfTI writer prints its own ERROR lines; the check below reports them
+            write_to(temporary)
         _verify_written(temporary, suffix)
         if path.exists() and not overwrite:  # appeared while we were writing
             raise FewShotSAMError(f"{path} exists; pass --overwrite to replace it")
