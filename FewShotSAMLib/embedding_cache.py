@@ -32,6 +32,7 @@ open and entries whose lock another process holds at that moment.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import operator
@@ -282,7 +283,7 @@ class CacheEntry:
         self._created = _now()
         self._lock = cache._entry_lock(key)
         _open_entries.add(self)
-        with self._locked():
+        with self._locked(), _disk_full_reported(cache.root):
             self._load()  # create or repair now, so that a broken cache folder shows up at open
 
     @property
@@ -363,7 +364,8 @@ class CacheEntry:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         indices = self._indices(slice_indices)
         for _ in range(_MAX_ATTEMPTS):
-            self._compute_missing(indices, compute_fn, progress, cancel, batch_size)
+            with _disk_full_reported(self.cache.root):
+                self._compute_missing(indices, compute_fn, progress, cancel, batch_size)
             try:
                 return self.read(indices)
             except SlicesMissing:
@@ -482,6 +484,23 @@ class CacheEntry:
 
     def _memmap(self) -> np.memmap:
         return np.memmap(self._data_path, dtype=np.float16, mode="r", shape=self.shape)
+
+
+# Write errors that mean "no room" or "not allowed here", as opposed to a bug: reported as one line.
+_NO_ROOM_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+@contextmanager
+def _disk_full_reported(root: Path):
+    """A full (or read-only) disk under the cache becomes one clear FewShotSAMError; the slices stored before it
+    stay valid (each is marked done only after it is written), so a later run continues where this one stopped."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _NO_ROOM_ERRNOS:
+            raise
+        raise FewShotSAMError(f"cannot write the embedding cache {root}: {error.strerror} (free some disk space, "
+                              f"run 'fewshotsam cache clear', or pass --cache-dir)") from None
 
 
 def _as_float16(embeddings) -> np.ndarray:

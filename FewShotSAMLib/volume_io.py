@@ -241,18 +241,18 @@ def _read_image_file(path: Path, what: str) -> tuple[sitk.Image, str | None]:
         with _itk_warnings_silenced(printed):
             reader.ReadImageInformation()
             modality = reader.GetMetaData(DICOM_MODALITY_TAG) if reader.HasMetaDataKey(DICOM_MODALITY_TAG) else None
+            if _matching_suffix(path, (".nii", ".nii.gz")):
+                # SimpleITK pads a truncated NIfTI with zeros and reads NaN as 0; the file itself must be checked.
+                problem = nifti_problem(path)
+                if problem:
+                    raise FewShotSAMError(f"cannot read {what} {path}: {problem}")
             image = reader.Execute()
-    except RuntimeError as error:
+    except (RuntimeError, MemoryError) as error:
         # MetaIO explains a short file only on stderr; its exception then carries a stale errno text.
         reason = "; ".join(printed[-2:])[:200] if printed else _short_itk_reason(error)
         raise FewShotSAMError(
             f"cannot read {what} {path}: not a readable NRRD, NIfTI, MHA/MHD or DICOM image ({reason})"
         ) from None
-    if _matching_suffix(path, (".nii", ".nii.gz")):
-        # SimpleITK pads a truncated NIfTI with zeros and reads NaN as 0; the file itself must be checked.
-        problem = nifti_problem(path)
-        if problem:
-            raise FewShotSAMError(f"cannot read {what} {path}: {problem}")
     return image, modality
 
 
