@@ -35,7 +35,10 @@ from FewShotSAMLib.volume_io import read_labels, read_volume, write_segmentation
 from test_cli import assert_one_line_error, run_cli
 from test_volume_io import write_dicom_series
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+# Child processes run the same FewShotSAMLib as this one (the checkout under test, not an installed copy).
+CODE_ROOT = Path(__import__("FewShotSAMLib.volume_io").volume_io.__file__).resolve().parents[1]
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CODE_ROOT), str(TESTS)]), "PYTHONWARNINGS": "ignore"}
 SHAPE = (6, 32, 32)
 POSIX = hasattr(os, "fork")
 
@@ -92,10 +95,8 @@ def assert_user_error(call, *fragments) -> str:
 
 
 def run_child(code: str, *args, timeout=120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]),
-           "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          text=True, timeout=timeout, env=CHILD_ENV, cwd=TESTS)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def test_reader_warnings_are_not_printed(tmp_path, capfd):
 
 
 def test_one_air_voxel_does_not_turn_mr_into_ct(tmp_path):
-    array = mr_like()
+    array = mr_like().round().astype(np.int16)  # MR as scanners store it: whole numbers
     array[0, 0, 0] = -1000
     assert read_volume(write_array(tmp_path / "mr.nii.gz", array)).modality == "unknown"
     assert read_volume(write_array(tmp_path / "ct.nii.gz", ct_like())).modality == "CT"
@@ -204,6 +205,14 @@ def test_label_map_with_too_many_values_is_refused(tmp_path):
     as_labels = write_array(tmp_path / "image_as_labels.nrrd", np.arange(np.prod(SHAPE)).reshape(SHAPE) % 1000)
     assert_user_error(lambda: read_labels(as_labels, read_volume(image)), "image_as_labels.nrrd",
                       "different label values")
+
+
+@pytest.mark.parametrize("values, fragment", [(-1, "negative"), (0.5, "not whole numbers")])
+def test_negative_or_fractional_label_values_are_refused(tmp_path, values, fragment):
+    image = write_array(tmp_path / "image.nrrd", mr_like())
+    labels = organ_labels().astype(np.float32) * values
+    path = write_array(tmp_path / "odd_labels.nii.gz", labels)
+    assert_user_error(lambda: read_labels(path, read_volume(image)), "odd_labels.nii.gz", fragment)
 
 
 def test_non_ascii_segment_names_are_kept(tmp_path):
@@ -336,8 +345,8 @@ def test_kill_9_mid_encode_keeps_finished_slices_and_loses_nothing(tmp_path):
     from FewShotSAMLib.embedding_cache import HEADER_FILE, EmbeddingCache
     from test_embedding_cache import N, SHAPE, Encoder, expected
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])}
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SLOW_ENCODE), str(tmp_path)], env=env)
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SLOW_ENCODE), str(tmp_path)], env=CHILD_ENV,
+                             cwd=TESTS)
     header = tmp_path / "vol" / HEADER_FILE
     wait_for(lambda: done_slices(header) >= 2)
     child.send_signal(signal.SIGKILL)
@@ -365,9 +374,8 @@ WRITE_FOREVER = """
 @pytest.mark.skipif(not POSIX, reason="SIGKILL is POSIX")
 def test_kill_9_mid_write_never_leaves_a_half_written_output(tmp_path):
     out = tmp_path / "result.nii.gz"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITE_FOREVER), str(out)], env=env,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITE_FOREVER), str(out)], env=CHILD_ENV,
+                             cwd=TESTS, stdout=subprocess.PIPE, text=True)
     child.stdout.readline()  # one whole write done; the next one is under way
     time.sleep(0.15)
     child.send_signal(signal.SIGKILL)
@@ -375,6 +383,23 @@ def test_kill_9_mid_write_never_leaves_a_half_written_output(tmp_path):
     grid = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), shape=(60, 256, 256))
     labels = read_labels(out, Volume(np.zeros((60, 256, 256), np.float32), grid))
     assert labels.array.shape == (60, 256, 256)  # whole: the previous complete file, never a torn one
+
+
+@pytest.mark.skipif(not POSIX, reason="SIGINT to a child process is POSIX")
+def test_ctrl_c_stops_the_command_line_cleanly(tmp_path, scan):
+    image, labels = scan
+    out = tmp_path / "result.seg.nrrd"
+    command = [sys.executable, "-m", "FewShotSAMLib", "propagate", str(image), "--labels", str(labels), "--out",
+               str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--progress", "json"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV,
+                             cwd=TESTS)
+    assert json.loads(child.stdout.readline())["stage"] == "load"  # inputs read; the model is loading now
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "fewshotsam: interrupted; nothing was written"
+    assert "Traceback" not in err
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -465,6 +490,15 @@ def test_output_onto_the_input_is_refused_even_with_overwrite(tmp_path, scan, ca
     code, _, err = run_cli(capsys, "propagate", image, "--labels", labels, "--out", image, "--overwrite")
     assert_one_line_error(code, err, "image.nrrd", "is the input")
     assert image.read_bytes() == before
+
+
+def test_output_onto_a_folder_is_refused(tmp_path, scan, capsys):
+    image, labels = scan
+    folder = tmp_path / "result.seg.nrrd"
+    folder.mkdir()
+    code, _, err = run_cli(capsys, "propagate", image, "--labels", labels, "--out", folder, "--overwrite")
+    assert_one_line_error(code, err, "result.seg.nrrd", "it is a folder")
+    assert folder.is_dir()
 
 
 def test_output_under_a_file_says_so(tmp_path, scan, capsys):
@@ -630,3 +664,4 @@ def test_truncated_onnx_encoder_in_the_cache_is_rebuilt(engine, tmp_path):
     model.release_encoder_sessions()
     assert exported.stat().st_size == size
     torch.testing.assert_close(again, reference)
+
