@@ -75,7 +75,8 @@ class FewShotAdapter(HasSegments):
             return
         support_ct = {m == "CT" for m in self.support_modalities}
         if len(support_ct) == 1 and (modality == "CT") not in support_ct:
-            support = "CT" if support_ct == {True} else "non-CT (" + "/".join(sorted(set(self.support_modalities))) + ")"
+            kinds = "/".join(sorted(set(self.support_modalities)))
+            support = "CT" if support_ct == {True} else f"non-CT ({kinds})"
             this = "CT" if modality == "CT" else f"not CT ({modality})"
             warnings.warn(f"{scan_name} is {this}, but the model was adapted on {support} scans; expect a poor "
                           f"result, or adapt a model on scans like this one", FewShotSAMWarning, stacklevel=2)

@@ -247,12 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return run(args)
-    except Cancelled:
-        print("fewshotsam: cancelled; nothing was written", file=sys.stderr)
+    except Cancelled as error:
+        written = str(error) != str(Cancelled())  # apply says which results it wrote before the cancel
+        print(f"fewshotsam: {error}" if written else "fewshotsam: cancelled; nothing was written", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("\nfewshotsam: interrupted; nothing was written", file=sys.stderr)
         return 130
     except FewShotSAMError as error:
-        print(f"fewshotsam: error: {error}", file=sys.stderr)
+        # One line, whatever a library put into the message it passed on.
+        print(f"fewshotsam: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

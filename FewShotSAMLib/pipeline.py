@@ -14,7 +14,7 @@ import torch
 from .adapter import AdaptOptions, FewShotAdapter, adapt
 from .embedding_cache import EmbeddingCache
 from .encoding import EncodedVolume, encode_volume
-from .errors import FewShotSAMError
+from .errors import Cancelled, FewShotSAMError
 from .fewshot import FewShotCollection, collect, labelled_slice_indices
 from .models import SamModel, load_model
 from .orientation import slice_axis, to_slices
@@ -253,7 +253,10 @@ def apply_files(model_path, image_paths: list[str], out_dir, options: EngineOpti
         except FewShotSAMError as error:
             if not written:
                 raise
-            raise FewShotSAMError(f"{error} (already written: {', '.join(str(p) for p in written)})") from None
+            done = ", ".join(str(path) for path in written)
+            if isinstance(error, Cancelled):
+                raise Cancelled(f"cancelled by the user after writing {done}") from None
+            raise FewShotSAMError(f"{error} (already written: {done})") from None
     return written
 
 

@@ -399,7 +399,8 @@ def _refuse_unreadable_dicom_files(folder: Path, file_lists: list[tuple[str, ...
     series without it would silently drop a slice and stretch the spacing, so refuse and name the file."""
     in_a_series = {os.path.normcase(os.path.abspath(name)) for files in file_lists for name in files}
     for candidate in sorted(folder.iterdir()):
-        if not candidate.is_file() or candidate.name.upper() == "DICOMDIR" or os.path.normcase(os.path.abspath(candidate)) in in_a_series:
+        listed = os.path.normcase(os.path.abspath(candidate)) in in_a_series
+        if listed or not candidate.is_file() or candidate.name.upper() == "DICOMDIR":
             continue
         try:
             with open(candidate, "rb") as handle:
@@ -543,7 +544,8 @@ def _read_slicer_segmentation(path: Path, reference: Geometry, reference_name: s
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except Exception as error:  # slicerio raises IOError, KeyError, ValueError... for damaged headers
-        raise FewShotSAMError(f"cannot read Slicer segmentation {path}: {error}") from None
+        reason = " ".join(str(error).split())[:200] or type(error).__name__  # pynrrd quotes whole header lines
+        raise FewShotSAMError(f"cannot read Slicer segmentation {path}: {reason}") from None
     _restore_non_ascii_names(path, segmentation.get("segments", []))
     voxels = np.asarray(segmentation["voxels"])
     if voxels.ndim not in (3, 4):
