@@ -27,6 +27,7 @@ from FewShotSAMLib.adapter import AdaptOptions, FewShotAdapter
 from FewShotSAMLib.cli import main
 from FewShotSAMLib.demo import radiological_slices
 from FewShotSAMLib.errors import FewShotSAMError, FewShotSAMWarning
+from FewShotSAMLib.onnx_encoder import onnxruntime_available
 from FewShotSAMLib.pipeline import Engine, EngineOptions, check_inputs
 from FewShotSAMLib.preprocess import apply_normalisation, choose_normalisation
 from FewShotSAMLib.prompts import PixelClassifier
@@ -37,7 +38,7 @@ from test_volume_io import write_dicom_series
 
 TESTS = Path(__file__).resolve().parent
 # Child processes run the same FewShotSAMLib as this one (the checkout under test, not an installed copy).
-CODE_ROOT = Path(__import__("FewShotSAMLib.volume_io").volume_io.__file__).resolve().parents[1]
+CODE_ROOT = Path(sys.modules[read_volume.__module__].__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CODE_ROOT), str(TESTS)]), "PYTHONWARNINGS": "ignore"}
 SHAPE = (6, 32, 32)
 POSIX = hasattr(os, "fork")
@@ -645,8 +646,7 @@ def test_decoder_of_another_model_in_the_fsam_is_one_line(engine, tmp_path):
     assert_user_error(lambda: adapter.check_model(engine.model, "model.fsam"), "model.fsam", "does not fit")
 
 
-@pytest.mark.skipif(not __import__("FewShotSAMLib.onnx_encoder", fromlist=["x"]).onnxruntime_available(),
-                    reason="onnxruntime and onnx are not installed")
+@pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime and onnx are not installed")
 def test_truncated_onnx_encoder_in_the_cache_is_rebuilt(engine, tmp_path):
     from FewShotSAMLib.preprocess import resize_stack_longest_side
 
