@@ -25,6 +25,7 @@ import torch
 
 from FewShotSAMLib.adapter import AdaptOptions, FewShotAdapter
 from FewShotSAMLib.cli import main
+from FewShotSAMLib.compiled_encoder import why_not_compilable
 from FewShotSAMLib.demo import radiological_slices
 from FewShotSAMLib.errors import FewShotSAMError, FewShotSAMWarning
 from FewShotSAMLib.onnx_encoder import onnxruntime_available
@@ -665,3 +666,24 @@ def test_truncated_onnx_encoder_in_the_cache_is_rebuilt(engine, tmp_path):
     assert exported.stat().st_size == size
     torch.testing.assert_close(again, reference)
 
+
+
+@pytest.mark.skipif(why_not_compilable() is not None, reason=f"cannot compile here: {why_not_compilable()}")
+def test_truncated_compiled_encoder_in_the_cache_is_rebuilt(engine, tmp_path):
+    from FewShotSAMLib.preprocess import resize_stack_longest_side
+
+    model = engine.model
+    volume = Volume(mr_like(), geometry())
+    images, _ = resize_stack_longest_side(apply_normalisation(volume.array[:1], choose_normalisation(volume)), 256,
+                                          (0.8, 0.8))
+    reference = model.encode(images, "compiled", encoders_folder=tmp_path)
+    model.release_encoder_sessions()
+    (built,) = tmp_path.glob("*.pt2")
+    size = built.stat().st_size
+    with open(built, "r+b") as handle:
+        handle.truncate(size // 3)
+    with pytest.warns(UserWarning, match="damaged"):
+        again = model.encode(images, "compiled", encoders_folder=tmp_path)
+    model.release_encoder_sessions()
+    assert built.stat().st_size > size // 3
+    assert (again - reference).norm() / reference.norm() < 1e-3  # rebuilt from the same program: same arithmetic
