@@ -1,8 +1,8 @@
 """A few-shot adapter: everything learned from the labelled slices, savable as one `.fsam` file.
 
 It holds the structures (segment names, colours, label values), the pixel prompts, the structure tokens, the
-structures' footprints and the tuned mask decoder, plus the name and weights checksum of the model it was made with, so it can segment new scans
-of the same anatomy with no labels of their own.
+structures' footprints and the tuned mask decoder, plus the name and weights checksum of the model it was made with,
+so it can segment new scans of the same anatomy with no labels of their own.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import contextlib
 import copy
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import FewShotSAMError
+from .errors import FewShotSAMError, FewShotSAMWarning
 from .fewshot import FewShotCollection
 from .models import SamModel
 from .progress import NO_PROGRESS, Progress
@@ -43,6 +44,9 @@ class FewShotAdapter(HasSegments):
     model_id: str
     options: AdaptOptions = field(default_factory=AdaptOptions)
     n_labelled_slices: int = 0
+    # The support scans' modalities ("CT", "MR", "unknown"), to warn when the model meets another kind of scan.
+    # Empty for models saved before this was recorded.
+    support_modalities: list[str] = field(default_factory=list)
     footprints: torch.Tensor | None = None  # [S, H, W] (prompts.structure_footprints); None in older .fsam files
 
     @contextlib.contextmanager
@@ -58,6 +62,25 @@ class FewShotAdapter(HasSegments):
     def check_model(self, model: SamModel, path: str | Path = "adapter") -> None:
         if model.weights_id != self.model_id:
             raise FewShotSAMError(f"{path}: made with model {self.model_id}, but the model in use is {model.weights_id}")
+        expected = {name: tuple(value.shape) for name, value in model.mask_decoder.state_dict().items()}
+        stored = {name: tuple(getattr(value, "shape", ())) for name, value in self.decoder_state.items()}
+        if stored != expected:
+            wrong = sorted(set(stored) ^ set(expected)) or [n for n in expected if stored[n] != expected[n]]
+            raise FewShotSAMError(f"{path}: damaged model file: its tuned decoder does not fit {self.model_id} "
+                                  f"({len(wrong)} weights differ, e.g. {wrong[0]})")
+
+    def warn_if_unlike_support(self, modality: str, scan_name: str = "the scan") -> None:
+        """Warn when the scan is CT and the support scans were not, or the other way round (an MR model on a CT
+        finds few of its organs)."""
+        if not self.support_modalities:
+            return
+        support_ct = {m == "CT" for m in self.support_modalities}
+        if len(support_ct) == 1 and (modality == "CT") not in support_ct:
+            kinds = "/".join(sorted(set(self.support_modalities)))
+            support = "CT" if support_ct == {True} else f"non-CT ({kinds})"
+            this = "CT" if modality == "CT" else f"not CT ({modality})"
+            warnings.warn(f"{scan_name} is {this}, but the model was adapted on {support} scans; expect a poor "
+                          f"result, or adapt a model on scans like this one", FewShotSAMWarning, stacklevel=2)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         path = Path(path)
@@ -75,13 +98,20 @@ class FewShotAdapter(HasSegments):
             "model_id": self.model_id,
             "options": asdict(self.options),
             "n_labelled_slices": self.n_labelled_slices,
+            "support_modalities": list(self.support_modalities),  # optional: older files lack it
             "footprints": self.footprints,
         }
-        handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".fsam", dir=path.parent)
+        try:
+            handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".fsam", dir=path.parent)
+        except OSError as error:
+            raise FewShotSAMError(f"cannot write {path}: {error.strerror}") from None
         os.close(handle)
         try:
             torch.save(payload, temporary)
             os.replace(temporary, path)
+        except (OSError, RuntimeError) as error:  # a full disk surfaces as RuntimeError from torch's zip writer
+            Path(temporary).unlink(missing_ok=True)
+            raise FewShotSAMError(f"cannot write {path}: {' '.join(str(error).split())[:200]}") from None
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
@@ -98,15 +128,51 @@ class FewShotAdapter(HasSegments):
             raise FewShotSAMError(f"{path}: not a FewShotSAM model file ({type(error).__name__})") from None
         if not isinstance(payload, dict) or payload.get("format") != "fewshotsam-adapter":
             raise FewShotSAMError(f"{path}: not a FewShotSAM model file")
+        if not isinstance(payload.get("version"), int):
+            raise FewShotSAMError(f"{path}: damaged model file: no format version")
         if payload["version"] > FORMAT_VERSION:
             raise FewShotSAMError(f"{path}: made by a newer FewShotSAM (format {payload['version']}); upgrade")
-        n_features, hidden, n_classes = payload["classifier_shape"]
+        missing = [key for key in _REQUIRED_KEYS if key not in payload]
+        if missing:
+            raise FewShotSAMError(f"{path}: damaged model file: missing {', '.join(missing)}")
+        try:
+            return cls._from_payload(payload)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
+            reason = " ".join(str(error).split())[:200]
+            raise FewShotSAMError(f"{path}: damaged model file ({type(error).__name__}: {reason})") from None
+
+    @classmethod
+    def _from_payload(cls, payload: dict) -> "FewShotAdapter":
+        n_features, hidden, n_classes = (int(v) for v in payload["classifier_shape"])
         classifier = PixelClassifier(n_features, n_classes, hidden)
-        classifier.load_state_dict(payload["classifier"])
-        segments = [Segment(s["name"], int(s["label_value"]), tuple(s["color"])) for s in payload["segments"]]
-        return cls(segments, classifier.eval().requires_grad_(False), payload["tokens"], payload["decoder"],
-                   payload["model_id"], AdaptOptions(**payload["options"]), payload["n_labelled_slices"],
-                   payload.get("footprints"))
+        classifier.load_state_dict(payload["classifier"])  # RuntimeError on missing or mis-shaped weights
+        segments = [Segment(str(s["name"]), int(s["label_value"]), tuple(float(c) for c in s["color"]))
+                    for s in payload["segments"]]
+        tokens = payload["tokens"]
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.shape[0] != len(segments):
+            raise ValueError(f"structure tokens of shape {tuple(getattr(tokens, 'shape', ()))} do not match its "
+                             f"{len(segments)} segments")
+        if n_classes != len(segments) + 1:
+            raise ValueError(f"the pixel classifier has {n_classes} classes for {len(segments)} segments")
+        if not isinstance(payload["decoder"], dict):
+            raise TypeError("the tuned decoder is not a set of weights")
+        return cls(segments, classifier.eval().requires_grad_(False), tokens, payload["decoder"],
+                   str(payload["model_id"]), AdaptOptions(**payload.get("options", {})),
+                   int(payload.get("n_labelled_slices", 0)), [str(m) for m in payload.get("support_modalities", [])],
+                   _footprints(payload.get("footprints"), len(segments)))
+
+
+def _footprints(footprints, n_segments: int) -> torch.Tensor | None:
+    """The saved footprints, or None for a model saved before they existed."""
+    if footprints is None:
+        return None
+    if not isinstance(footprints, torch.Tensor) or footprints.ndim != 3 or footprints.shape[0] != n_segments:
+        raise ValueError(f"footprints of shape {tuple(getattr(footprints, 'shape', ()))} do not match its "
+                         f"{n_segments} segments")
+    return footprints.float()
+
+
+_REQUIRED_KEYS = ("segments", "classifier", "classifier_shape", "tokens", "decoder", "model_id")
 
 
 def adapt(model: SamModel, collection: FewShotCollection, options: AdaptOptions | None = None,
@@ -118,4 +184,4 @@ def adapt(model: SamModel, collection: FewShotCollection, options: AdaptOptions 
     decoder_state = tune_decoder(model, collection, tokens, steps=options.decoder_steps, seed=options.seed,
                                  progress=progress)
     return FewShotAdapter(list(collection.segments), classifier, tokens, decoder_state, model.weights_id, options,
-                          collection.embeddings.shape[0], structure_footprints(collection))
+                          collection.embeddings.shape[0], footprints=structure_footprints(collection))

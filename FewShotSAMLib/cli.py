@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import Cancelled, FewShotSAMError
+from .errors import Cancelled, FewShotSAMError, FewShotSAMWarning
 
 MODEL_NAMES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
 
@@ -18,16 +19,41 @@ def _slice_list(text: str) -> list[int]:
     for part in text.split(","):
         part = part.strip()
         if "-" in part:
-            first, last = part.split("-", 1)
-            values.extend(range(int(first), int(last) + 1))
+            first, last = _slice_range(part)
+            values.extend(range(first, last + 1))
         elif part:
-            values.append(int(part))
+            values.append(_whole_number(part, text))
+    if not values:
+        raise argparse.ArgumentTypeError(f"'{text}' names no slice or value; e.g. 3,7,10-12")
     return values
 
 
+def _slice_range(text: str) -> tuple[int, int]:
+    """'10-25' -> (10, 25); '10' -> (10, 10). Reversed ranges are refused, not silently emptied."""
+    first, separator, last = text.strip().partition("-")
+    first_value = _whole_number(first, text)
+    last_value = _whole_number(last, text) if separator else first_value
+    if last_value < first_value:
+        raise argparse.ArgumentTypeError(f"'{text}' is reversed; give FIRST-LAST with FIRST <= LAST")
+    return first_value, last_value
+
+
+def _whole_number(part: str, text: str) -> int:
+    try:
+        value = int(part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': '{part}' is not a whole number >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}': '{part}' is not a whole number >= 0")
+    return value
+
+
 def _window(text: str) -> tuple[float, float]:
-    level, width = text.split(",")
-    return float(level), float(width)
+    try:
+        level, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not LEVEL,WIDTH (two numbers, e.g. 40,400)") from None
+    return level, width
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +85,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                             "CPU for LiteMedSAM, else bf16 where supported, else fp32")
     group.add_argument("--no-clean-up", action="store_true",
                        help="skip the 3D clean-up (keep components connected to the painting, fill holes)")
-    group.add_argument("--slice-range", type=_slice_list, metavar="FIRST-LAST",
+    group.add_argument("--slice-range", type=_slice_range, metavar="FIRST-LAST",
                        help="predict only these slices (e.g. 10-25); others keep only their painted labels")
     group.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     group.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
@@ -120,9 +146,7 @@ def engine_options(args):
         if args.decoder_steps < 0:
             raise FewShotSAMError("--decoder-steps must be 0 or more")
         adapt.decoder_steps = args.decoder_steps
-    slice_range = None
-    if args.slice_range:
-        slice_range = (min(args.slice_range), max(args.slice_range))
+    slice_range = args.slice_range
     return EngineOptions(
         model=args.model, checkpoint=args.checkpoint, device=args.device, cache_dir=args.cache_dir, axis=args.axis,
         window=args.window, preset=args.preset, segments=args.segments, labelled_slices=args.labelled_slices,
@@ -197,7 +221,8 @@ def run_cache(args) -> int:
 
     cache = EmbeddingCache(args.cache_dir)
     if args.action == "clear":
-        print(f"removed {cache.clear()} cached volumes from {cache.root}")
+        removed = cache.clear()
+        print(f"removed {removed} cached volumes and the built encoders from {cache.root}")
     else:
         entries = cache.entries()
         print(f"{cache.root}: {len(entries)} cached volumes, {cache.size_bytes() / 2**20:.1f} MiB "
@@ -205,16 +230,31 @@ def run_cache(args) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings about the user's input as one plain line, like errors; others as Python shows them."""
+    if issubclass(category, FewShotSAMWarning):
+        print(f"fewshotsam: warning: {message}", file=sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
-    except Cancelled:
-        print("fewshotsam: cancelled; nothing was written", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return run(args)
+    except Cancelled as error:
+        written = str(error) != str(Cancelled())  # apply says which results it wrote before the cancel
+        print(f"fewshotsam: {error}" if written else "fewshotsam: cancelled; nothing was written", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("\nfewshotsam: interrupted; nothing was written", file=sys.stderr)
         return 130
     except FewShotSAMError as error:
-        print(f"fewshotsam: error: {error}", file=sys.stderr)
+        # One line, whatever a library put into the message it passed on.
+        print(f"fewshotsam: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

@@ -120,6 +120,26 @@ def _compile_into(model, path: Path) -> str | None:
         Path(temporary).unlink(missing_ok=True)
 
 
+def open_compiled_encoder(model, folder: Path) -> "CompiledEncoder":
+    """The model's compiled encoder, ready to run. A package in the cache that cannot be loaded (cut short by a full
+    disk or a crash, or damaged) is deleted and built again, once."""
+    from .onnx_encoder import remove_damaged_file
+
+    path = build_compiled_encoder(model, folder)
+    try:
+        return CompiledEncoder(path)
+    except Exception as error:  # torch raises RuntimeError or zipfile errors, depending on the damage
+        damaged = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+    remove_damaged_file(path, damaged)
+    try:
+        return CompiledEncoder(build_compiled_encoder(model, folder))
+    except FewShotSAMError:
+        raise
+    except Exception as error:
+        raise FewShotSAMError(f"the compiled encoder {path} cannot be loaded even after building it again "
+                              f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
+
+
 class CompiledEncoder:
     """Runs a compiled encoder on normalised [B, 3, S, S] images, one slice per call (its compiled shape; one
     slice at a time was also measured faster than batches of 8, which spill the CPU's caches)."""

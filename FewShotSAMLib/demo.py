@@ -10,11 +10,11 @@ from PIL import Image, ImageDraw
 
 from .errors import FewShotSAMError
 from .metrics import dice
-from .orientation import slice_axis, to_slices
+from .orientation import array_axis_to_voxel_axis, in_plane_array_axes, slice_axis, to_slices
 from .pipeline import EngineOptions, propagate_files
 from .progress import NO_PROGRESS, Progress
 from .slice_selection import few_shot_labels
-from .volume import LabelVolume, Segment
+from .volume import Geometry, LabelVolume, Segment
 from .volume_io import check_output_path, read_labels, read_volume, write_segmentation
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
@@ -53,8 +53,11 @@ def run_demo(out_dir: Path, slices_per_structure: int = 3, options: EngineOption
     report = {"sample": SAMPLE_IMAGE.name, "slices_per_structure": slices_per_structure, "dice": scores,
               "painted_slices": sorted(set(np.flatnonzero(to_slices(painted, axis).any(axis=(1, 2))).tolist()))}
     _write_text(report_path, json.dumps(report, indent=2), overwrite)
-    draw_overview(to_slices(image.array, axis), to_slices(predicted, axis), to_slices(reference, axis),
-                  report["painted_slices"], SAMPLE_SEGMENTS).save(_temporary(overview_path))
+    def shown(array):
+        return radiological_slices(array, image.geometry, axis)
+
+    draw_overview(shown(image.array), shown(predicted), shown(reference), report["painted_slices"],
+                  SAMPLE_SEGMENTS).save(_temporary(overview_path))
     _temporary(overview_path).replace(overview_path)
     print("Dice against the sample's full reference: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     return [result_path, overview_path, report_path]
@@ -70,6 +73,36 @@ def _write_text(path: Path, text: str, overwrite: bool) -> None:
     temporary = _temporary(path)
     temporary.write_text(text)
     temporary.replace(path)
+
+
+# Where the screen's right and down point in patient space (LPS), per slice plane, as Slicer shows slices
+# (radiological convention): axial and coronal with the patient's right on the screen's left, axial with anterior
+# up, coronal and sagittal with superior up, sagittal with anterior on the left.
+SCREEN_RIGHT_DOWN_LPS = {
+    2: ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),  # slice normal along S-I (axial): right = L, down = P
+    1: ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),  # normal along A-P (coronal): right = L, down = I
+    0: ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),  # normal along L-R (sagittal): right = P, down = I
+}
+
+
+def radiological_slices(array: np.ndarray, geometry: Geometry, axis: int) -> np.ndarray:
+    """A [k, j, i] array as [n, rows, cols] slices along `axis`, turned and flipped for display as Slicer shows
+    them; derived from the direction matrix, so any storage order or flipped axis comes out the same way up."""
+    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+    normal = direction[:, array_axis_to_voxel_axis(axis)]
+    right, down = (np.array(v) for v in SCREEN_RIGHT_DOWN_LPS[int(np.argmax(np.abs(normal)))])
+    rows_axis, cols_axis = in_plane_array_axes(axis)
+    row_vector = direction[:, array_axis_to_voxel_axis(rows_axis)]  # where increasing row index points
+    col_vector = direction[:, array_axis_to_voxel_axis(cols_axis)]
+    stack = to_slices(array, axis)
+    if abs(row_vector @ down) < abs(col_vector @ down):  # the array's rows run across the screen: transpose
+        stack = stack.transpose(0, 2, 1)
+        row_vector, col_vector = col_vector, row_vector
+    if row_vector @ down < 0:
+        stack = stack[:, ::-1, :]
+    if col_vector @ right < 0:
+        stack = stack[:, :, ::-1]
+    return stack
 
 
 def draw_overview(image: np.ndarray, predicted: np.ndarray, reference: np.ndarray, painted: list[int],

@@ -31,6 +31,8 @@ open and entries whose lock another process holds at that moment.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import operator
@@ -161,7 +163,7 @@ class EmbeddingCache:
 
     @property
     def encoders_dir(self) -> Path:
-        """Where encoders exported for ONNX Runtime are kept: beside the entries, never evicted or cleared (a
+        """Where the compiled and ONNX encoders are kept: beside the entries, never evicted, removed by clear() (a
         dot-folder, which no key can name)."""
         return self.root / ".encoders"
 
@@ -191,10 +193,18 @@ class EmbeddingCache:
             return []  # another process is evicting right now and will bring the cache under its limit
 
     def clear(self) -> int:
-        """Delete every entry not in use; returns how many were deleted."""
+        """Delete every entry not in use, and the built encoders (rebuilt on next use); returns how many entries
+        were deleted."""
         try:
             with FileLock(self.root / ".lock", timeout=LOCK_TIMEOUT_S):
                 removed = sum(self._remove(key, lock_timeout=5.0) for key, _, _ in self._scan())
+                if self.encoders_dir.is_dir():
+                    # One rename: a process loading an encoder sees the whole folder or none. A process that has
+                    # one loaded keeps it (open files survive the unlink on POSIX).
+                    trash = self.root / ".trash" / f".encoders-{uuid.uuid4().hex}"
+                    trash.parent.mkdir(exist_ok=True)
+                    with contextlib.suppress(OSError):
+                        os.replace(self.encoders_dir, trash)
                 self._empty_trash()
                 return removed
         except Timeout as error:
@@ -273,7 +283,7 @@ class CacheEntry:
         self._created = _now()
         self._lock = cache._entry_lock(key)
         _open_entries.add(self)
-        with self._locked():
+        with self._locked(), _disk_full_reported(cache.root):
             self._load()  # create or repair now, so that a broken cache folder shows up at open
 
     @property
@@ -354,7 +364,8 @@ class CacheEntry:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         indices = self._indices(slice_indices)
         for _ in range(_MAX_ATTEMPTS):
-            self._compute_missing(indices, compute_fn, progress, cancel, batch_size)
+            with _disk_full_reported(self.cache.root):
+                self._compute_missing(indices, compute_fn, progress, cancel, batch_size)
             try:
                 return self.read(indices)
             except SlicesMissing:
@@ -473,6 +484,23 @@ class CacheEntry:
 
     def _memmap(self) -> np.memmap:
         return np.memmap(self._data_path, dtype=np.float16, mode="r", shape=self.shape)
+
+
+# Write errors that mean "no room" or "not allowed here", as opposed to a bug: reported as one line.
+_NO_ROOM_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+@contextmanager
+def _disk_full_reported(root: Path):
+    """A full (or read-only) disk under the cache becomes one clear FewShotSAMError; the slices stored before it
+    stay valid (each is marked done only after it is written), so a later run continues where this one stopped."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _NO_ROOM_ERRNOS:
+            raise
+        raise FewShotSAMError(f"cannot write the embedding cache {root}: {error.strerror} (free some disk space, "
+                              f"run 'fewshotsam cache clear', or pass --cache-dir)") from None
 
 
 def _as_float16(embeddings) -> np.ndarray:

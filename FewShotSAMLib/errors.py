@@ -10,3 +10,7 @@ class Cancelled(FewShotSAMError):
 
     def __init__(self, message: str = "cancelled by the user"):
         super().__init__(message)
+
+
+class FewShotSAMWarning(UserWarning):
+    """Input that works but will likely give a poor result (e.g. an MR model applied to a CT); shown as one line."""

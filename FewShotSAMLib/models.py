@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .compiled_encoder import (CompiledEncoder, build_compiled_encoder, compiled_encoder_file, cpu_has_bf16,
-                               failure_note, why_not_compilable)
+from .compiled_encoder import (CompiledEncoder, compiled_encoder_file, cpu_has_bf16, failure_note,
+                               open_compiled_encoder, why_not_compilable)
 from .embedding_cache import EmbeddingCache, default_cache_dir
 from .errors import FewShotSAMError
-from .onnx_encoder import OnnxEncoder, exported_encoder_path, onnxruntime_available
+from .onnx_encoder import OnnxEncoder, onnxruntime_available, open_onnx_encoder
 
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
@@ -156,11 +156,11 @@ class SamModel(nn.Module):
 
     def _compiled_encoder(self, folder: Path | None) -> CompiledEncoder:
         return self._encoder_session(("compiled", self._encoders_folder(folder)),
-                                     lambda folder: CompiledEncoder(build_compiled_encoder(self, folder)))
+                                     lambda folder: open_compiled_encoder(self, folder))
 
     def _onnx_encoder(self, folder: Path | None) -> OnnxEncoder:
         return self._encoder_session(("onnx", self._encoders_folder(folder)),
-                                     lambda folder: OnnxEncoder(exported_encoder_path(self, folder)))
+                                     lambda folder: open_onnx_encoder(self, folder))
 
     def _encoder_session(self, key: tuple[str, Path], open_session):
         sessions = self.__dict__.setdefault("_encoder_sessions", {})

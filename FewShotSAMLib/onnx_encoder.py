@@ -59,6 +59,29 @@ def exported_encoder_path(model, folder: Path) -> Path:
     return path
 
 
+def open_onnx_encoder(model, folder: Path) -> "OnnxEncoder":
+    """The model's exported encoder, ready to run. A file in the cache that ONNX Runtime cannot open (cut short by
+    a full disk or a crash, or damaged) is deleted and exported again, once."""
+    path = exported_encoder_path(model, folder)
+    try:
+        return OnnxEncoder(path)
+    except Exception as error:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+        damaged = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+    remove_damaged_file(path, damaged)
+    try:
+        return OnnxEncoder(exported_encoder_path(model, folder))
+    except Exception as error:
+        raise FewShotSAMError(f"the ONNX encoder {path} cannot be opened even after exporting it again "
+                              f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
+
+
+def remove_damaged_file(path: Path, reason: str) -> None:
+    """Delete a built encoder that cannot be loaded, under its build lock, so that the next use builds it again."""
+    warnings.warn(f"the encoder {path.name} in the cache is damaged ({reason}); building it again", stacklevel=3)
+    with FileLock(path.parent / f".{path.name}.lock"):
+        path.unlink(missing_ok=True)
+
+
 class OnnxEncoder:
     """Runs an exported encoder on normalised [B, 3, S, S] images, one slice per call (batching gains nothing in
     ONNX Runtime on CPU, and one slice keeps the exported graph's fixed shape)."""

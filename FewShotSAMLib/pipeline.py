@@ -3,6 +3,7 @@ adapt (save a few-shot model from one or more labelled scans) and apply (segment
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +14,11 @@ import torch
 from .adapter import AdaptOptions, FewShotAdapter, adapt
 from .embedding_cache import EmbeddingCache
 from .encoding import EncodedVolume, encode_volume
-from .errors import FewShotSAMError
+from .errors import Cancelled, FewShotSAMError
 from .fewshot import FewShotCollection, collect, labelled_slice_indices
 from .models import SamModel, load_model
 from .orientation import slice_axis, to_slices
+from .preprocess import choose_normalisation
 from .progress import NO_PROGRESS, Progress
 from .propagation import PropagationOptions, propagate_volume
 from .volume import LabelVolume, Volume
@@ -64,6 +66,7 @@ class Engine:
     def propagate(self, volume: Volume, labels: LabelVolume, progress: Progress = NO_PROGRESS) -> LabelVolume:
         """Adapt on the painted slices of `labels` and segment the whole of `volume` (same grid), or only the
         slices of options.propagation.slice_range: then only those and the labelled slices are encoded."""
+        check_inputs(self.options, volume, labels)
         selected = select_segments(labels, self.options.segments)
         label_slices = to_slices(labels.array, self.slice_axis(volume))
         labelled = labelled_slice_indices(label_slices, self.options.labelled_slices)
@@ -87,6 +90,8 @@ class Engine:
     def adapt(self, scans: list[tuple[Volume, LabelVolume]], progress: Progress = NO_PROGRESS) -> FewShotAdapter:
         """A few-shot adapter from the labelled slices of one or more scans."""
         collection = None
+        for volume, labels in scans:
+            check_inputs(self.options, volume, labels)
         for number, (volume, labels) in enumerate(scans):
             selected = select_segments(labels, self.options.segments)
             if collection is not None:
@@ -94,15 +99,51 @@ class Engine:
             encoded = self.encode(volume, progress)
             collection = collect(encoded, labels.array, selected, number, collection, self.options.labelled_slices)
         seed_everything(self.options.adapt.seed)
-        return adapt(self.model, collection, self.options.adapt, progress)
+        adapter = adapt(self.model, collection, self.options.adapt, progress)
+        adapter.support_modalities = [volume.modality for volume, _ in scans]
+        return adapter
 
-    def apply(self, adapter: FewShotAdapter, volume: Volume, progress: Progress = NO_PROGRESS) -> LabelVolume:
-        """Segment a scan with no labels of its own."""
+    def apply(self, adapter: FewShotAdapter, volume: Volume, progress: Progress = NO_PROGRESS,
+              scan_name: str = "the scan") -> LabelVolume:
+        """Segment a scan with no labels of its own (warns when it is unlike the model's support scans)."""
         adapter.check_model(self.model)
+        check_inputs(self.options, volume)
+        adapter.warn_if_unlike_support(volume.modality, scan_name)
         n_slices = volume.array.shape[self.slice_axis(volume)]
         encoded = self.encode(volume, progress, only=self.slices_to_encode([], n_slices))
         predicted = propagate_volume(self.model, adapter, encoded, None, [], self.options.propagation, progress)
         return LabelVolume(predicted, volume.geometry, list(adapter.segments))
+
+
+def check_inputs(options: EngineOptions, volume: Volume, labels: LabelVolume | None = None) -> None:
+    """Every check of a scan, its labels and the options that needs no model: run before the model loads, so that
+    a mistake costs a second, not the model's load time (and leaves no cache folder behind)."""
+    array = volume.array
+    if array.size and array.min() == array.max():
+        raise FewShotSAMError(f"the image is blank (every voxel is {array.flat[0]:g}): there is nothing to segment")
+    choose_normalisation(volume, options.window, options.preset)  # a bad window or preset raises here
+    n_slices = array.shape[slice_axis(volume.geometry, options.axis)]
+    slice_range = options.propagation.slice_range
+    if slice_range is not None:
+        first, last = slice_range
+        if first > last:
+            raise FewShotSAMError(f"--slice-range {first}-{last} is reversed; give FIRST-LAST with FIRST <= LAST")
+        if first < 0 or last >= n_slices:
+            raise FewShotSAMError(f"--slice-range {first}-{last} is outside the scan, which has {n_slices} slices "
+                                  f"along its slice axis (0-{n_slices - 1})")
+    for index in options.labelled_slices or []:
+        if not 0 <= index < n_slices:
+            raise FewShotSAMError(f"--labelled-slices: slice {index} is outside the scan's slices 0-{n_slices - 1}")
+    if labels is not None:
+        select_segments(labels, options.segments)
+
+
+def refuse_output_onto_input(output, inputs) -> None:
+    """Even with --overwrite, an output must never replace one of the run's own input files."""
+    for source in inputs:
+        same_name = os.path.abspath(output) == os.path.abspath(source)
+        if same_name or (Path(output).exists() and Path(source).exists() and os.path.samefile(output, source)):
+            raise FewShotSAMError(f"cannot write {output}: it is the input {source}; choose another output name")
 
 
 def select_segments(labels: LabelVolume, wanted: list[int] | None):
@@ -142,10 +183,11 @@ def read_pair(image_path, labels_path) -> tuple[Volume, LabelVolume]:
 
 def propagate_files(image_path, labels_path, out_path, options: EngineOptions | None = None,
                     overwrite: bool = False, progress: Progress = NO_PROGRESS, engine: Engine | None = None) -> Path:
+    refuse_output_onto_input(out_path, [image_path, labels_path])
     check_output_path(out_path, overwrite)
     progress.update("load", 0, 1, "reading the image and labels")
     volume, labels = read_pair(image_path, labels_path)
-    select_segments(labels, (options or EngineOptions()).segments if engine is None else engine.options.segments)
+    check_inputs(_options_of(engine, options), volume, labels)
     engine = engine or Engine(options)
     result = engine.propagate(volume, labels, progress)
     progress.update("write", 0, 1, f"writing {out_path}")
@@ -157,16 +199,20 @@ def adapt_files(pairs: list[tuple[str, str]], out_path, options: EngineOptions |
     out_path = Path(out_path)
     if out_path.suffix != ".fsam":
         raise FewShotSAMError(f"cannot write {out_path}: an adapted model file must end in .fsam")
-    if out_path.exists() and not overwrite:
-        raise FewShotSAMError(f"{out_path} exists; pass --overwrite to replace it")
-    if not out_path.parent.is_dir():
-        raise FewShotSAMError(f"cannot write {out_path}: folder {out_path.parent} does not exist")
+    refuse_output_onto_input(out_path, [path for pair in pairs for path in pair])
+    check_output_path(out_path, overwrite, suffixes=(".fsam",))  # folder exists and is writable: checked first
     progress.update("load", 0, 1, "reading the images and labels")
     scans = [read_pair(image, labels) for image, labels in pairs]
+    for volume, labels in scans:
+        check_inputs(_options_of(engine, options), volume, labels)
     engine = engine or Engine(options)
     adapter = engine.adapt(scans, progress)
     progress.update("write", 0, 1, f"writing {out_path}")
     return adapter.save(out_path, overwrite)
+
+
+def _options_of(engine: Engine | None, options: EngineOptions | None) -> EngineOptions:
+    return engine.options if engine is not None else options or EngineOptions()
 
 
 def output_name(image_path, suffix: str = ".seg.nrrd") -> str:
@@ -181,17 +227,52 @@ def output_name(image_path, suffix: str = ".seg.nrrd") -> str:
 def apply_files(model_path, image_paths: list[str], out_dir, options: EngineOptions | None = None,
                 overwrite: bool = False, suffix: str = ".seg.nrrd", progress: Progress = NO_PROGRESS,
                 engine: Engine | None = None) -> list[Path]:
+    """Segment each image with a saved model. Everything that can be checked without the model (the model file,
+    every image, the options, every output name) is checked before anything is written or the model loads."""
     out_dir = Path(out_dir)
     adapter = FewShotAdapter.load(model_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
     outputs = [out_dir / output_name(image, suffix) for image in image_paths]
+    _check_distinct_outputs(image_paths, outputs)
+    for output in outputs:
+        refuse_output_onto_input(output, [model_path, *image_paths])
+    progress.update("load", 0, 1, "checking the images")
+    for image in image_paths:
+        # Read once to check, then again when its turn comes: holding them all would need every scan in memory.
+        check_inputs(_options_of(engine, options), read_volume(image))
+    _make_output_folder(out_dir)
     for output in outputs:
         check_output_path(output, overwrite)
     engine = engine or Engine(options)
     adapter.check_model(engine.model, model_path)
     written = []
     for image, output in zip(image_paths, outputs):
-        volume = read_volume(image)
-        result = engine.apply(adapter, volume, progress)
-        written.append(write_segmentation(output, result, overwrite))
+        try:
+            volume = read_volume(image)
+            result = engine.apply(adapter, volume, progress, scan_name=f"image {image}")
+            written.append(write_segmentation(output, result, overwrite))
+        except FewShotSAMError as error:
+            if not written:
+                raise
+            done = ", ".join(str(path) for path in written)
+            if isinstance(error, Cancelled):
+                raise Cancelled(f"cancelled by the user after writing {done}") from None
+            raise FewShotSAMError(f"{error} (already written: {done})") from None
     return written
+
+
+def _check_distinct_outputs(image_paths, outputs) -> None:
+    seen = {}
+    for image, output in zip(image_paths, outputs):
+        if output in seen:
+            raise FewShotSAMError(f"images {seen[output]} and {image} would both be written to {output}; "
+                                  f"rename one of them")
+        seen[output] = image
+
+
+def _make_output_folder(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FewShotSAMError(f"--out-dir {out_dir} is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FewShotSAMError(f"cannot create the output folder {out_dir}: {error.strerror}") from None

@@ -38,6 +38,7 @@ HIGH_PERCENTILE = 99.5
 # Voxels within this fraction of the intensity range above the minimum count as background (the "zero" around MR
 # anatomy) and are left out of the percentiles, so that a large empty field of view does not set the range.
 BACKGROUND_FRACTION = 1e-3
+BACKGROUND_TOP_PERCENTILE = 99.9  # "the top of the intensity range" for that cut-off, robust to stray voxels
 # Percentiles on more voxels than this use an evenly strided, deterministic sample: same result every run (needed
 # for the embedding cache key), far faster on large volumes, and accurate to well below one grey level.
 PERCENTILE_SAMPLE_SIZE = 4_000_000
@@ -92,8 +93,11 @@ def robust_intensity_range(array: np.ndarray) -> tuple[float, float]:
     if flat.size == 0:
         return 0.0, 0.0
     sample = flat[:: max(1, flat.size // PERCENTILE_SAMPLE_SIZE)].astype(np.float64)
-    minimum, maximum = float(sample.min()), float(sample.max())
-    foreground = sample[sample > minimum + BACKGROUND_FRACTION * (maximum - minimum)]
+    minimum = float(sample.min())
+    # The background cut-off scales with a high percentile, not the maximum: one stray voxel of 1e6 would otherwise
+    # put the cut-off above every tissue and normalise the whole scan to zero.
+    top = float(np.percentile(sample, BACKGROUND_TOP_PERCENTILE))
+    foreground = sample[sample > minimum + BACKGROUND_FRACTION * (top - minimum)]
     if foreground.size == 0:  # constant volume: nothing to stretch
         return minimum, minimum
     low, high = np.percentile(foreground, [LOW_PERCENTILE, HIGH_PERCENTILE])

@@ -8,8 +8,13 @@ the destination folder and rename it into place, so an interrupted run never lea
 
 from __future__ import annotations
 
+import contextlib
 import os
+import struct
+import sys
+import tempfile
 import uuid
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +45,8 @@ LABEL_PALETTE = (
 )
 
 DICOM_MODALITY_TAG = "0008|0060"
+# Structures per label map: class maps are uint8 with 0 for background and 255 for "ignore" (fewshot.IGNORE).
+MAX_STRUCTURES = 254
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -134,6 +141,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise FewShotSAMError(f"image {path} has {bad} NaN or infinite voxels; fix or replace them first")
+    if array.size and array.min() == array.max():
+        raise FewShotSAMError(f"image {path} is blank (every voxel is {array.flat[0]:g}): there is nothing to segment")
     return Volume(array=array, geometry=geometry_from_image(image), modality=guess_modality(array, dicom_modality))
 
 
@@ -145,18 +154,28 @@ def guess_modality(array: np.ndarray, dicom_modality: str | None = None) -> str:
     return "CT" if looks_like_hounsfield_units(array) else "unknown"
 
 
+# Share of the voxels that must lie at air (<= -500 HU) and at dense tissue (>= 300 HU) for a scan to count as CT: a
+# few stray voxels (one -1000 in an MR scan) must not turn a scan into CT, but any CT of a body has far more air
+# (outside the body, lungs, bowel gas) and bone or contrast than this.
+MIN_AIR_SHARE = 1e-3
+MIN_DENSE_SHARE = 1e-4
+
+
 def looks_like_hounsfield_units(array: np.ndarray) -> bool:
-    """True when intensities span air to dense tissue (min <= -500, max >= 300) in whole numbers, as CT does."""
+    """True when a real share of the voxels lies at air and at dense tissue (MIN_AIR_SHARE <= -500 HU,
+    MIN_DENSE_SHARE >= 300 HU), in whole numbers, as CT does."""
     if array.size == 0:
         return False
-    if float(array.min()) > -500 or float(array.max()) < 300:
+    # A strided sample of about a million voxels decides this without a full-volume temporary.
+    flat = array.reshape(-1)
+    sample = flat[:: max(1, flat.size // 1_000_000)]
+    if np.count_nonzero(sample <= -500) < MIN_AIR_SHARE * sample.size:
+        return False
+    if np.count_nonzero(sample >= 300) < MIN_DENSE_SHARE * sample.size:
         return False
     if np.issubdtype(array.dtype, np.integer):
         return True
-    # Float storage of CT keeps whole HU numbers; interpolated or normalised data does not. A strided sample of about
-    # a million voxels decides this without a full-volume temporary.
-    flat = array.reshape(-1)
-    sample = flat[:: max(1, flat.size // 1_000_000)]
+    # Float storage of CT keeps whole HU numbers; interpolated or normalised data does not.
     return bool(np.all(np.abs(sample - np.round(sample)) < 1e-3))
 
 
@@ -165,6 +184,42 @@ def _existing_path(path: str | os.PathLike, what: str) -> Path:
     if not path.exists():
         raise FewShotSAMError(f"{what} {path} not found")
     return path
+
+
+@contextlib.contextmanager
+def _itk_warnings_silenced(messages: list[str] | None = None):
+    """Keep ITK/GDCM WARNING lines, and what MetaIO, NIfTI and GDCM print straight to the C stderr, off the
+    terminal: every problem they describe is checked here and reported as one FewShotSAMError (a missing DICOM
+    slice, a truncated file), so they would only add noise before it. What was printed is appended to `messages`.
+    """
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        with _c_stderr_captured(messages if messages is not None else []):
+            yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+@contextlib.contextmanager
+def _c_stderr_captured(messages: list[str]):
+    """Send file descriptor 2 to a temporary file while the block runs (C libraries write there directly)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable descriptor 2 (some embedded interpreters)
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", "replace")
+            messages.extend(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _short_itk_reason(error: Exception) -> str:
@@ -181,33 +236,205 @@ def _read_image_file(path: Path, what: str) -> tuple[sitk.Image, str | None]:
     """Image and its DICOM Modality tag (None when the file is not DICOM or has no such tag)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    printed: list[str] = []
     try:
-        reader.ReadImageInformation()
-        modality = reader.GetMetaData(DICOM_MODALITY_TAG) if reader.HasMetaDataKey(DICOM_MODALITY_TAG) else None
-        image = reader.Execute()
-    except RuntimeError as error:
+        with _itk_warnings_silenced(printed):
+            reader.ReadImageInformation()
+            modality = reader.GetMetaData(DICOM_MODALITY_TAG) if reader.HasMetaDataKey(DICOM_MODALITY_TAG) else None
+            if _matching_suffix(path, (".nii", ".nii.gz")):
+                # SimpleITK pads a truncated NIfTI with zeros and reads NaN as 0; the file itself must be checked.
+                problem = nifti_problem(path)
+                if problem:
+                    raise FewShotSAMError(f"cannot read {what} {path}: {problem}")
+            image = reader.Execute()
+    except (RuntimeError, MemoryError) as error:
+        # MetaIO explains a short file only on stderr; its exception then carries a stale errno text.
+        reason = "; ".join(printed[-2:])[:200] if printed else _short_itk_reason(error)
         raise FewShotSAMError(
-            f"cannot read {what} {path}: not a readable NRRD, NIfTI, MHA/MHD or DICOM image "
-            f"({_short_itk_reason(error)})"
+            f"cannot read {what} {path}: not a readable NRRD, NIfTI, MHA/MHD or DICOM image ({reason})"
         ) from None
     return image, modality
 
 
+# NIfTI-1 and NIfTI-2 header fields: (header size, dim offset and format, datatype offset, bitpix offset,
+# vox_offset offset and format).
+_NIFTI_LAYOUTS = {348: (40, "8h", 70, 72, 108, "f"), 540: (16, "8q", 12, 14, 168, "q")}
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # DT_FLOAT32, DT_FLOAT64
+_CHUNK = 1 << 22
+
+
+def nifti_problem(path: Path) -> str | None:
+    """What is wrong with a single-file NIfTI (.nii or .nii.gz), or None: a gzip stream that is cut short or damaged,
+    fewer voxel bytes than the header promises, or NaN/infinite voxels in float data.
+
+    Reads the file once in chunks (no full-size copy). A file whose header this does not recognise is left to the
+    image reader to judge, once its gzip stream is known to be whole.
+    """
+    try:
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            chunks = _gunzipped_chunks(raw) if compressed else iter(lambda: raw.read(_CHUNK), b"")
+            head = b""
+            for chunk in chunks:  # the header may span several chunks of a gzip stream
+                head += chunk
+                if len(head) >= 544:
+                    break
+            header = _nifti_header(head)
+            scanner = _NonFiniteCounter(*header) if header is not None and header[2] is not None else None
+            total = 0
+            for chunk in _chain(head, chunks):
+                if scanner is not None:
+                    scanner.feed(chunk, total)
+                total += len(chunk)
+    except EOFError:
+        return "the file is cut short (its gzip stream ends early); copy or download it again"
+    except (OSError, zlib.error) as error:
+        return f"its compressed data is damaged ({error}); copy or download it again"
+    if header is None:
+        return None
+    data_start, expected, _ = header
+    if total - data_start < expected:
+        return (f"the file is cut short: its header promises {expected} bytes of voxels but only "
+                f"{max(total - data_start, 0)} are there; copy or download it again")
+    if scanner is not None and scanner.count:
+        return f"it has {scanner.count} NaN or infinite voxels; fix or replace them first"
+    return None
+
+
+def _chain(first: bytes, rest):
+    yield first
+    yield from rest
+
+
+def _gunzipped_chunks(raw):
+    """The decompressed bytes of a gzip file (all its members) in chunks; EOFError when the stream stops early.
+
+    zlib checks each member's CRC-32 and length, so damaged data raises zlib.error."""
+    decompressor = zlib.decompressobj(wbits=31)
+    while True:
+        data = raw.read(1 << 16)  # small reads: a run of zeros inflates a thousandfold
+        if not data:
+            if not decompressor.eof:
+                raise EOFError("gzip stream ends early")
+            return
+        while data:
+            yield decompressor.decompress(data)
+            if not decompressor.eof:
+                break
+            data = decompressor.unused_data  # a further gzip member, or padding after the last one
+            if not data.strip(b"\x00"):
+                break
+            decompressor = zlib.decompressobj(wbits=31)
+
+
+def _nifti_header(head: bytes) -> tuple[int, int, np.dtype | None] | None:
+    """(first voxel byte, voxel bytes expected, float dtype or None) from a NIfTI-1/2 header; None if not one."""
+    for endian in ("<", ">"):
+        if len(head) < 4:
+            return None
+        size = struct.unpack_from(endian + "i", head, 0)[0]
+        if size in _NIFTI_LAYOUTS and len(head) >= size:
+            dim_at, dim_format, type_at, bitpix_at, offset_at, offset_format = _NIFTI_LAYOUTS[size]
+            dims = struct.unpack_from(endian + dim_format, head, dim_at)
+            datatype = struct.unpack_from(endian + "h", head, type_at)[0]
+            bitpix = struct.unpack_from(endian + "h", head, bitpix_at)[0]
+            vox_offset = int(struct.unpack_from(endian + offset_format, head, offset_at)[0])
+            n_dims = int(dims[0])
+            if not 1 <= n_dims <= 7 or bitpix <= 0 or any(int(d) < 0 for d in dims[1:n_dims + 1]):
+                return None
+            n_voxels = 1
+            for d in dims[1:n_dims + 1]:
+                n_voxels *= int(d)
+            float_type = _NIFTI_FLOAT_TYPES.get(datatype)
+            return (max(vox_offset, size), n_voxels * bitpix // 8,
+                    np.dtype(endian + float_type) if float_type else None)
+    return None
+
+
+class _NonFiniteCounter:
+    """Counts NaN and infinite values among the voxel bytes of a file fed to it chunk by chunk."""
+
+    def __init__(self, data_start: int, n_bytes: int, dtype: np.dtype):
+        self.data_start, self.data_end, self.dtype = data_start, data_start + n_bytes, dtype
+        self.pending = b""
+        self.count = 0
+
+    def feed(self, chunk: bytes, position: int) -> None:
+        """`chunk` holds the file's bytes from `position` on."""
+        first = max(self.data_start - position, 0)
+        last = min(self.data_end - position, len(chunk))
+        if last <= first:
+            return
+        data = self.pending + chunk[first:last]
+        whole = len(data) - len(data) % self.dtype.itemsize
+        values = np.frombuffer(data[:whole], dtype=self.dtype)
+        self.count += int(values.size - np.count_nonzero(np.isfinite(values)))
+        self.pending = data[whole:]
+
+
 def _read_dicom_series(folder: Path) -> tuple[sitk.Image, str | None]:
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series_ids:
-        raise FewShotSAMError(f"image folder {folder} holds no DICOM series")
-    # Several series in one folder (scouts, reformats): the main scan is nearly always the one with most slices.
-    file_lists = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
+    with _itk_warnings_silenced():
+        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        if not series_ids:
+            raise FewShotSAMError(f"image folder {folder} holds no DICOM series")
+        # Several series in one folder (scouts, reformats): the main scan is nearly always the one with most slices.
+        file_lists = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
+    _refuse_unreadable_dicom_files(folder, file_lists)
     files = max(file_lists, key=len)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        image = reader.Execute()
+        with _itk_warnings_silenced():
+            image = reader.Execute()
         _, modality = _read_image_file(Path(files[0]), "DICOM file")
     except (RuntimeError, FewShotSAMError) as error:
         raise FewShotSAMError(f"cannot read the DICOM series in {folder}: {_short_itk_reason(error)}") from None
+    _refuse_uneven_slices(folder, files)
     return image, (modality or "")  # "" marks DICOM without a Modality tag
+
+
+def _refuse_unreadable_dicom_files(folder: Path, file_lists: list[tuple[str, ...]]) -> None:
+    """A file that says it is DICOM (the "DICM" mark at byte 128) but is in no series is damaged: reading the
+    series without it would silently drop a slice and stretch the spacing, so refuse and name the file."""
+    in_a_series = {os.path.normcase(os.path.abspath(name)) for files in file_lists for name in files}
+    for candidate in sorted(folder.iterdir()):
+        listed = os.path.normcase(os.path.abspath(candidate)) in in_a_series
+        if listed or not candidate.is_file() or candidate.name.upper() == "DICOMDIR":
+            continue
+        try:
+            with open(candidate, "rb") as handle:
+                marked = handle.read(132)[128:132] == b"DICM"
+        except OSError:
+            marked = False
+        if marked or candidate.suffix.lower() in (".dcm", ".dicom"):
+            raise FewShotSAMError(f"cannot read the DICOM series in {folder}: file {candidate.name} is damaged or "
+                                  f"not readable DICOM, so a slice would be missing; replace or remove it")
+
+
+def _refuse_uneven_slices(folder: Path, files: tuple[str, ...]) -> None:
+    """Slices must be evenly spaced along their normal: a gap means a missing file and a wrong slice spacing."""
+    if len(files) < 3:
+        return
+    positions, normal = [], None
+    reader = sitk.ImageFileReader()
+    for name in files:
+        reader.SetFileName(name)
+        try:
+            with _itk_warnings_silenced():
+                reader.ReadImageInformation()
+            position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+            if normal is None:
+                cosines = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+                normal = np.cross(cosines[:3], cosines[3:6])
+        except (RuntimeError, ValueError, IndexError):
+            return  # no usable position tags: nothing to check against
+        positions.append(float(np.dot(position, normal)))
+    steps = np.diff(np.sort(positions))
+    typical = float(np.median(steps))
+    if typical > 0 and np.max(np.abs(steps - typical)) > 0.1 * typical:
+        raise FewShotSAMError(f"cannot read the DICOM series in {folder}: its slices are not evenly spaced (gaps "
+                              f"from {steps.min():.3g} to {steps.max():.3g} mm); a slice file is probably missing")
 
 
 def _require_3d_scalar(image: sitk.Image, path: Path, what: str, is_dicom: bool = False) -> sitk.Image:
@@ -265,6 +492,9 @@ def read_labels(
             )
         array = _as_label_array(sitk.GetArrayFromImage(image), path)
         segments = default_segments(array)
+    if len(segments) > MAX_STRUCTURES:
+        raise FewShotSAMError(f"labels {path} hold {len(segments)} different label values; at most {MAX_STRUCTURES} "
+                              f"structures are supported (is this an image rather than a label map?)")
     return LabelVolume(array=array, geometry=_grid_of(reference), segments=segments)
 
 
@@ -314,7 +544,9 @@ def _read_slicer_segmentation(path: Path, reference: Geometry, reference_name: s
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except Exception as error:  # slicerio raises IOError, KeyError, ValueError... for damaged headers
-        raise FewShotSAMError(f"cannot read Slicer segmentation {path}: {error}") from None
+        reason = " ".join(str(error).split())[:200] or type(error).__name__  # pynrrd quotes whole header lines
+        raise FewShotSAMError(f"cannot read Slicer segmentation {path}: {reason}") from None
+    _restore_non_ascii_names(path, segmentation.get("segments", []))
     voxels = np.asarray(segmentation["voxels"])
     if voxels.ndim not in (3, 4):
         raise FewShotSAMError(f"Slicer segmentation {path} is {voxels.ndim}D; expected 3D or 4D (layers)")
@@ -325,6 +557,32 @@ def _read_slicer_segmentation(path: Path, reference: Geometry, reference_name: s
     own_geometry = geometry_from_ijk_to_lps(segmentation["ijkToLPS"], array.shape)
     array = _place_on_grid(array, own_geometry, reference, path, reference_name)
     return array, segments
+
+
+def _restore_non_ascii_names(path: Path, segments: list[dict]) -> None:
+    """pynrrd decodes headers as ASCII and drops other characters ("Niere ü" -> "Niere "); Slicer writes segment
+    names as UTF-8. Take each segment's name from the raw header bytes instead."""
+    raw_names = _raw_header_fields(path, "_Name")
+    raw_ids = _raw_header_fields(path, "_ID")
+    by_id = {raw_ids[key]: name for key, name in raw_names.items() if key in raw_ids}
+    for segment in segments:
+        if segment.get("id") in by_id:
+            segment["name"] = by_id[segment["id"]]
+
+
+def _raw_header_fields(path: Path, ending: str) -> dict[str, str]:
+    """{"SegmentN": value} of the "SegmentN<ending>:=value" lines of a NRRD header, decoded as UTF-8."""
+    fields = {}
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(1 << 20).split(b"\n\n", 1)[0]
+    except OSError:
+        return fields
+    for line in header.splitlines():
+        key, separator, value = line.partition(b":=")
+        if separator and key.startswith(b"Segment") and key.endswith(ending.encode()):
+            fields[key[: -len(ending)].decode("ascii", "replace")] = value.decode("utf-8", "replace").strip()
+    return fields
 
 
 def _merge_layers(layers: np.ndarray, segment_infos: list[dict], path: Path) -> tuple[np.ndarray, list[Segment]]:
@@ -427,6 +685,8 @@ def check_output_path(
     if path.exists() and not overwrite:
         raise FewShotSAMError(f"{path} exists; pass --overwrite to replace it")
     folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise FewShotSAMError(f"cannot write {path}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise FewShotSAMError(f"cannot write {path}: folder {folder} does not exist")
     probe = folder / f".{path.name}.{uuid.uuid4().hex[:8]}.probe"
@@ -491,16 +751,28 @@ def _write_seg_nrrd(temporary: Path, array: np.ndarray, geometry: Geometry, segm
         "segments": [
             {
                 "id": f"Segment_{segment.label_value}",
-                # A line break would end the NRRD header field.
-                "name": " ".join(str(segment.name).splitlines()),
+                # pynrrd writes ASCII only: a placeholder here, the UTF-8 name (as Slicer writes it) put back below.
+                "name": f"@fewshotsam-name-{number}@",
                 "color": [float(c) for c in segment.color],
                 "labelValue": int(segment.label_value),
                 "layer": 0,
             }
-            for segment in segments
+            for number, segment in enumerate(segments)
         ],
     }
     slicerio.write_segmentation(str(temporary), segmentation)
+    _put_names_in_header(temporary, segments)
+
+
+def _put_names_in_header(path: Path, segments: list[Segment]) -> None:
+    """Replace the name placeholders in the header of a .seg.nrrd just written with the names in UTF-8."""
+    content = path.read_bytes()
+    header, separator, data = content.partition(b"\n\n")
+    for number, segment in enumerate(segments):
+        # A line break would end the NRRD header field.
+        name = " ".join(str(segment.name).splitlines())
+        header = header.replace(f"@fewshotsam-name-{number}@".encode(), name.encode("utf-8"), 1)
+    path.write_bytes(header + separator + data)
 
 
 def _atomic_write(path: Path, overwrite: bool, write_to) -> None:
@@ -511,7 +783,9 @@ def _atomic_write(path: Path, overwrite: bool, write_to) -> None:
     suffix = _matching_suffix(path, SEGMENTATION_SUFFIXES + VOLUME_SUFFIXES) or path.suffix
     temporary = path.parent / f".{path.name[: -len(suffix)]}.{uuid.uuid4().hex[:8]}.partial{suffix}"
     try:
-        write_to(temporary)
+        with _itk_warnings_silenced():  # the NIfTI writer prints its own ERROR lines; the check below reports them
+            write_to(temporary)
+        _verify_written(temporary, suffix)
         if path.exists() and not overwrite:  # appeared while we were writing
             raise FewShotSAMError(f"{path} exists; pass --overwrite to replace it")
         os.replace(temporary, path)
@@ -525,6 +799,15 @@ def _atomic_write(path: Path, overwrite: bool, write_to) -> None:
     except BaseException:  # KeyboardInterrupt and the like: never leave the partial file behind
         _remove_quietly(temporary)
         raise
+
+
+def _verify_written(temporary: Path, suffix: str) -> None:
+    """SimpleITK's NIfTI writer reports success when the disk fills up mid-write (the .nrrd and .mha writers raise):
+    read the file back through its whole gzip stream and check the voxel bytes are all there."""
+    if suffix in (".nii", ".nii.gz"):
+        problem = nifti_problem(temporary)
+        if problem:
+            raise OSError(f"the written file is incomplete (is the disk full?): {problem.split(';')[0]}")
 
 
 def _remove_quietly(path: Path) -> None:

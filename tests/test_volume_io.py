@@ -423,7 +423,7 @@ def test_output_folder_that_does_not_exist_or_is_a_file(tmp_path):
     assert_user_error_naming(missing, lambda: write_volume(missing, volume), "does not exist")
     (tmp_path / "a_file").write_text("x")
     under_file = tmp_path / "a_file" / "scan.nrrd"
-    assert_user_error_naming(under_file, lambda: write_volume(under_file, volume), "does not exist")
+    assert_user_error_naming(under_file, lambda: write_volume(under_file, volume), "is a file, not a folder")
     assert folder_listing(tmp_path) == ["a_file"]
 
 
