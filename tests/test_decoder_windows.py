@@ -10,7 +10,7 @@ from FewShotSAMLib.decoder import OUTSIDE_LOGIT, box_windows, decode, decode_in_
 from FewShotSAMLib.demo import SAMPLE_IMAGE, SAMPLE_REFERENCE
 from FewShotSAMLib.models import load_model
 from FewShotSAMLib.preprocess import apply_normalisation, choose_normalisation, resize_stack_longest_side
-from FewShotSAMLib.tuning import grow_box, mask_box, query_tokens
+from FewShotSAMLib.queries import grow_box, mask_box, query_tokens
 from FewShotSAMLib.volume_io import read_labels, read_volume
 
 
