@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .atomic_write import write_atomically
 from .errors import FewShotSAMError
 from .fewshot import FewShotCollection
 from .models import SamModel
@@ -76,15 +75,7 @@ class FewShotAdapter(HasSegments):
             "options": asdict(self.options),
             "n_labelled_slices": self.n_labelled_slices,
         }
-        handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".fsam", dir=path.parent)
-        os.close(handle)
-        try:
-            torch.save(payload, temporary)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomically(path, lambda temporary: torch.save(payload, temporary))
 
     @classmethod
     def load(cls, path: str | Path) -> "FewShotAdapter":

@@ -50,6 +50,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 from platformdirs import user_cache_dir
 
+from .atomic_write import write_atomically, write_text_atomically
 from .errors import Cancelled, FewShotSAMError
 
 DEFAULT_MAX_BYTES = 20 * 1024**3
@@ -436,10 +437,8 @@ class CacheEntry:
     def _reset(self) -> list[int | None]:
         """Start the entry over, empty. Needs the lock."""
         self.path.mkdir(parents=True, exist_ok=True)
-        temporary = self.path / f"{DATA_FILE}.{uuid.uuid4().hex}.tmp"
-        with open(temporary, "wb") as file:
-            file.truncate(self.shape[0] * self._slice_nbytes)  # sparse where the file system allows
-        os.replace(temporary, self._data_path)  # a new file: never truncate one another process may have mapped
+        # A new file, renamed into place: never truncate one another process may have mapped.
+        write_atomically(self._data_path, self._write_empty_data)
         self._created = _now()
         crcs = [None] * self.shape[0]
         self._save_header(crcs)
@@ -456,9 +455,11 @@ class CacheEntry:
             "created": self._created,
             "crc32": crcs,
         }
-        temporary = self.path / f"{HEADER_FILE}.{uuid.uuid4().hex}.tmp"
-        temporary.write_text(json.dumps(header))
-        os.replace(temporary, self._header_path)
+        write_text_atomically(self._header_path, json.dumps(header))
+
+    def _write_empty_data(self, path: Path) -> None:
+        with open(path, "xb") as file:
+            file.truncate(self.shape[0] * self._slice_nbytes)  # sparse where the file system allows
 
     def _unmark_corrupt(self, suspects: set[int]) -> set[int]:
         """Unmark the suspects whose bytes still fail their checksum under the lock (a writer may have just fixed

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic_write import write_atomically
 from .errors import FewShotSAMError
 from .volume import Geometry, LabelVolume, Segment, Volume
 
@@ -504,34 +505,15 @@ def _write_seg_nrrd(temporary: Path, array: np.ndarray, geometry: Geometry, segm
 
 
 def _atomic_write(path: Path, overwrite: bool, write_to) -> None:
-    """Call write_to(temporary) for a hidden file beside `path`, then rename it onto `path`; clean up on failure.
-
-    The temporary name ends with the real suffix because SimpleITK and pynrrd choose the format by file name.
-    """
-    suffix = _matching_suffix(path, SEGMENTATION_SUFFIXES + VOLUME_SUFFIXES) or path.suffix
-    temporary = path.parent / f".{path.name[: -len(suffix)]}.{uuid.uuid4().hex[:8]}.partial{suffix}"
+    """write_atomically with a temporary name ending in the real suffix (SimpleITK and pynrrd choose the format by
+    file name), and the writers' failures as one-line errors naming the file."""
     try:
-        write_to(temporary)
-        if path.exists() and not overwrite:  # appeared while we were writing
-            raise FewShotSAMError(f"{path} exists; pass --overwrite to replace it")
-        os.replace(temporary, path)
-    except FewShotSAMError:
-        _remove_quietly(temporary)
-        raise
+        write_atomically(path, write_to, overwrite, _matching_suffix(path, SEGMENTATION_SUFFIXES + VOLUME_SUFFIXES))
+    except FileExistsError:  # appeared while we were writing
+        raise FewShotSAMError(f"{path} exists; pass --overwrite to replace it") from None
     except (OSError, RuntimeError, ValueError) as error:
-        _remove_quietly(temporary)
         reason = _short_itk_reason(error) if isinstance(error, RuntimeError) else str(error)
         raise FewShotSAMError(f"cannot write {path}: {reason}") from None
-    except BaseException:  # KeyboardInterrupt and the like: never leave the partial file behind
-        _remove_quietly(temporary)
-        raise
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 def _has_suffix(path: Path, suffix: str) -> bool:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from FewShotSAMLib.metrics import score_labels
-from FewShotSAMLib.atomic_text import write_text_atomically
+from FewShotSAMLib.atomic_write import write_text_atomically
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.slice_selection import few_shot_labels, fractions_of_extent
 

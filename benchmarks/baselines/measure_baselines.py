@@ -32,6 +32,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.baselines.slicer_baselines import fill_between_slices, grow_from_seeds  # noqa: E402
+from FewShotSAMLib.atomic_write import write_text_atomically  # noqa: E402
 from FewShotSAMLib.metrics import dice, dice_inside_reference_extent  # noqa: E402
 from FewShotSAMLib.slice_selection import few_shot_labels  # noqa: E402
 
@@ -136,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+        write_text_atomically(args.json_out, text + "\n")
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from FewShotSAMLib.atomic_text import write_text_atomically
+from FewShotSAMLib.atomic_write import write_text_atomically
 from FewShotSAMLib.metrics import dice
 from FewShotSAMLib.models import load_model
 from FewShotSAMLib.pipeline import Engine, EngineOptions

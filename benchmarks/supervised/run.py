@@ -29,7 +29,7 @@ import monai
 import numpy as np
 import torch
 
-from FewShotSAMLib.atomic_text import write_text_atomically
+from FewShotSAMLib.atomic_write import write_text_atomically
 
 from ..accuracy.datasets import CHAOS_STRUCTURES, Scan, chaos_training_folds, load_scan
 from ..accuracy.run import clean_number, log, score
