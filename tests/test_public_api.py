@@ -14,8 +14,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _modules_after(code: str) -> set[str]:
-    """Top-level modules imported by a fresh interpreter running `code` (this checkout first on its path)."""
-    probe = code + "\nimport sys\nprint(' '.join(sorted({name.split('.')[0] for name in sys.modules})))"
+    """Names of the modules a fresh interpreter has imported after running `code` (this checkout on its path)."""
+    probe = code + "\nimport sys\nprint(' '.join(sorted(sys.modules)))"
     completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                                cwd=REPO_ROOT, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
     assert completed.returncode == 0, completed.stderr
@@ -47,3 +47,10 @@ def test_every_public_name_resolves_to_its_defining_module():
 def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'engine'"):
         FewShotSAMLib.engine  # noqa: B018
+
+
+def test_the_core_path_does_not_import_the_evaluation_code():
+    """metrics.py and slice_selection.py serve the demo, benchmarks and tests only (see their docstrings)."""
+    loaded = _modules_after("import FewShotSAMLib.pipeline, FewShotSAMLib.cli")
+    assert "FewShotSAMLib.propagation" in loaded
+    assert not {"FewShotSAMLib.metrics", "FewShotSAMLib.slice_selection"} & loaded
