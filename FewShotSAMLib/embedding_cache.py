@@ -21,8 +21,8 @@ trusts the header and reads no slice bytes; the bytes are checked once, when the
 Concurrency. Writes of slice bytes and header updates both happen under the entry's FileLock: a batch is a few MB,
 milliseconds next to the seconds it took to encode, and holding the lock makes "the bytes on disk match the recorded
 crc" hold without any read-back. Before each batch the slices still missing are looked up again, so a process skips
-slices that another process encoding the same volume has finished meanwhile. A reset never truncates the data file in place (a reader's np.memmap of it
-would crash with SIGBUS); it writes a new file and os.replace()s it.
+slices that another process encoding the same volume has finished meanwhile. A reset never truncates the data file
+in place (a reader's np.memmap of it would crash with SIGBUS); it writes a new file and os.replace()s it.
 
 Size cap. An entry's last use is the mtime of its header.json, touched on every open, read and write. After each
 write, least recently used entries are deleted until the cache fits max_bytes, skipping entries this process has
@@ -307,7 +307,8 @@ class CacheEntry:
                         file.write(slice_data)
                 # Closed, hence flushed to the OS, before the header marks the slices done.
             except OSError as error:
-                raise FewShotSAMError(f"cannot write the embedding cache {self._data_path}: {error.strerror}") from error
+                raise FewShotSAMError(
+                    f"cannot write the embedding cache {self._data_path}: {error.strerror}") from error
             for index, crc in zip(indices, new_crcs):
                 crcs[index] = crc
             self._save_header(crcs)

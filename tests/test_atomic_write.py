@@ -102,7 +102,8 @@ def test_kill_9_between_write_and_rename_leaves_the_old_file(tmp_path):
         process.stdout.close()
     assert path.read_text() == "old\n"
     leftovers = [p for p in tmp_path.iterdir() if p != path]
-    assert len(leftovers) == 1 and leftovers[0].name.startswith(".speed.") and leftovers[0].name.endswith(".partial.json")
+    assert len(leftovers) == 1
+    assert leftovers[0].name.startswith(".speed.") and leftovers[0].name.endswith(".partial.json")
     assert leftovers[0].read_text() == "new\n", "the kill came after the write was complete"
     write_text_atomically(path, "next\n")  # a later run is not disturbed by the leftover
     assert path.read_text() == "next\n"

@@ -25,8 +25,8 @@ def kidney_query(model):
     volume = read_volume(SAMPLE_IMAGE)
     labels = read_labels(SAMPLE_REFERENCE, volume).array
     index = int(np.argmax((labels == 2).sum(axis=(1, 2))))
-    image, _ = resize_stack_longest_side(apply_normalisation(volume.array, choose_normalisation(volume))[index:index + 1],
-                                         256, (1.0, 1.0))
+    normalised = apply_normalisation(volume.array, choose_normalisation(volume))
+    image, _ = resize_stack_longest_side(normalised[index:index + 1], 256, (1.0, 1.0))
     mask, _ = resize_stack_longest_side((labels[index:index + 1] == 2).astype(np.float32), 256, (1.0, 1.0))
     box = grow_box(mask_box(mask[0, 0] > 0.5)[None], 256)
     return model.encode(image, "fp32"), box, mask[0, 0] > 0.5

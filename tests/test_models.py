@@ -7,8 +7,13 @@ import torch
 
 from FewShotSAMLib.decoder import decode
 from FewShotSAMLib.errors import FewShotSAMError
-from FewShotSAMLib.models import LITEMEDSAM_SHA256, file_sha256, litemedsam_weights_path, load_model, \
-    save_random_checkpoint
+from FewShotSAMLib.models import (
+    LITEMEDSAM_SHA256,
+    file_sha256,
+    litemedsam_weights_path,
+    load_model,
+    save_random_checkpoint,
+)
 from FewShotSAMLib.queries import query_tokens
 
 
