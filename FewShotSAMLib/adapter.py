@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .atomic_write import write_atomically
 from .errors import FewShotSAMError, FewShotSAMWarning
 from .fewshot import FewShotCollection
 from .models import SamModel
@@ -102,20 +101,9 @@ class FewShotAdapter(HasSegments):
             "footprints": self.footprints,
         }
         try:
-            handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".fsam", dir=path.parent)
-        except OSError as error:
-            raise FewShotSAMError(f"cannot write {path}: {error.strerror}") from None
-        os.close(handle)
-        try:
-            torch.save(payload, temporary)
-            os.replace(temporary, path)
+            return write_atomically(path, lambda temporary: torch.save(payload, temporary))
         except (OSError, RuntimeError) as error:  # a full disk surfaces as RuntimeError from torch's zip writer
-            Path(temporary).unlink(missing_ok=True)
             raise FewShotSAMError(f"cannot write {path}: {' '.join(str(error).split())[:200]}") from None
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
 
     @classmethod
     def load(cls, path: str | Path) -> "FewShotAdapter":

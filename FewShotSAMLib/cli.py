@@ -8,9 +8,10 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import catalog
 from .errors import Cancelled, FewShotSAMError, FewShotSAMWarning
 
-MODEL_NAMES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
+MODEL_NAMES = catalog.values(catalog.MODELS)
 
 
 def _slice_list(text: str) -> list[int]:
@@ -58,16 +59,16 @@ def _window(text: str) -> tuple[float, float]:
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and engine")
-    group.add_argument("--model", choices=MODEL_NAMES, default="litemedsam",
+    group.add_argument("--model", choices=MODEL_NAMES, default=catalog.DEFAULT_MODEL,
                        help="segmentation model; litemedsam (default) ships with the package, the others need "
                             "--checkpoint")
     group.add_argument("--checkpoint", help="weights file for sam_vit_b/l/h (Meta's SAM) or medsam_vit_b (MedSAM)")
-    group.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+    group.add_argument("--device", choices=catalog.values(catalog.DEVICES), default="auto",
                        help="where to run the model (default: a GPU if PyTorch sees one, else the CPU)")
     group.add_argument("--cache-dir", help="embedding cache folder (default: the per-user cache folder, or "
                                            "$FEWSHOTSAM_CACHE_DIR); scans encoded once are never encoded again")
     group.add_argument("--seed", type=int, default=0, help="random seed: same inputs and seed give the same result")
-    group.add_argument("--axis", choices=("auto", "axial", "coronal", "sagittal"), default="auto",
+    group.add_argument("--axis", choices=catalog.values(catalog.SLICE_PLANES), default="auto",
                        help="slice orientation; auto picks the image axis closest to axial from the direction matrix")
     group.add_argument("--window", type=_window, metavar="LEVEL,WIDTH",
                        help="CT intensity window, e.g. 40,400 (default for CT: soft tissue; MR uses percentiles)")
@@ -79,7 +80,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                             "they teach the model where structures are absent, e.g. 0,5,30-32")
     group.add_argument("--decoder-steps", type=int, default=None,
                        help="mask decoder tuning steps (default 16; 0 keeps the pretrained decoder)")
-    group.add_argument("--encoder", choices=("auto", "compiled", "onnx", "fp32", "bf16"), default="auto",
+    group.add_argument("--encoder", choices=catalog.values(catalog.ENCODER_PATHS), default="auto",
                        help="how the image encoder runs: compiled (built once for this CPU, bf16), onnx (ONNX "
                             "Runtime, fp32, CPU), fp32 or bf16 (PyTorch); auto picks compiled, then ONNX Runtime on "
                             "CPU for LiteMedSAM, else bf16 where supported, else fp32")

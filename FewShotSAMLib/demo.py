@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .atomic_write import write_atomically, write_text_atomically
 from .errors import FewShotSAMError
 from .metrics import dice
 from .orientation import array_axis_to_voxel_axis, in_plane_array_axes, slice_axis, to_slices
@@ -56,23 +57,17 @@ def run_demo(out_dir: Path, slices_per_structure: int = 3, options: EngineOption
     def shown(array):
         return radiological_slices(array, image.geometry, axis)
 
-    draw_overview(shown(image.array), shown(predicted), shown(reference), report["painted_slices"],
-                  SAMPLE_SEGMENTS).save(_temporary(overview_path))
-    _temporary(overview_path).replace(overview_path)
+    overview = draw_overview(shown(image.array), shown(predicted), shown(reference), report["painted_slices"],
+                             SAMPLE_SEGMENTS)
+    write_atomically(overview_path, overview.save)
     print("Dice against the sample's full reference: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     return [result_path, overview_path, report_path]
-
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{path.suffix}")
 
 
 def _write_text(path: Path, text: str, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise FewShotSAMError(f"{path} exists; pass --overwrite to replace it")
-    temporary = _temporary(path)
-    temporary.write_text(text)
-    temporary.replace(path)
+    write_text_atomically(path, text)
 
 
 # Where the screen's right and down point in patient space (LPS), per slice plane, as Slicer shows slices

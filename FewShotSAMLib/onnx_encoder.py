@@ -11,8 +11,6 @@ The encoder is exported to ONNX once per model weights, into the embedding cache
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from .atomic_write import write_atomically
 from .errors import FewShotSAMError
 
 OPSET = 17
@@ -42,20 +41,19 @@ def exported_encoder_path(model, folder: Path) -> Path:
     with FileLock(folder / f".{path.name}.lock"):
         if path.is_file():
             return path
-        handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
-        os.close(handle)
-        try:
-            example = torch.zeros(1, 3, model.spec.input_size, model.spec.input_size)
+        example = torch.zeros(1, 3, model.spec.input_size, model.spec.input_size)
+
+        def export_to(temporary: Path) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings about Python-side shape arithmetic
-                torch.onnx.export(model.image_encoder.cpu().eval(), (example,), temporary, input_names=["image"],
+                torch.onnx.export(model.image_encoder.cpu().eval(), (example,), str(temporary), input_names=["image"],
                                   output_names=["embedding"], opset_version=OPSET, dynamo=False)
-            os.replace(temporary, path)
+
+        try:
+            write_atomically(path, export_to)
         except Exception as error:
             raise FewShotSAMError(f"could not export the {model.spec.name} encoder to ONNX in {folder}: "
                                   f"{type(error).__name__}: {error}") from None
-        finally:
-            Path(temporary).unlink(missing_ok=True)
     return path
 
 

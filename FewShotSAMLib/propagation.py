@@ -28,7 +28,7 @@ from .models import SamModel
 from .orientation import from_slices, to_slices
 from .preprocess import mask_logits_to_stack
 from .progress import NO_PROGRESS, Progress
-from .tuning import grow_box, query_tokens
+from .queries import cell_boxes, grow_box, query_tokens
 
 
 @dataclass
@@ -98,12 +98,6 @@ def most_likely_component(components: np.ndarray, probability: np.ndarray, footp
     return int(np.argmax(scores)) + 1
 
 
-def _cell_boxes(cells: np.ndarray, cell_size: float) -> np.ndarray:
-    rows = np.flatnonzero(cells.any(axis=1))
-    cols = np.flatnonzero(cells.any(axis=0))
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32) * cell_size
-
-
 def decoder_probabilities(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVolume, kept: np.ndarray,
                           slices: list[int], batch_size: int, progress: Progress) -> dict[tuple[int, int], torch.Tensor]:
     """Decoder probability [S, S] (model-input pixels) for each (slice, structure) whose cells are not empty."""
@@ -112,7 +106,7 @@ def decoder_probabilities(model: SamModel, adapter: FewShotAdapter, encoded: Enc
     queries = [(z, s) for z in slices for s in range(kept.shape[1]) if kept[z, s].any()]
     if not queries:
         return {}
-    boxes = grow_box(torch.from_numpy(np.stack([_cell_boxes(kept[z, s], cell_size) for z, s in queries])), size)
+    boxes = grow_box(torch.from_numpy(np.stack([cell_boxes(kept[z, s], cell_size) for z, s in queries])), size)
     tokens = query_tokens(model, boxes, adapter.tokens[[s for _, s in queries]])
 
     def embeddings_of(indices):

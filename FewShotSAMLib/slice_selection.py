@@ -3,6 +3,10 @@
 They simulate a clinician who labels a few 2D slices fully; the rest of the volume is then filled by an
 algorithm (FewShotSAM or a baseline) and compared with the reference.
 
+Evaluation code, not part of segmenting: the engine's core path never imports it (tests/test_public_api.py
+checks). It lives in the package because the installed ``fewshotsam demo`` command paints the bundled sample
+with it; the benchmarks use the same protocols so that demo and benchmark figures are comparable.
+
 Conventions: arrays are indexed ``[k, j, i]``; ``axis`` is an array axis (0 = k, the slice axis of an axial
 scan). Slice indices are array indices along ``axis``.
 

@@ -7,34 +7,11 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .decoder import box_tokens, decode_in_windows, positional_tokens
+from .decoder import decode_in_windows
 from .fewshot import IGNORE, FewShotCollection
 from .models import SamModel
 from .progress import NO_PROGRESS, Progress
-
-BOX_MARGIN = 0.05  # boxes handed to the decoder are grown by this fraction of their size (and 2 px) each side
-
-
-def mask_box(mask: torch.Tensor) -> torch.Tensor:
-    """Bounding box (x0, y0, x1, y1) of a boolean [H, W] mask, in pixels; exclusive upper corner."""
-    rows = torch.nonzero(mask.any(dim=1)).flatten()
-    cols = torch.nonzero(mask.any(dim=0)).flatten()
-    return torch.stack([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]).float()
-
-
-def grow_box(box: torch.Tensor, size: int, margin: float = BOX_MARGIN, pixels: float = 2.0) -> torch.Tensor:
-    width, height = box[..., 2] - box[..., 0], box[..., 3] - box[..., 1]
-    delta = torch.stack([-width * margin - pixels, -height * margin - pixels,
-                         width * margin + pixels, height * margin + pixels], dim=-1)
-    return (box + delta).clamp(0, size)
-
-
-def query_tokens(model: SamModel, boxes: torch.Tensor, structure_tokens: torch.Tensor) -> torch.Tensor:
-    """Decoder prompt tokens for B queries: the box's two corner tokens and the structure's few-shot token,
-    placed (by adding the prompt encoder's positional encoding) at the box centre. [B, 3, C]."""
-    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    structure = structure_tokens + positional_tokens(model, centres)
-    return torch.cat([box_tokens(model, boxes), structure[:, None]], dim=1)
+from .queries import jitter_boxes, mask_box, query_tokens
 
 
 def _training_queries(collection: FewShotCollection):
@@ -48,16 +25,6 @@ def _training_queries(collection: FewShotCollection):
                 classes.append(class_index)
                 boxes.append(mask_box(mask))
     return torch.tensor(slices), torch.tensor(classes), torch.stack(boxes) if boxes else torch.zeros(0, 4)
-
-
-def jitter_boxes(boxes: torch.Tensor, size: int, generator: torch.Generator, amount: float = 0.08) -> torch.Tensor:
-    """Move each box side by up to `amount` of the box size: at inference the box comes from the coarse pixel
-    prompts, not from the truth, so the decoder must learn to outline the structure from an imprecise box."""
-    width = (boxes[:, 2] - boxes[:, 0]).clamp(min=1)
-    height = (boxes[:, 3] - boxes[:, 1]).clamp(min=1)
-    scale = torch.stack([width, height, width, height], dim=1)
-    noise = (torch.rand(boxes.shape, generator=generator) * 2 - 1) * amount * scale
-    return grow_box(boxes + noise, size)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -90,7 +57,7 @@ def tune_decoder(model: SamModel, collection: FewShotCollection, tokens: torch.T
             query = query_tokens(model, query_boxes, tokens[classes[pick] - 1])
             embeddings = collection.embeddings[slices[pick]]
             order, parts = [], []
-            for indices, window_logits in decode_in_windows(model, lambda i: embeddings[i], query, query_boxes,
+            for indices, window_logits in decode_in_windows(model, embeddings.__getitem__, query, query_boxes,
                                                             len(pick)):
                 order += indices
                 parts.append(window_logits)

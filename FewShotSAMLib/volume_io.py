@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic_write import write_atomically
 from .errors import FewShotSAMError
 from .volume import Geometry, LabelVolume, Segment, Volume
 
@@ -776,29 +777,22 @@ def _put_names_in_header(path: Path, segments: list[Segment]) -> None:
 
 
 def _atomic_write(path: Path, overwrite: bool, write_to) -> None:
-    """Call write_to(temporary) for a hidden file beside `path`, then rename it onto `path`; clean up on failure.
-
-    The temporary name ends with the real suffix because SimpleITK and pynrrd choose the format by file name.
-    """
+    """write_atomically with a temporary name ending in the real suffix (SimpleITK and pynrrd choose the format by
+    file name), and the writers' failures as one-line errors naming the file."""
     suffix = _matching_suffix(path, SEGMENTATION_SUFFIXES + VOLUME_SUFFIXES) or path.suffix
-    temporary = path.parent / f".{path.name[: -len(suffix)]}.{uuid.uuid4().hex[:8]}.partial{suffix}"
     try:
-        with _itk_warnings_silenced():  # the NIfTI writer prints its own ERROR lines; the check below reports them
-            write_to(temporary)
-        _verify_written(temporary, suffix)
-        if path.exists() and not overwrite:  # appeared while we were writing
-            raise FewShotSAMError(f"{path} exists; pass --overwrite to replace it")
-        os.replace(temporary, path)
-    except FewShotSAMError:
-        _remove_quietly(temporary)
-        raise
+        write_atomically(path, lambda temporary: _write_and_verify(write_to, temporary, suffix), overwrite, suffix)
+    except FileExistsError:  # appeared while we were writing
+        raise FewShotSAMError(f"{path} exists; pass --overwrite to replace it") from None
     except (OSError, RuntimeError, ValueError) as error:
-        _remove_quietly(temporary)
         reason = _short_itk_reason(error) if isinstance(error, RuntimeError) else str(error)
         raise FewShotSAMError(f"cannot write {path}: {reason}") from None
-    except BaseException:  # KeyboardInterrupt and the like: never leave the partial file behind
-        _remove_quietly(temporary)
-        raise
+
+
+def _write_and_verify(write_to, temporary: Path, suffix: str) -> None:
+    with _itk_warnings_silenced():  # the NIfTI writer prints its own ERROR lines; the check below reports them
+        write_to(temporary)
+    _verify_written(temporary, suffix)
 
 
 def _verify_written(temporary: Path, suffix: str) -> None:
@@ -808,13 +802,6 @@ def _verify_written(temporary: Path, suffix: str) -> None:
         problem = nifti_problem(temporary)
         if problem:
             raise OSError(f"the written file is incomplete (is the disk full?): {problem.split(';')[0]}")
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 def _has_suffix(path: Path, suffix: str) -> bool:

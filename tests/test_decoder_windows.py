@@ -10,7 +10,7 @@ from FewShotSAMLib.decoder import OUTSIDE_LOGIT, box_windows, decode, decode_in_
 from FewShotSAMLib.demo import SAMPLE_IMAGE, SAMPLE_REFERENCE
 from FewShotSAMLib.models import load_model
 from FewShotSAMLib.preprocess import apply_normalisation, choose_normalisation, resize_stack_longest_side
-from FewShotSAMLib.tuning import grow_box, mask_box, query_tokens
+from FewShotSAMLib.queries import grow_box, mask_box, query_tokens
 from FewShotSAMLib.volume_io import read_labels, read_volume
 
 
@@ -25,8 +25,8 @@ def kidney_query(model):
     volume = read_volume(SAMPLE_IMAGE)
     labels = read_labels(SAMPLE_REFERENCE, volume).array
     index = int(np.argmax((labels == 2).sum(axis=(1, 2))))
-    image, _ = resize_stack_longest_side(apply_normalisation(volume.array, choose_normalisation(volume))[index:index + 1],
-                                         256, (1.0, 1.0))
+    normalised = apply_normalisation(volume.array, choose_normalisation(volume))
+    image, _ = resize_stack_longest_side(normalised[index:index + 1], 256, (1.0, 1.0))
     mask, _ = resize_stack_longest_side((labels[index:index + 1] == 2).astype(np.float32), 256, (1.0, 1.0))
     box = grow_box(mask_box(mask[0, 0] > 0.5)[None], 256)
     return model.encode(image, "fp32"), box, mask[0, 0] > 0.5

@@ -7,9 +7,14 @@ import torch
 
 from FewShotSAMLib.decoder import decode
 from FewShotSAMLib.errors import FewShotSAMError
-from FewShotSAMLib.models import LITEMEDSAM_SHA256, file_sha256, litemedsam_weights_path, load_model, \
-    save_random_checkpoint
-from FewShotSAMLib.tuning import query_tokens
+from FewShotSAMLib.models import (
+    LITEMEDSAM_SHA256,
+    file_sha256,
+    litemedsam_weights_path,
+    load_model,
+    save_random_checkpoint,
+)
+from FewShotSAMLib.queries import query_tokens
 
 
 def test_litemedsam_weights_are_bundled_and_verified():

@@ -1,14 +1,15 @@
-"""Summaries, markdown tables and the Dice-vs-k plot (drawn with PIL: matplotlib is not a dependency)."""
+"""Summaries, markdown tables and the Dice-vs-k plot (matplotlib, from the `bench` extra)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+
+from FewShotSAMLib.atomic_write import write_atomically
 
 from .datasets import DATASET_NOTES, DATASET_TITLES
 
@@ -26,7 +27,7 @@ SSL_ALPNET_CHAOS_SETTING1_MEAN_DICE = 78.8  # Ouyang et al., ECCV 2020, Table 1,
 # The fully supervised reference (benchmarks/supervised), read from the same results folder when present.
 SUPERVISED = "Supervised 2D U-Net (MONAI)"
 SUPERVISED_JSON = "supervised.json"
-SUPERVISED_COLOUR = (0, 0, 0)
+SUPERVISED_COLOUR = "black"
 FEWSHOTSAM_KS_BESIDE_SUPERVISED = (1, 3, 5)
 
 METRICS = ["dice", "iou", "hd95_mm", "assd_mm", "false_positive_slices", "dice_inside_reference_extent"]
@@ -133,13 +134,15 @@ def _k_text(k) -> str:
 
 def protocol1_tables(dataset: str, rows: list[dict]) -> list[str]:
     lines = [
-        "| method | k | labelled slices | Dice mean ± std | IoU | HD95 mm | ASSD mm | FP slices | Dice in extent | s/scan | scans |",
+        "| method | k | labelled slices | Dice mean ± std | IoU | HD95 mm | ASSD mm | FP slices | Dice in extent "
+        "| s/scan | scans |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in rows:
         std = "" if s["dice_std"] is None else f" ± {s['dice_std']:.3f}"
         lines.append(
-            f"| {s['method']} | {_k_text(s['k'])} | {_f(s['labelled_slices'], 1)} | {_f(s['dice'])}{std} | {_f(s['iou'])} "
+            f"| {s['method']} | {_k_text(s['k'])} | {_f(s['labelled_slices'], 1)} | {_f(s['dice'])}{std} "
+            f"| {_f(s['iou'])} "
             f"| {_with_failures(s['hd95_mm'], s['hd95_mm_non_finite'])} "
             f"| {_with_failures(s['assd_mm'], s['assd_mm_non_finite'], 2)} "
             f"| {_f(s['false_positive_slices'], 2)} | {_f(s['dice_inside_reference_extent'])} "
@@ -175,7 +178,8 @@ def protocol2_table(rows: list[dict], records: list[dict]) -> list[str]:
             f"| {_with_failures(s['hd95_mm'], s['hd95_mm_non_finite'])} | {_f(s['false_positive_slices'], 2)} "
             f"| {_f(s['seconds_per_scan'], 1)} |"
         )
-    lines.append(f"| SSL-ALPNet (Ouyang et al., ECCV 2020), setting 1, quoted | – | " + " | ".join("–" for _ in structures)
+    lines.append("| SSL-ALPNet (Ouyang et al., ECCV 2020), setting 1, quoted | – | "
+                 + " | ".join("–" for _ in structures)
                  + f" | **{SSL_ALPNET_CHAOS_SETTING1_MEAN_DICE / 100:.3f}** | – | – | – | – |")
     return lines
 
@@ -236,8 +240,8 @@ def supervised_section(supervised: dict, records: list[dict]) -> list[str]:
     models, sup_records = reference["models"], reference["records"]
     scans = sorted((r["scan"] for r in sup_records), key=lambda name: (len(name), name))  # numeric order
     organs = list(OrderedDict.fromkeys(o for r in sup_records for o in r["structures"]))
-    folds = "; ".join(f"fold {f['fold']}: trains on {', '.join(f['train_scans'])}, predicts {', '.join(f['test_scans'])}"
-                      for f in run.get("folds", []))
+    folds = "; ".join(f"fold {f['fold']}: trains on {', '.join(f['train_scans'])}, "
+                      f"predicts {', '.join(f['test_scans'])}" for f in run.get("folds", []))
     settings = run.get("settings", {})
     lines = ["## Supervised reference (MONAI 2D U-Net)", ""]
     if run.get("quick"):
@@ -330,7 +334,8 @@ def supervised_section(supervised: dict, records: list[dict]) -> list[str]:
             folds_used = sorted({r["fold"] for r in size_records})
             size_models = [m for m in supervised.get("models", []) if m["train_size"] == size
                            and m["fold"] in folds_used]
-            lines.append(f"| {size} | {', '.join(folds_used)} | {_f(_mean([m['train_slices'] for m in size_models]), 0)} "
+            lines.append(f"| {size} | {', '.join(folds_used)} "
+                         f"| {_f(_mean([m['train_slices'] for m in size_models]), 0)} "
                          f"| {_minutes(size_models)} | {_f(_mean([m['steps'] for m in size_models]), 0)} | "
                          + " | ".join(_dice_cells(size_records, organs)) + f" | {len(size_records)} |")
         lines.append("")
@@ -386,7 +391,8 @@ def protocol3_section(run: dict, records: list[dict], supervised: dict | None) -
         "reference) of the first n training scans of a fold, in case-number order: one "
         "`engine.adapt([(scan, labels), ...])` per fold and n, then `engine.apply(adapter, query)` on each "
         "unlabelled query scan of the fold. The folds are the supervised U-Net's "
-        f"(`benchmarks.accuracy.datasets.chaos_training_folds`: {folds}), so its row below comes from models trained on all slices "
+        f"(`benchmarks.accuracy.datasets.chaos_training_folds`: {folds}), so its row below comes from models trained "
+        "on all slices "
         "of the same scans and tested on the same queries (see the supervised reference for its training budgets; "
         "'–' or fewer query scans: not every fold's model was trained at that size). Cells: whole-volume Dice, "
         "mean over the query scans of the per-scan mean over organs ± sd across scans, (number of query scans). "
@@ -427,7 +433,8 @@ def markdown(result: dict, supervised: dict | None = None) -> str:
         "",
         "## How to read this",
         "",
-        "- **Protocol 1 (within one scan)**: for each structure, `few_shot_labels(reference, axis, k)` picks k slices at the "
+        "- **Protocol 1 (within one scan)**: for each structure, `few_shot_labels(reference, axis, k)` picks k slices "
+        "at the "
         "centres of k equal chunks of its extent (k=1: middle, k=3: 1/6, 1/2, 5/6); every picked slice is copied fully "
         "from the reference (all structures on it, so it also says where they are absent). Each method then segments "
         "the whole volume. 'labelled slices' is the mean number of distinct labelled slices per scan (the union over "
@@ -480,8 +487,9 @@ def markdown(result: dict, supervised: dict | None = None) -> str:
             "",
             "SSL-ALPNet's 78.8 is quoted from the paper (setting 1, its own 5-fold evaluation, mean of liver, kidneys "
             "and spleen Dice in %); **training data differ**: SSL-ALPNet is trained self-supervised on the CHAOS scans "
-            "themselves, FewShotSAM uses a frozen SAM-family encoder pretrained elsewhere and adapts only on the support "
-            "slices, and the support/query pairing here is our own fold scheme. Also, FewShotSAM's hyper-parameters were "
+            "themselves, FewShotSAM uses a frozen SAM-family encoder pretrained elsewhere and adapts only on the "
+            "support slices, and the support/query pairing here is our own fold scheme. Also, FewShotSAM's "
+            "hyper-parameters were "
             "chosen on CHAOS. The comparison is indicative, not like-for-like.",
             "",
         ]
@@ -511,8 +519,10 @@ def markdown(result: dict, supervised: dict | None = None) -> str:
         key = (r["method"], r["protocol"], r["dataset"])
         timing.setdefault(key, []).append(r["seconds"])
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    for (method, protocol, dataset), seconds in sorted(timing.items(), key=lambda kv: (kv[0][1], kv[0][2], order.get(kv[0][0], 99))):
-        lines.append(f"| {method} | {protocol} | {dataset} | {sum(seconds):.1f} | {np.mean(seconds):.1f} | {len(seconds)} |")
+    for (method, protocol, dataset), seconds in sorted(timing.items(),
+                                                       key=lambda kv: (kv[0][1], kv[0][2], order.get(kv[0][0], 99))):
+        lines.append(f"| {method} | {protocol} | {dataset} | {sum(seconds):.1f} | {np.mean(seconds):.1f} "
+                     f"| {len(seconds)} |")
     for dataset, seconds in run.get("encoding_seconds", {}).items():
         lines.append(f"| image encoding (shared, cached) | – | {dataset} | {sum(seconds.values()):.1f} | "
                      f"{np.mean(list(seconds.values())):.1f} | {len(seconds)} |")
@@ -527,90 +537,39 @@ def markdown(result: dict, supervised: dict | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Plot (PIL)
+# Plot (matplotlib: the `bench` extra)
 
-COLOURS = {
-    FEWSHOTSAM: (214, 39, 40),
-    FEWSHOTSAM_NO_TUNING: (255, 127, 14),
-    FILL: (31, 119, 180),
-    GROW: (44, 160, 44),
-    SAM_BOX: (148, 103, 189),
-    SAM_POINT: (140, 86, 75),
+COLOURS = {  # matplotlib's tab10, so a method keeps its colour in every figure
+    FEWSHOTSAM: "tab:red",
+    FEWSHOTSAM_NO_TUNING: "tab:orange",
+    FILL: "tab:blue",
+    GROW: "tab:green",
+    SAM_BOX: "tab:purple",
+    SAM_POINT: "tab:brown",
 }
-
-
-@functools.lru_cache(maxsize=None)
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def _dashed_line(draw, start, end, fill, width, dash=8):
-    (x0, y0), (x1, y1) = start, end
-    length = math.hypot(x1 - x0, y1 - y0)
-    if length == 0:
-        return
-    steps = int(length // dash)
-    for step in range(0, steps, 2):
-        a, b = step / steps, min(step + 1, steps) / steps
-        draw.line([(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
-                  fill=fill, width=width)
-
-
-PANEL_W, PANEL_H, MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 460, 360, 62, 18, 40, 52
-LEGEND_ROW = 28
+LINE_STYLES = {"circle": ("-", "o"), "square": ("-", "s"), "dashed": ("--", ""), "fine dashed": (":", "")}
+PANEL_WIDTH_IN, PANEL_HEIGHT_IN, LEGEND_ROW_IN, DPI = 4.6, 3.6, 0.22, 100
 PROTOCOL3_TITLE = "CHAOS across scans (protocol 3)"
 
 
-class _Panel:
-    """The axes of panel ``index``: Dice (y) against ``ticks`` (x), with a title and grid; maps data to pixels."""
-
-    def __init__(self, draw, index: int, title: str, ticks: list, x_label: str, values: list[float]):
-        self.left, self.right = index * PANEL_W + MARGIN_L, (index + 1) * PANEL_W - MARGIN_R
-        self.top, self.bottom = MARGIN_T, PANEL_H - MARGIN_B
-        self.y_low, self.y_high = max(0.0, math.floor((min(values) - 0.05) * 10) / 10), 1.0
-        span = (min(ticks), max(ticks)) if ticks else (0, 1)
-        self.x_span = span if span[0] != span[1] else (span[0] - 1, span[1] + 1)
-        font, small = _font(13), _font(12)
-        draw.text(((self.left + self.right) / 2, 10), title, fill="black", font=_font(15), anchor="mt")
-        for step in range(int(round((self.y_high - self.y_low) / 0.1)) + 1):
-            value = self.y_low + step * 0.1
-            draw.line([(self.left, self.y(value)), (self.right, self.y(value))], fill=(225, 225, 225))
-            draw.text((self.left - 6, self.y(value)), f"{value:.1f}", fill="black", font=small, anchor="rm")
-        for tick in ticks:
-            draw.line([(self.x(tick), self.bottom), (self.x(tick), self.bottom + 5)], fill="black")
-            draw.text((self.x(tick), self.bottom + 8), str(tick), fill="black", font=small, anchor="mt")
-        draw.rectangle([self.left, self.top, self.right, self.bottom], outline="black")
-        draw.text(((self.left + self.right) / 2, PANEL_H - 16), x_label, fill="black", font=font, anchor="mm")
-        draw.text((index * PANEL_W + 4, (self.top + self.bottom) / 2 - 40), "Dice", fill="black", font=font)
-
-    def x(self, value: float) -> float:
-        pad = 0.08 * (self.right - self.left)
-        return self.left + pad + (value - self.x_span[0]) / (self.x_span[1] - self.x_span[0]) * (
-            self.right - self.left - 2 * pad)
-
-    def y(self, value: float) -> float:
-        value = max(self.y_low, value)  # a value below the axis sits on it
-        return self.bottom - (value - self.y_low) / (self.y_high - self.y_low) * (self.bottom - self.top)
-
-    def horizontal(self, draw, value: float, colour, dash: int) -> None:
-        _dashed_line(draw, (self.left + 2, self.y(value)), (self.right - 2, self.y(value)), colour, 2, dash=dash)
+def _dice_axes(axes, title: str, ticks: list, x_label: str, values: list[float]) -> None:
+    """Dice (y, from a tenth below the lowest value to 1) against `ticks` (x), with a title and grid."""
+    y_low = max(0.0, math.floor((min(values) - 0.05) * 10) / 10)
+    axes.set_title(title, fontsize=11)
+    axes.set_ylim(y_low, 1.0)
+    axes.set_yticks(np.arange(y_low, 1.0 + 1e-9, 0.1))
+    axes.set_xticks(ticks)
+    axes.margins(x=0.08)
+    axes.grid(axis="y", color="0.88")
+    axes.set_axisbelow(True)
+    axes.set_xlabel(x_label)
+    axes.set_ylabel("Dice")
 
 
-def _marker(draw, x: float, y: float, colour, marker: str) -> None:
-    box = [x - 4, y - 4, x + 4, y + 4]
-    (draw.rectangle if marker == "square" else draw.ellipse)(box, fill=colour)
-
-
-def _curve(draw, xy: list[tuple[float, float]], colour, marker: str) -> None:
-    if len(xy) > 1:
-        draw.line(xy, fill=colour, width=3)
-    for x, y in xy:
-        _marker(draw, x, y, colour, marker)
+def _curve(axes, points: list[tuple[float, float]], colour, style: str) -> None:
+    line_style, marker = LINE_STYLES[style]
+    axes.plot([x for x, _ in points], [y for _, y in points], linestyle=line_style, marker=marker, color=colour,
+              linewidth=2, markersize=6)
 
 
 def _add_legend(legend: list, style: str, colour, label: str) -> None:
@@ -619,29 +578,30 @@ def _add_legend(legend: list, style: str, colour, label: str) -> None:
         legend.append((style, colour, label))
 
 
-def _protocol1_panel(draw, index: int, dataset: str, ds: list[dict], reference: dict | None, legend: list) -> None:
+def _protocol1_panel(axes, dataset: str, ds: list[dict], reference: dict | None, legend: list) -> None:
     """Dice against k; methods without labelled slices and the supervised reference as dashed horizontal lines."""
     ks = sorted({s["k"] for s in ds if s["k"] is not None})
     values = [s["dice"] for s in ds] + ([reference["dice"]] if reference else [])
-    panel = _Panel(draw, index, DATASET_TITLES.get(dataset, dataset), ks, "labelled slices per structure (k)", values)
+    _dice_axes(axes, DATASET_TITLES.get(dataset, dataset), ks, "labelled slices per structure (k)", values)
     for method in METHOD_ORDER:
         points = sorted((s["k"], s["dice"]) for s in ds if s["method"] == method and s["k"] is not None)
         flat = [s["dice"] for s in ds if s["method"] == method and s["k"] is None]
-        colour = COLOURS.get(method, (0, 0, 0))
-        _curve(draw, [(panel.x(k), panel.y(v)) for k, v in points], colour, "circle")
+        colour = COLOURS.get(method, "black")
+        if points:
+            _curve(axes, points, colour, "circle")
         if flat:
-            panel.horizontal(draw, flat[0], colour, dash=8)
+            axes.axhline(flat[0], color=colour, linestyle=LINE_STYLES["dashed"][0], linewidth=2)
         if method in K_INDEPENDENT and flat:
             _add_legend(legend, "dashed", colour, f"{method}, every slice")
         elif points:
             _add_legend(legend, "circle", colour, method)
     if reference:
-        panel.horizontal(draw, reference["dice"], SUPERVISED_COLOUR, dash=4)
+        axes.axhline(reference["dice"], color=SUPERVISED_COLOUR, linestyle=LINE_STYLES["fine dashed"][0], linewidth=2)
         _add_legend(legend, "fine dashed", SUPERVISED_COLOUR,
                     f"Supervised U-Net on {reference['dataset'].upper()}, {reference['training_text']}")
 
 
-def _protocol3_panel(draw, index: int, p3: list[dict], supervised: dict | None, legend: list) -> None:
+def _protocol3_panel(axes, p3: list[dict], supervised: dict | None, legend: list) -> None:
     """Dice against the number of training scans (all their slices): FewShotSAM, and the supervised U-Net's
     data-size curve on the same query scans."""
     sizes = sorted({s["train_size"] for s in p3})
@@ -657,22 +617,17 @@ def _protocol3_panel(draw, index: int, p3: list[dict], supervised: dict | None, 
     curves.append(("Supervised U-Net, all slices of n scans", SUPERVISED_COLOUR, supervised_points))
     curves = [curve for curve in curves if curve[2]]
     values = [dice for _, _, points in curves for _, dice in points]
-    panel = _Panel(draw, index, PROTOCOL3_TITLE, sizes, "training scans n (every slice labelled)", values)
+    _dice_axes(axes, PROTOCOL3_TITLE, sizes, "training scans n (every slice labelled)", values)
     for label, colour, points in curves:
-        _curve(draw, [(panel.x(n), panel.y(dice)) for n, dice in points], colour, "square")
+        _curve(axes, points, colour, "square")
         _add_legend(legend, "square", colour, label)
 
 
-def _draw_legend(draw, legend: list, width: int, columns: int) -> None:
-    for number, (style, colour, label) in enumerate(legend):
-        x = 20 + (number % columns) * (width - 40) / columns
-        y = PANEL_H + 12 + (number // columns) * LEGEND_ROW + 7
-        if style in ("dashed", "fine dashed"):
-            _dashed_line(draw, (x, y), (x + 34, y), colour, 2, dash=4 if style == "fine dashed" else 8)
-        else:
-            draw.line([(x, y), (x + 34, y)], fill=colour, width=3)
-            _marker(draw, x + 17, y, colour, style)
-        draw.text((x + 42, y), label, fill="black", font=_font(13), anchor="lm")
+def _legend_handles(legend: list) -> list:
+    from matplotlib.lines import Line2D
+
+    return [Line2D([], [], color=colour, linestyle=LINE_STYLES[style][0], marker=LINE_STYLES[style][1],
+                   linewidth=2, markersize=6) for style, colour, _ in legend]
 
 
 def plot_dice_vs_k(rows: list[dict], path: Path, supervised: dict | None = None) -> Path | None:
@@ -681,9 +636,13 @@ def plot_dice_vs_k(rows: list[dict], path: Path, supervised: dict | None = None)
 
     Methods without labelled slices (the prompted-SAM baselines) are drawn as dashed horizontal lines; so is the
     supervised reference (``supervised``: the content of supervised.json, or None), on its dataset's panel. Its
-    data-size curve goes on the protocol-3 panel, on the same query scans as FewShotSAM's.
+    data-size curve goes on the protocol-3 panel, on the same query scans as FewShotSAM's. The legend sits below
+    the panels, in as many rows as it needs. Written atomically.
     """
-    from PIL import Image, ImageDraw
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("the accuracy plot needs matplotlib: pip install -e '.[bench]'") from error
 
     reference = supervised_reference(supervised)
     p1 = [s for s in rows if s["protocol"] == 1 and s["dice"] is not None]
@@ -691,20 +650,21 @@ def plot_dice_vs_k(rows: list[dict], path: Path, supervised: dict | None = None)
     datasets = list(OrderedDict.fromkeys(s["dataset"] for s in p1))
     if not datasets and not p3:
         return None
-    width = PANEL_W * (len(datasets) + (1 if p3 else 0))
-    columns = max(1, min(3, width // 320))
-    most_entries = len(METHOD_ORDER) + 4  # + the supervised line and the three protocol-3 curves
-    image = Image.new("RGB", (width, PANEL_H + LEGEND_ROW * most_entries + 16), "white")
-    draw = ImageDraw.Draw(image)
+    n_panels = len(datasets) + (1 if p3 else 0)
+    figure = Figure(figsize=(PANEL_WIDTH_IN * n_panels, PANEL_HEIGHT_IN), dpi=DPI)  # no pyplot: no global state
+    panels = figure.subplots(1, n_panels, squeeze=False)[0]
     legend = []
-    for index, dataset in enumerate(datasets):
-        _protocol1_panel(draw, index, dataset, [s for s in p1 if s["dataset"] == dataset],
+    for axes, dataset in zip(panels, datasets):
+        _protocol1_panel(axes, dataset, [s for s in p1 if s["dataset"] == dataset],
                          reference if reference and reference["dataset"] == dataset else None, legend)
     if p3:
-        _protocol3_panel(draw, len(datasets), p3, supervised, legend)
-    _draw_legend(draw, legend, width, columns)
-    legend_rows = (len(legend) + columns - 1) // columns
-    image = image.crop((0, 0, width, PANEL_H + LEGEND_ROW * legend_rows + 16))  # the legend drawn, no more
+        _protocol3_panel(panels[-1], p3, supervised, legend)
+    columns = max(1, min(3, int(PANEL_WIDTH_IN * n_panels * DPI) // 320))
+    legend_height = LEGEND_ROW_IN * ((len(legend) + columns - 1) // columns) + 0.1
+    figure.set_size_inches(PANEL_WIDTH_IN * n_panels, PANEL_HEIGHT_IN + legend_height)
+    figure.subplots_adjust(left=0.55 / (PANEL_WIDTH_IN * n_panels), right=0.98, wspace=0.28, top=1 - 0.4 / (
+        PANEL_HEIGHT_IN + legend_height), bottom=(legend_height + 0.55) / (PANEL_HEIGHT_IN + legend_height))
+    figure.legend(_legend_handles(legend), [label for _, _, label in legend], loc="lower left", ncol=columns,
+                  frameon=False, fontsize=9, bbox_to_anchor=(0.01, 0.0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    return write_atomically(path, lambda temporary: figure.savefig(temporary, format=path.suffix.lstrip(".")))

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from FewShotSAMLib.atomic_write import write_text_atomically
 from FewShotSAMLib.metrics import score_labels
-from FewShotSAMLib.atomic_text import write_text_atomically
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.slice_selection import few_shot_labels, fractions_of_extent
 
@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--datasets", default=None, help="comma list of chaos,hippocampus,totalseg (default: all)")
     parser.add_argument("--ks", default=None, help="comma list of labelled slices per structure (default 1,3,5)")
     parser.add_argument("--methods", default=None,
-                        help=f"comma list of {','.join(METHOD_KEYS)} (default: all; --quick: {','.join(QUICK_METHODS)})")
+                        help=f"comma list of {','.join(METHOD_KEYS)} "
+                             f"(default: all; --quick: {','.join(QUICK_METHODS)})")
     parser.add_argument("--protocols", default=None, help="comma list of 1,2,3 (default: 1,2,3; --quick: 1)")
     parser.add_argument("--scans", default=None,
                         help="only these scan names (e.g. 2,15 or hippocampus_001); protocols 2 and 3: query scans")
@@ -142,8 +143,8 @@ def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=10)
-        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--", "FewShotSAMLib"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--", "FewShotSAMLib"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         if out.returncode != 0:
             return None
         return out.stdout.strip() + (" + uncommitted FewShotSAMLib changes" if dirty.stdout.strip() else "")
@@ -409,7 +410,8 @@ class Benchmark:
         fold_list = chaos_training_folds()
         self.protocol3_folds = [{"fold": name, "train_scans": train, "test_scans": test}
                                 for name, train, test in fold_list]
-        self.plan.append(f"Planned, protocol 3, chaos: {len(fold_list)} folds (benchmarks.accuracy.datasets.chaos_training_folds); "
+        self.plan.append(f"Planned, protocol 3, chaos: {len(fold_list)} folds "
+                         "(benchmarks.accuracy.datasets.chaos_training_folds); "
                          f"training scans per model {args.train_sizes}; queries "
                          f"{', '.join(args.scans) if args.scans else 'every test scan of the fold'}; "
                          f"methods: {', '.join(methods)}.")

@@ -12,7 +12,7 @@ true extent along the slice axis) and where it lies on each of them.
 
 Coordinates: slice pixel (row, col) -> model-input pixels by the resize's per-axis scale
 (``resized_shape / original_shape``; x = column, y = row). Boxes use pixel edges (x0, y0, x1, y1) with an exclusive
-upper corner, as ``FewShotSAMLib.tuning.mask_box``; points use the pixel centre ((c + 0.5) * scale - 0.5, since the
+upper corner, as ``FewShotSAMLib.queries.mask_box``; points use the pixel centre ((c + 0.5) * scale - 0.5, since the
 prompt encoder adds 0.5). Structures are decoded independently; where their masks overlap, the structure with the
 highest logit wins.
 """

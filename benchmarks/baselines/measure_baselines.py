@@ -32,6 +32,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.baselines.slicer_baselines import fill_between_slices, grow_from_seeds  # noqa: E402
+from FewShotSAMLib.atomic_write import write_text_atomically  # noqa: E402
 from FewShotSAMLib.metrics import dice, dice_inside_reference_extent  # noqa: E402
 from FewShotSAMLib.slice_selection import few_shot_labels  # noqa: E402
 
@@ -77,7 +78,8 @@ def run(data_dir: Path, ks: list[int], check_axes: bool) -> dict:
             if check_axes:
                 literal = fill_between_slices(painted, spacing, SLICE_AXIS, all_axes=True)
                 if not np.array_equal(literal, outputs["fill between slices"]):
-                    axes_mismatches.append({"case": case, "k": k, "voxels": int((literal != outputs["fill between slices"]).sum())})
+                    differing = int((literal != outputs["fill between slices"]).sum())
+                    axes_mismatches.append({"case": case, "k": k, "voxels": differing})
             for method, prediction in outputs.items():
                 per_case[method][str(k)][str(case)] = {
                     ORGANS[v]: dice(prediction == v, reference == v) for v in ORGANS
@@ -92,14 +94,16 @@ def run(data_dir: Path, ks: list[int], check_axes: bool) -> dict:
         for method, by_k in table.items():
             summary[method] = {}
             for k, by_case in by_k.items():
-                organ_means = {name: float(np.mean([scores[name] for scores in by_case.values()])) for name in ORGANS.values()}
+                organ_means = {name: float(np.mean([scores[name] for scores in by_case.values()]))
+                               for name in ORGANS.values()}
                 organ_means["mean"] = float(np.mean(list(organ_means.values())))
                 summary[method][k] = organ_means
         return summary
 
     result = {
         "dataset": "CHAOS T2-SPIR MRI (12 scans)",
-        "protocol": "few_shot_labels(reference, axis=0, k): evenly_spaced_in_extent per organ, chosen slices fully painted",
+        "protocol": "few_shot_labels(reference, axis=0, k): evenly_spaced_in_extent per organ, "
+                    "chosen slices fully painted",
         "ks": ks,
         "mean_dice_3d": summarise(per_case),
         "mean_dice_inside_reference_extent": summarise(per_case_extent),
@@ -131,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.data_dir, args.ks, args.check_axes)
     print(markdown(result, "mean_dice_3d", "Mean 3D Dice (12 CHAOS T2 scans)"))
     print()
-    print(markdown(result, "mean_dice_inside_reference_extent", "Mean Dice inside the reference extent (CHAOS protocol)"))
+    print(markdown(result, "mean_dice_inside_reference_extent",
+                   "Mean Dice inside the reference extent (CHAOS protocol)"))
     print()
     text = json.dumps(result, indent=1)
     print(text)
     if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+        write_text_atomically(args.json_out, text + "\n")
     return 0
 
 

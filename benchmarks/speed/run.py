@@ -29,15 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from FewShotSAMLib.atomic_text import write_text_atomically
+from benchmarks.accuracy.datasets import load_scan
+from FewShotSAMLib.atomic_write import write_text_atomically
 from FewShotSAMLib.metrics import dice
 from FewShotSAMLib.models import load_model
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.progress import Progress
 from FewShotSAMLib.slice_selection import few_shot_labels
 from FewShotSAMLib.volume import LabelVolume, Segment
-
-from benchmarks.accuracy.datasets import load_scan
 
 REPO = Path(__file__).resolve().parents[2]
 ENCODER_PATHS = ("compiled", "onnx", "fp32", "bf16")  # the default on CPU first
@@ -315,8 +314,9 @@ def to_markdown(report: dict) -> str:
     for case in report["cases"]:
         for row in case["paths"]:
             lines.append(f"| {case['case']} | {row['encoder']} | {row['cold']['total_s']} | "
-                         f"{row['cold'].get('encode_s', '-')} | {row['warm_median_s']} | {row.get('prompts_median_s', '-')} | "
-                         f"{row.get('tune_median_s', '-')} | {row.get('predict_median_s', '-')} | {row['mean_dice']:.3f} | "
+                         f"{row['cold'].get('encode_s', '-')} | {row['warm_median_s']} | "
+                         f"{row.get('prompts_median_s', '-')} | {row.get('tune_median_s', '-')} | "
+                         f"{row.get('predict_median_s', '-')} | {row['mean_dice']:.3f} | "
                          f"{row.get('peak_rss_gib', '-')} |")
     lines += ["", f"Peak resident memory of the benchmark's main process: {report['peak_rss_gib_main_process']} GiB."]
     return "\n".join(lines) + "\n"

@@ -29,11 +29,11 @@ import monai
 import numpy as np
 import torch
 
-from FewShotSAMLib.atomic_text import write_text_atomically
+from FewShotSAMLib.atomic_write import write_text_atomically
 
 from ..accuracy.datasets import CHAOS_STRUCTURES, Scan, chaos_training_folds, load_scan
-from ..accuracy.run import clean_number, log, score
 from ..accuracy.report import SUPERVISED_JSON
+from ..accuracy.run import clean_number, log, score
 from . import unet
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
