@@ -25,6 +25,7 @@ from FewShotSAMSlicerLib.logic import SUCCEEDED
 from .session import EXPORTS, WebSession
 
 POLL_SECONDS = 0.25
+REFRESH_SECONDS = 1.0
 
 
 class FewShotSAMWebApp(TrameApp):
@@ -39,6 +40,7 @@ class FewShotSAMWebApp(TrameApp):
         self.session = WebSession(self.slicerApp, workDirectory, device, cacheDirectory)
         self._initialState()
         self._replaceUploadHandler()
+        self._useFlatBrush()
         self._buildPanel()
         self.server.state["trame__title"] = "FewShotSAM"
         self.viewerUi.layout.title.set_text("FewShotSAM")
@@ -47,13 +49,14 @@ class FewShotSAMWebApp(TrameApp):
         self._observed = []
         if scan:
             self.server.controller.on_server_ready.add(lambda **_: self.openServerPath(scan))
+        self.server.controller.on_server_ready.add(self._startPeriodicRefresh)
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _initialState(self):
         self.state.update({
             "fsam_running": False, "fsam_progress": 0.0, "fsam_stage": "", "fsam_preview": False,
             "fsam_message": "", "fsam_message_type": "info", "fsam_scan_path": "", "fsam_slice": "",
-            "fsam_painted": {}, "fsam_axial": None, "fsam_runs": 0, "fsam_scan_name": "",
+            "fsam_painted": {}, "fsam_voxels": {}, "fsam_axial": None, "fsam_runs": 0, "fsam_scan_name": "",
         })
 
     def _say(self, message: str, kind: str = "info"):
@@ -65,8 +68,10 @@ class FewShotSAMWebApp(TrameApp):
         with self.state:
             try:
                 self.state.fsam_painted = self.session.paintedSlices()
+                self.state.fsam_voxels = self.session.segmentVoxelCounts()
             except FewShotSAMSlicerError as error:
                 self.state.fsam_painted = {}
+                self.state.fsam_voxels = {}
                 logging.info("FewShotSAM: %s", error)
             self.state.fsam_axial = self.session.axialViewGeometry()
 
@@ -83,6 +88,17 @@ class FewShotSAMWebApp(TrameApp):
 
         asyncio.get_event_loop().create_task(refreshSoon())
 
+    def _startPeriodicRefresh(self, **_):
+        # Some edits reach the segmentation without a segment event (trame-slicer applies brush strokes through
+        # its own modifier), so the painted-slice list is also refreshed once a second.
+        async def refreshForever():
+            while True:
+                await asyncio.sleep(REFRESH_SECONDS)
+                if self.session.volumeNode is not None and not self.state.fsam_running:
+                    self._refreshSceneState()
+
+        asyncio.get_event_loop().create_task(refreshForever())
+
     def _observeScene(self):
         for node, tag in self._observed:
             node.RemoveObserver(tag)
@@ -97,6 +113,11 @@ class FewShotSAMWebApp(TrameApp):
         if view is not None:
             watched.append((self.slicerApp.scene.GetNodeByID(view.get_view_node_id()), "ModifiedEvent"))
         self._observed = [(node, node.AddObserver(event, self._scheduleRefresh)) for node, event in watched if node]
+
+    def _useFlatBrush(self):
+        # FewShotSAM learns from painted slices: trame-slicer's default sphere brush would also paint the slices
+        # above and below (7 mm apart in abdominal MRI), so Paint and Erase start with a flat (2D) brush.
+        self.state["PaintEffectState__use_sphere_brush"] = False
 
     # -- opening scans -------------------------------------------------------------------------------------------
     def _replaceUploadHandler(self):
@@ -115,6 +136,8 @@ class FewShotSAMWebApp(TrameApp):
         self._open(path)
 
     def openServerPath(self, path: str | None = None):
+        if not isinstance(path, (str, type(None))):  # a click event, not a path
+            path = None
         from FewShotSAMSlicerLib.scan_files import scanFromServerPath
 
         try:
@@ -201,11 +224,13 @@ class FewShotSAMWebApp(TrameApp):
         self._say("Result discarded; the segmentation is as you painted it.")
         self._refreshSceneState()
 
-    def goToSlice(self):
+    def goToSlice(self, text: str | None = None):
+        # The typed text comes with the key event: the v-model update may arrive after it.
+        text = str(self.state.fsam_slice if text is None else text).strip()
         try:
-            self.session.showSlice(int(str(self.state.fsam_slice).strip()))
+            self.session.showSlice(int(text))
         except ValueError:
-            self._say(f"'{self.state.fsam_slice}' is not a slice number.", "error")
+            self._say(f"'{text}' is not a slice number.", "error")
             return
         except FewShotSAMSlicerError as error:
             self._say(str(error), "error")
@@ -232,7 +257,7 @@ class FewShotSAMWebApp(TrameApp):
                     with html.Div(classes="d-flex align-center"):
                         VTextField(v_model=("fsam_scan_path",), label="Scan on the server", density="compact",
                                    hide_details=True, id="fsam-scan-path", __events=[("keydown_enter", "keydown.enter")],
-                                   keydown_enter=self.openServerPath)
+                                   keydown_enter=(self.openServerPath, "[$event.target.value]"))
                         VBtn("Open", click=self.openServerPath, size="small", classes="ml-2", id="fsam-open")
                     VDivider(classes="my-2")
                     VBtn("Adapt & Propagate", click=self.propagate, color="primary", block=True,
@@ -251,12 +276,13 @@ class FewShotSAMWebApp(TrameApp):
                            density="compact", classes="mt-2 text-caption", id="fsam-message")
                     VDivider(classes="my-2")
                     html.Div("Painted slices (axial)", classes="text-subtitle-2")
-                    html.Div("{{ name }}: {{ slices.length ? slices.join(', ') : 'none' }}",
+                    html.Div("{{ name }}: {{ slices.length ? slices.join(', ') : 'none' }}"
+                             " ({{ fsam_voxels[name] || 0 }} voxels)",
                              v_for=("(slices, name) in fsam_painted",), classes="text-caption")
                     with html.Div(classes="d-flex align-center mt-1"):
                         VTextField(v_model=("fsam_slice",), label="Go to slice", density="compact", hide_details=True,
                                    id="fsam-slice", __events=[("keydown_enter", "keydown.enter")],
-                                   keydown_enter=self.goToSlice)
+                                   keydown_enter=(self.goToSlice, "[$event.target.value]"))
                         html.Div("{{ fsam_axial ? `now ${fsam_axial.slice} of 0-${fsam_axial.slices - 1}` : '' }}",
                                  classes="text-caption ml-2")
                     VDivider(classes="my-2")

@@ -119,6 +119,15 @@ class WebSession:
             self.snapshot.restore()
         self.snapshot = None
 
+    def segmentVoxelCounts(self) -> dict[str, int]:
+        """Segment name -> number of voxels (the page shows it; it settles once every brush stroke is applied)."""
+        if self.volumeNode is None or self.segmentationNode is None:
+            return {}
+        segmentation = self.segmentationNode.GetSegmentation()
+        ids = mc.segmentIds(self.segmentationNode)
+        masks = mc.segmentMasks(self.segmentationNode, ids, self.volumeNode) if ids else {}
+        return {segmentation.GetSegment(i).GetName(): int(masks[i].sum()) for i in ids}
+
     def paintedSlices(self) -> dict[str, list[int]]:
         """Segment name -> the slices (along the propagation axis) that hold the user's painting."""
         if self.volumeNode is None or self.segmentationNode is None:
@@ -199,4 +208,7 @@ class WebSession:
         centerKji = [(n - 1) / 2 for n in shape]
         centerKji[axis] = int(index)
         center = mc.ijkToRas(self.volumeNode) @ np.array([centerKji[2], centerKji[1], centerKji[0], 1.0])
-        self._sliceNode(view).JumpSliceByOffsetting(*center[:3])
+        normal = mc.matrixToArray(self._sliceNode(view).GetSliceToRAS())[:3, 2]
+        # Through the view's slice logic, as its own slider does, so that the effects follow the new slice at once.
+        view.set_slice_value(float(normal @ center[:3]))
+        view.render()
