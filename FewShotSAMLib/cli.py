@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "through an SSH tunnel: ssh -L 8080:localhost:8080 server.")
     serve.add_argument("scan", nargs="?", help="scan to open at start: .nrrd/.nii.gz/.mha file or DICOM folder")
     serve.add_argument("--host", default="localhost", help="address to listen on (default localhost only)")
-    serve.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                        help="where the worker runs the model")
     serve.add_argument("--cache-dir", help="embedding cache folder (default: the per-user cache folder)")
@@ -239,6 +239,8 @@ def web_app_module():
 
 
 def run_serve(args) -> int:
+    if args.scan and not Path(args.scan).exists():
+        raise FewShotSAMError(f"{args.scan}: no such scan file or DICOM folder")
     app = web_app_module()
     app.serve(scan=args.scan, host=args.host, port=args.port, workDirectory=args.work_dir, device=args.device,
               cacheDirectory=args.cache_dir)
