@@ -103,7 +103,8 @@ def scanFromServerPath(path: str) -> str:
     """A scan path typed by the user (a file or a DICOM folder on the server), checked to be readable."""
     text = os.path.expanduser(str(path or "").strip())
     if not text:
-        raise FewShotSAMSlicerError("Type the path of a scan on the server (a .nrrd/.nii.gz/.mha file or a DICOM folder).")
+        raise FewShotSAMSlicerError(
+            "Type the path of a scan on the server (a .nrrd/.nii.gz/.mha file or a DICOM folder).")
     if not os.path.exists(text):
         raise FewShotSAMSlicerError(f"{text}: no such file or folder on the server.")
     if os.path.isfile(text) and _suffixOf(text, IMAGE_SUFFIXES) is None:

@@ -256,7 +256,8 @@ class FewShotSAMWebApp(TrameApp):
                 with VCardText():
                     with html.Div(classes="d-flex align-center"):
                         VTextField(v_model=("fsam_scan_path",), label="Scan on the server", density="compact",
-                                   hide_details=True, id="fsam-scan-path", __events=[("keydown_enter", "keydown.enter")],
+                                   hide_details=True, id="fsam-scan-path",
+                                   __events=[("keydown_enter", "keydown.enter")],
                                    keydown_enter=(self.openServerPath, "[$event.target.value]"))
                         VBtn("Open", click=self.openServerPath, size="small", classes="ml-2", id="fsam-open")
                     VDivider(classes="my-2")

@@ -11,7 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from web_support import LIVER, SPLEEN, cropped_chaos_scan, reference_array, require_trame_slicer, support
+from web_support import LIVER, SPLEEN, cropped_chaos_scan, reference_array, require_trame_slicer
 
 
 @pytest.fixture(scope="module")
