@@ -1,4 +1,4 @@
-"""The `fewshotsam` command line: propagate, adapt, apply, demo and cache."""
+"""The `fewshotsam` command line: propagate, adapt, apply, demo, cache and serve (the web app)."""
 
 from __future__ import annotations
 
@@ -134,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="show or clear the embedding cache")
     cache.add_argument("action", choices=("info", "clear"))
     cache.add_argument("--cache-dir", help="cache folder (default: the per-user cache folder)")
+
+    serve = commands.add_parser("serve", help="start the web app (needs the 'web' extra) and print its URL",
+                                description="Serve FewShotSAM in the browser: Slicer's slice and 3D views, the segment "
+                                            "editor, Adapt & Propagate and export. Reach it on a remote server "
+                                            "through an SSH tunnel: ssh -L 8080:localhost:8080 server.")
+    serve.add_argument("scan", nargs="?", help="scan to open at start: .nrrd/.nii.gz/.mha file or DICOM folder")
+    serve.add_argument("--host", default="localhost", help="address to listen on (default localhost only)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument("--device", choices=catalog.values(catalog.DEVICES), default="auto",
+                       help="where the worker runs the model")
+    serve.add_argument("--cache-dir", help="embedding cache folder (default: the per-user cache folder)")
+    serve.add_argument("--work-dir", help="folder for uploads, exports and worker files (default: a new temp folder)")
     return parser
 
 
@@ -183,6 +195,8 @@ def make_progress(kind: str):
 def run(args) -> int:
     if args.command == "cache":
         return run_cache(args)
+    if args.command == "serve":
+        return run_serve(args)
     if args.command == "adapt" and len(args.image) != len(args.labels):
         raise FewShotSAMError("give one --labels for each --image")
     options = engine_options(args)
@@ -240,6 +254,34 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 _python_show_warning = warnings.showwarning
+
+
+def web_app_module():
+    """The web app package (FewShotSAM/FewShotSAMWebApp of a source checkout), imported only when serving.
+
+    FewShotSAMLib itself never imports slicer, qt or trame: the web app and the extension's shared logic live beside
+    the Slicer module and need the 'web' extra.
+    """
+    module_folder = Path(__file__).resolve().parents[1] / "FewShotSAM"
+    if not (module_folder / "FewShotSAMWebApp").is_dir():
+        raise FewShotSAMError(f"the web app is not in {module_folder}; serve needs a source checkout "
+                              "(git clone, then pip install -e \".[web]\")")
+    if str(module_folder) not in sys.path:
+        sys.path.insert(0, str(module_folder))
+    try:
+        from FewShotSAMWebApp import app
+    except ImportError as error:
+        raise FewShotSAMError(f"the web app cannot start ({error}); install it with pip install -e \".[web]\"")
+    return app
+
+
+def run_serve(args) -> int:
+    if args.scan and not Path(args.scan).exists():
+        raise FewShotSAMError(f"{args.scan}: no such scan file or DICOM folder")
+    app = web_app_module()
+    app.serve(scan=args.scan, host=args.host, port=args.port, workDirectory=args.work_dir, device=args.device,
+              cacheDirectory=args.cache_dir)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
