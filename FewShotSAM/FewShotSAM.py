@@ -23,10 +23,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from FewShotSAMSlicerLib import dependencies
+from FewShotSAMSlicerLib import dependencies, mrml_conversion, parameters
 from FewShotSAMSlicerLib import logic as fewShotSAMLogic
-from FewShotSAMSlicerLib import mrml_conversion
-from FewShotSAMSlicerLib import parameters
 from FewShotSAMSlicerLib.errors import FewShotSAMSlicerError
 
 MODULE_DIRECTORY = os.path.dirname(os.path.abspath(__file__))

@@ -10,7 +10,7 @@ import torch
 from .embedding_cache import EmbeddingCache, cache_key
 from .models import SamModel
 from .orientation import in_plane_spacing, to_slices
-from .preprocess import ResizeInfo, choose_normalisation, apply_normalisation, resize_stack_longest_side
+from .preprocess import ResizeInfo, apply_normalisation, choose_normalisation, resize_stack_longest_side
 from .progress import NO_PROGRESS, Progress
 from .volume import Volume
 

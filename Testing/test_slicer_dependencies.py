@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 import slicer_extension_support  # noqa: F401  (puts FewShotSAM/ on sys.path)
-from FewShotSAMSlicerLib import dependencies as deps
 from test_slicer_python_versions import evaluated_union_annotations, interpreter
+
+from FewShotSAMSlicerLib import dependencies as deps
 
 
 def test_one_pip_run_per_package_and_medsam_without_its_python_guard_on_3_9():

@@ -17,18 +17,18 @@ import sys
 
 import numpy as np
 import pytest
-
 import slicer_extension_support as support
 from slicer_extension_support import MODULE_DIR, REPO_ROOT
 
 slicer = support.import_slicer()
+
+from slicer_effect_standin import ScriptedEffectStandIn  # noqa: E402
 
 from FewShotSAMSlicerLib import editor_effect as ee  # noqa: E402
 from FewShotSAMSlicerLib import logic as fsLogic  # noqa: E402
 from FewShotSAMSlicerLib import mrml_conversion as mc  # noqa: E402
 from FewShotSAMSlicerLib import painted_slices as ps  # noqa: E402
 from FewShotSAMSlicerLib import worker as wk  # noqa: E402
-from slicer_effect_standin import ScriptedEffectStandIn  # noqa: E402
 
 EFFECT_FILE = MODULE_DIR / "SegmentEditorFewShotSAMLib" / "SegmentEditorEffect.py"
 MODULE_FILE = MODULE_DIR / "FewShotSAM.py"

@@ -14,12 +14,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import tomllib
 import xml.etree.ElementTree as ElementTree
 
 import pytest
+import tomllib
 from PIL import Image
-
 from slicer_extension_support import MODULE_DIR, REPO_ROOT
 
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"

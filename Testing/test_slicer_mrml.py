@@ -10,7 +10,6 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 import slicer_extension_support as support
 
 slicer = support.import_slicer()

@@ -21,7 +21,6 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 import slicer_extension_support as support
 
 slicer = support.import_slicer()

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from slicer_extension_support import MODULE_DIR, REPO_ROOT
 
 SLICER_PYTHONS = {"3.9": "Slicer 5.6 / 5.8", "3.12": "Slicer 5.10"}

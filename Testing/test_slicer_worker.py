@@ -13,8 +13,8 @@ import textwrap
 import time
 
 import pytest
-
 import slicer_extension_support  # noqa: F401  (puts FewShotSAM/ on sys.path)
+
 from FewShotSAMSlicerLib import worker as wk
 
 

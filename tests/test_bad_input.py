@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from test_cli import assert_one_line_error, run_cli
+from test_volume_io import write_dicom_series
 
 from FewShotSAMLib.adapter import AdaptOptions, FewShotAdapter
 from FewShotSAMLib.cli import main
@@ -34,8 +36,6 @@ from FewShotSAMLib.preprocess import apply_normalisation, choose_normalisation
 from FewShotSAMLib.prompts import PixelClassifier
 from FewShotSAMLib.volume import Geometry, LabelVolume, Segment, Volume
 from FewShotSAMLib.volume_io import read_labels, read_volume, write_segmentation, write_volume
-from test_cli import assert_one_line_error, run_cli
-from test_volume_io import write_dicom_series
 
 TESTS = Path(__file__).resolve().parent
 # Child processes run the same FewShotSAMLib as this one (the checkout under test, not an installed copy).
@@ -308,8 +308,9 @@ FULL_DISK_CACHE = """
 
 @pytest.mark.skipif(not POSIX, reason="RLIMIT_FSIZE needs a POSIX system")
 def test_full_disk_under_the_cache_is_one_line_and_the_cache_recovers(tmp_path):
+    from test_embedding_cache import SHAPE, Encoder, N, expected
+
     from FewShotSAMLib.embedding_cache import EmbeddingCache
-    from test_embedding_cache import N, SHAPE, Encoder, expected
 
     child = run_child(FULL_DISK_CACHE, tmp_path / "cache")
     assert child.returncode == 0, child.stderr
@@ -344,8 +345,9 @@ def done_slices(header: Path) -> int:
 
 @pytest.mark.skipif(not POSIX, reason="SIGKILL is POSIX")
 def test_kill_9_mid_encode_keeps_finished_slices_and_loses_nothing(tmp_path):
+    from test_embedding_cache import SHAPE, Encoder, N, expected
+
     from FewShotSAMLib.embedding_cache import HEADER_FILE, EmbeddingCache
-    from test_embedding_cache import N, SHAPE, Encoder, expected
 
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SLOW_ENCODE), str(tmp_path)], env=CHILD_ENV,
                              cwd=TESTS)

@@ -14,7 +14,6 @@ import sys
 import pytest
 from benchmark_helpers import REPO_ROOT, require_chaos_cases, require_module, run_benchmark
 
-
 FEWSHOTSAM_DICE_FLOOR = 0.85  # measured 0.942
 MARGIN_TO_FILL_BETWEEN_SLICES = 0.02  # FewShotSAM must not be worse than Fill between slices by more than this
 # Protocol 3 smoke run: fold A of benchmarks.accuracy.datasets.chaos_training_folds, whose first training scan is 1;

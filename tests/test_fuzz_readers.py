@@ -12,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_bad_input import geometry, mr_like, organ_labels, synthetic_adapter
 
 from FewShotSAMLib.adapter import FewShotAdapter
 from FewShotSAMLib.errors import FewShotSAMError
 from FewShotSAMLib.volume import LabelVolume, Segment, Volume
 from FewShotSAMLib.volume_io import read_labels, read_volume, write_segmentation, write_volume
-from test_bad_input import geometry, mr_like, organ_labels, synthetic_adapter
 
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 FUZZ_SHAPE = (3, 8, 8)
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from geometry_helpers import rotation
 
 from FewShotSAMLib.errors import FewShotSAMError
-from geometry_helpers import rotation
 from FewShotSAMLib.orientation import (
     from_slices,
     in_plane_spacing,
@@ -11,8 +11,6 @@ from FewShotSAMLib.orientation import (
     to_slices,
 )
 from FewShotSAMLib.volume import Geometry
-
-
 
 
 def geometry(direction, spacing=(0.5, 0.7, 3.0)) -> Geometry:

@@ -16,8 +16,8 @@ from scipy import ndimage
 from FewShotSAMLib.adapter import AdaptOptions, FewShotAdapter, adapt
 from FewShotSAMLib.fewshot import FewShotCollection
 from FewShotSAMLib.models import load_model
-from FewShotSAMLib.propagation import most_likely_component, structure_cells
 from FewShotSAMLib.prompts import FOOTPRINT_SIGMA, structure_footprints
+from FewShotSAMLib.propagation import most_likely_component, structure_cells
 from FewShotSAMLib.volume import Segment
 
 GRID = 64

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 from benchmark_helpers import REPO_ROOT, require_chaos_cases, require_module, run_benchmark
+
 ORGANS = {"liver", "right kidney", "left kidney", "spleen"}
 TRAINING_SECONDS = 30
 

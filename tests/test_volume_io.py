@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+from geometry_helpers import rotation
 
 from FewShotSAMLib import volume_io
 from FewShotSAMLib.errors import FewShotSAMError
-from geometry_helpers import rotation
 from FewShotSAMLib.orientation import slice_axis
 from FewShotSAMLib.volume import Geometry, LabelVolume, Segment, Volume
 from FewShotSAMLib.volume_io import (
@@ -19,9 +19,6 @@ from FewShotSAMLib.volume_io import (
     write_segmentation,
     write_volume,
 )
-
-
-
 
 DIRECTIONS = {
     "identity": np.eye(3),

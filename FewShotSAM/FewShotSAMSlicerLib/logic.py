@@ -43,7 +43,7 @@ from . import mrml_conversion as mc
 from . import painted_slices as ps
 from . import worker as wk
 from .errors import FewShotSAMSlicerError, JobCancelled, WorkerFailed
-from .parameters import MODELS, MODELS_NEEDING_CHECKPOINT, DEVICES
+from .parameters import DEVICES, MODELS, MODELS_NEEDING_CHECKPOINT
 
 ProgressCallback = Callable[[float, str], None]
 # resultWriter(segmentationNode, segmentId, mask [k, j, i] bool, gridNode): writes one segment's result

@@ -20,9 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from web_support import LIVER, REPO_ROOT, SPLEEN, chromium_executable, cropped_chaos_scan, free_port
-from web_support import reference_array, require_trame_slicer, support
+from web_support import (
+    LIVER,
+    REPO_ROOT,
+    SPLEEN,
+    chromium_executable,
+    cropped_chaos_scan,
+    free_port,
+    reference_array,
+    require_trame_slicer,
+    support,
+)
 
 # Dice floors on the slices that were not painted: 3 of 12 slices painted with a round brush kept inside each organ,
 # so below the engine's scores on exact reference slices. Not reached yet in the browser (see the xfail reason).
@@ -208,7 +216,7 @@ def paint_organ(page, reference: np.ndarray, value: int, slices: list[int]):
         for stroke in paint_strokes(reference[index] == value, radius, visible):
             drag(page, [to_page(geometry, box, i, j, index) for i, j in stroke], brush_radius_pixels)
         # the server handles view events at its own pace: every stroke must have landed before the slice changes
-        segment = f"Object.values(window.trame.state.get('fsam_painted')).slice(-1)[0]"
+        segment = "Object.values(window.trame.state.get('fsam_painted')).slice(-1)[0]"
         wait_state(page, f"{segment}.includes({index})", 60)
         wait_until_voxels_settle(page)
         if os.environ.get("FEWSHOTSAM_WEB_DEBUG"):

@@ -10,7 +10,6 @@ import zipfile
 
 import numpy as np
 import pytest
-
 from web_support import LIVER, SPLEEN, cropped_chaos_scan, reference_array, require_trame_slicer
 
 
@@ -35,8 +34,8 @@ def test_upload_of_one_image_file_or_a_zip_is_checked_and_read(scan, tmp_path):
 def test_zipped_dicom_series_upload_opens_with_its_geometry(scan, tmp_path):
     import SimpleITK as sitk
 
-    from FewShotSAMSlicerLib.scan_files import scanFromUpload
     from FewShotSAMLib.volume_io import read_volume
+    from FewShotSAMSlicerLib.scan_files import scanFromUpload
 
     image = sitk.ReadImage(str(scan[0]))
     image = sitk.Cast(sitk.RescaleIntensity(image, 0, 1000), sitk.sitkInt16)
@@ -89,9 +88,8 @@ def test_server_path_errors_are_specific(tmp_path):
 @pytest.fixture()
 def session(scan, tmp_path):
     require_trame_slicer()
-    from trame_slicer.core import SlicerApp
-
     from FewShotSAMWebApp.session import WebSession
+    from trame_slicer.core import SlicerApp
 
     app = SlicerApp()
     web = WebSession(app, workDirectory=str(tmp_path / "work"))
