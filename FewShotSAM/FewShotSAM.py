@@ -290,7 +290,8 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setParameterNode(self, parameterNode) -> None:
         if self._parameterNodeObserved is not None:
-            self.removeObserver(self._parameterNodeObserved, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.removeObserver(self._parameterNodeObserved, vtk.vtkCommand.ModifiedEvent,
+                                self.updateGUIFromParameterNode)
         self._parameterNode = parameterNode
         self._parameterNodeObserved = parameterNode.parameterNode if parameterNode is not None else None
         if self._parameterNodeObserved is not None:

@@ -60,7 +60,8 @@ class FewShotAdapter(HasSegments):
 
     def check_model(self, model: SamModel, path: str | Path = "adapter") -> None:
         if model.weights_id != self.model_id:
-            raise FewShotSAMError(f"{path}: made with model {self.model_id}, but the model in use is {model.weights_id}")
+            raise FewShotSAMError(f"{path}: made with model {self.model_id}, "
+                                  f"but the model in use is {model.weights_id}")
         expected = {name: tuple(value.shape) for name, value in model.mask_decoder.state_dict().items()}
         stored = {name: tuple(getattr(value, "shape", ())) for name, value in self.decoder_state.items()}
         if stored != expected:

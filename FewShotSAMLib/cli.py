@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "label values, names and colours are the input's.")
     propagate.add_argument("image", help="3D image: .nrrd, .nii/.nii.gz, .mha or a DICOM series folder")
     propagate.add_argument("--labels", required=True,
-                           help="painted labels on the image's grid: label map (.nrrd/.nii.gz/.mha) or Slicer .seg.nrrd")
+                           help="painted labels on the image's grid: label map (.nrrd/.nii.gz/.mha) "
+                                "or Slicer .seg.nrrd")
     propagate.add_argument("--out", required=True, help="output: .seg.nrrd (Slicer), .nrrd or .nii.gz label map")
     _add_engine_options(propagate)
 
@@ -185,7 +186,8 @@ def make_progress(kind: str):
             if event.stage == "load":
                 return
             if not bars:
-                bars.append(tqdm(total=100, unit="%", file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}"))
+                bars.append(tqdm(total=100, unit="%", file=sys.stderr,
+                                 bar_format="{l_bar}{bar}| {elapsed}<{remaining}"))
             bars[0].set_description_str(event.message[:40].ljust(40))
             bars[0].update(round(event.fraction * 100) - bars[0].n)
         return Progress(report), lambda: bars and bars[0].close()
@@ -271,7 +273,8 @@ def web_app_module():
     try:
         from FewShotSAMWebApp import app
     except ImportError as error:
-        raise FewShotSAMError(f"the web app cannot start ({error}); install it with pip install -e \".[web]\"")
+        raise FewShotSAMError(f"the web app cannot start ({error}); "
+                              "install it with pip install -e \".[web]\"") from None
     return app
 
 

@@ -64,7 +64,8 @@ def box_windows(boxes: torch.Tensor, side: int, input_size: int, grid: int) -> W
     return Windows(starts[:, 1].tolist(), starts[:, 0].tolist(), side)
 
 
-def group_by_window(boxes: torch.Tensor, input_size: int, grid: int, batch_size: int) -> list[tuple[list[int], Windows]]:
+def group_by_window(boxes: torch.Tensor, input_size: int, grid: int,
+                    batch_size: int) -> list[tuple[list[int], Windows]]:
     """Split queries into batches of equal window side: [(query indices, their windows)]."""
     sides = window_sides(boxes, input_size, grid)
     groups = []

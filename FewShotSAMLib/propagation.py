@@ -99,7 +99,8 @@ def most_likely_component(components: np.ndarray, probability: np.ndarray, footp
 
 
 def decoder_probabilities(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVolume, kept: np.ndarray,
-                          slices: list[int], batch_size: int, progress: Progress) -> dict[tuple[int, int], torch.Tensor]:
+                          slices: list[int], batch_size: int,
+                          progress: Progress) -> dict[tuple[int, int], torch.Tensor]:
     """Decoder probability [S, S] (model-input pixels) for each (slice, structure) whose cells are not empty."""
     size = encoded.resize.target
     cell_size = size / kept.shape[-1]
@@ -178,7 +179,8 @@ def propagate_volume(model: SamModel, adapter: FewShotAdapter, encoded: EncodedV
 
 def label_dtype(label_values: list[int], painted_slices: np.ndarray | None) -> np.dtype:
     """The smallest integer type that holds every output value (a 512x512x300 label map is 79 MB as uint8)."""
-    values = list(label_values) + ([] if painted_slices is None else [int(painted_slices.min()), int(painted_slices.max())])
+    painted = [] if painted_slices is None else [int(painted_slices.min()), int(painted_slices.max())]
+    values = list(label_values) + painted
     for dtype in (np.uint8, np.uint16, np.int32):
         if np.iinfo(dtype).min <= min(values, default=0) and max(values, default=0) <= np.iinfo(dtype).max:
             return np.dtype(dtype)

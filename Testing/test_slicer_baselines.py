@@ -68,7 +68,8 @@ def test_fill_between_slices_fills_a_prism_along_k():
     assert result.dtype == painted.dtype
     np.testing.assert_array_equal(result, want)
     # Slicer's literal Axis=-1 gives the same answer for isolated painted slices.
-    np.testing.assert_array_equal(slicer_baselines.fill_between_slices(painted, (0.7, 1.1, 5.0), 0, all_axes=True), want)
+    filled = slicer_baselines.fill_between_slices(painted, (0.7, 1.1, 5.0), 0, all_axes=True)
+    np.testing.assert_array_equal(filled, want)
 
 
 def test_fill_between_slices_along_i_and_per_label():

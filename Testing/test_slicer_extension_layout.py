@@ -145,7 +145,8 @@ def test_dependency_list_matches_pyproject():
 
     declared = {name(r) for r in pyproject["project"]["dependencies"]}
     listed = {name(r.requirement) for r in dependencies.REQUIREMENTS}
-    assert declared == listed, f"pyproject only: {sorted(declared - listed)}; extension only: {sorted(listed - declared)}"
+    assert declared == listed, (f"pyproject only: {sorted(declared - listed)}; "
+                                f"extension only: {sorted(listed - declared)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,7 +166,8 @@ FAKE_USE_SLICER = textwrap.dedent(r"""
       endforeach()
     endmacro()
     macro(ctkMacroCompilePythonScript)
-      cmake_parse_arguments(MY "NO_INSTALL_SUBDIR;GLOBAL_TARGET" "TARGET_NAME;SOURCE_DIR;DESTINATION_DIR;INSTALL_DIR" "SCRIPTS;RESOURCES" ${ARGN})
+      cmake_parse_arguments(MY "NO_INSTALL_SUBDIR;GLOBAL_TARGET"
+        "TARGET_NAME;SOURCE_DIR;DESTINATION_DIR;INSTALL_DIR" "SCRIPTS;RESOURCES" ${ARGN})
       if(NOT MY_SOURCE_DIR)
         set(MY_SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR})
       endif()

@@ -54,7 +54,8 @@ def test_error_message_is_the_engine_line_not_the_traceback():
     stderr = "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: boom\n" \
              "fewshotsam: error: labels.nrrd: no painted slice found\n"
     assert wk.errorMessageFromStderr(stderr, 2) == "labels.nrrd: no painted slice found"
-    crash = "Traceback (most recent call last):\n  File \"x.py\", line 3, in <module>\nModuleNotFoundError: No module named 'torch'\n"
+    crash = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in <module>\n"
+             "ModuleNotFoundError: No module named 'torch'\n")
     message = wk.errorMessageFromStderr(crash, 1)
     assert message.endswith("ModuleNotFoundError: No module named 'torch'") and "Traceback" not in message
     assert "exit code 9" in wk.errorMessageFromStderr("", 9)

@@ -45,7 +45,8 @@ SHAPE = (6, 32, 32)
 POSIX = hasattr(os, "fork")
 
 
-def geometry(shape=SHAPE, direction=np.eye(3)) -> Geometry:
+def geometry(shape=SHAPE, direction=None) -> Geometry:
+    direction = np.eye(3) if direction is None else direction
     return Geometry((0.8, 0.8, 2.5), (-10.0, 5.0, 30.0), np.asarray(direction, float), shape)
 
 
@@ -74,7 +75,7 @@ def organ_labels(shape=SHAPE, slices=(1, 4)) -> np.ndarray:
     return labels
 
 
-def write_array(path, array, direction=np.eye(3)) -> Path:
+def write_array(path, array, direction=None) -> Path:
     write_volume(path, Volume(np.asarray(array), geometry(np.shape(array), direction)))
     return Path(path)
 

@@ -153,7 +153,8 @@ def test_cli_end_to_end_with_json_progress(tmp_path, chaos_scan, engine_cache_di
     assert events[-1]["stage"] == "done" and events[-1]["outputs"] == [str(out)]
     assert {"encode", "prompts", "tune", "propagate"} <= {event["stage"] for event in events}
     result = read_labels(out, read_volume(image_path)).array
-    liver = (result == 1).sum() and 2 * ((result == 1) & (reference == 1)).sum() / ((result == 1).sum() + (reference == 1).sum())
+    predicted, truth = result == 1, reference == 1
+    liver = predicted.sum() and 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
     assert liver > 0.75
 
     # A second run on the same output without --overwrite is refused and leaves the file as it was.

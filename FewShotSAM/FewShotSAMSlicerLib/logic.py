@@ -651,7 +651,8 @@ class FewShotSAMSlicerLogic:
             try:
                 shutil.copyfile(temporaryModel, partial)
                 if os.path.exists(modelPath) and not overwrite:
-                    raise FewShotSAMSlicerError(f"{modelPath} already exists; choose another name or allow overwriting.")
+                    raise FewShotSAMSlicerError(
+                        f"{modelPath} already exists; choose another name or allow overwriting.")
                 os.replace(partial, modelPath)
             finally:
                 if os.path.exists(partial):

@@ -47,7 +47,8 @@ def ensureSegmentationConverterRules() -> None:
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
     if len(factory.GetConverterRules()) > 0:
         return
-    for ruleClass in ("vtkBinaryLabelmapToClosedSurfaceConversionRule", "vtkClosedSurfaceToBinaryLabelmapConversionRule"):
+    for ruleClass in ("vtkBinaryLabelmapToClosedSurfaceConversionRule",
+                      "vtkClosedSurfaceToBinaryLabelmapConversionRule"):
         rule = getattr(slicer, ruleClass, None)
         if rule is not None:
             factory.RegisterConverterRule(rule())

@@ -264,7 +264,7 @@ def test_paint_propagate_export_and_cancel_in_a_real_browser(server):
                 except Exception:
                     if time.monotonic() > deadline or server["process"].poll() is not None:
                         raise AssertionError("the server did not start: "
-                                             + (folder / "server.log").read_text()[-2000:])
+                                             + (folder / "server.log").read_text()[-2000:]) from None
                     time.sleep(1)
             wait_state(page, "window.trame.state.get('fsam_scan_name') && window.trame.state.get('fsam_axial')",
                        START_TIMEOUT_S)

@@ -10,8 +10,9 @@ Both run Slicer's own compiled implementation classes from the ``slicer-core`` w
   wheel does not ship, so results may differ somewhat from the very latest Slicer release.
 
 What the Segment Editor effects do, and how it is reproduced here (Slicer sources:
-``Modules/Loadable/Segmentations/EditorEffects/Python/SegmentEditorEffects/`` ``SegmentEditorFillBetweenSlicesEffect.py``,
-``SegmentEditorGrowFromSeedsEffect.py`` and ``AbstractScriptedSegmentEditorAutoCompleteEffect.py``):
+``Modules/Loadable/Segmentations/EditorEffects/Python/SegmentEditorEffects/``
+``SegmentEditorFillBetweenSlicesEffect.py``, ``SegmentEditorGrowFromSeedsEffect.py`` and
+``AbstractScriptedSegmentEditorAutoCompleteEffect.py``):
 
 1. Both are "auto-complete" effects: they work on the **whole segmentation** (all visible segments at once),
    merged into one label map in which the n-th segment of the segment table has value n+1 (0 = empty). Here the

@@ -136,7 +136,8 @@ def train(x: torch.Tensor, y: torch.Tensor, num_classes: int, minutes: float, ba
                 f"loss {np.mean(losses[-50:]):.3f}")
     seconds = time.perf_counter() - start
     net.eval()
-    return net, Training(seconds, steps, steps * batch_size / len(x), float(np.mean(losses[-50:])) if losses else math.nan)
+    final_loss = float(np.mean(losses[-50:])) if losses else math.nan
+    return net, Training(seconds, steps, steps * batch_size / len(x), final_loss)
 
 
 @torch.no_grad()
