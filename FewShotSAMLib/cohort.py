@@ -17,6 +17,7 @@ system); the embedding cache is each worker's own unless EngineOptions.cache_dir
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import os
 import time
@@ -29,8 +30,8 @@ import numpy as np
 
 from .adapter import FewShotAdapter
 from .cohort_inputs import find_scans, output_paths
-from .cohort_report import (CohortSummary, StructureMeasure, flag_rows, measure_result_file, measure_structures,
-                            row_for, summary_columns, write_summary_csv)
+from .cohort_report import (CohortSummary, column_name, flag_rows, measure_result_file, measure_structures,
+                            read_summary_csv, row_for, summary_columns, write_summary_csv)
 from .errors import FewShotSAMError
 from .orientation import to_slices
 from .pipeline import Engine, EngineOptions
@@ -153,9 +154,12 @@ def apply_cohort(model_path, inputs: list[str], out_dir, options: EngineOptions 
     arguments = (str(Path(model_path).resolve()), options, overwrite)
     rows: list[dict | None] = [None] * len(jobs)
     last_written = time.monotonic()
+    earlier = earlier_confidences(summary.csv_path, adapter.segments)
 
     def finished(index: int, row: dict) -> None:
         nonlocal last_written
+        if row["status"] == "skipped":  # its confidence was measured when it was made: keep it
+            row.update(earlier.get(row["output"], {}))
         rows[index] = row
         done = sum(row is not None for row in rows)
         if on_scan is not None:
@@ -176,6 +180,19 @@ def apply_cohort(model_path, inputs: list[str], out_dir, options: EngineOptions 
         write_summary_csv(summary.csv_path, columns, summary.rows)
     summary.counts = {status: len(summary.rows_with(status)) for status in ("ok", "skipped", "failed")}
     return summary
+
+
+def earlier_confidences(csv_path: Path, segments) -> dict[str, dict]:
+    """{output: {confidence column: value}} from an earlier run's summary (a skipped scan's file has none)."""
+    if not csv_path.is_file():
+        return {}
+    columns = [column_name(segment, "confidence") for segment in segments]
+    try:
+        rows = read_summary_csv(csv_path)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}
+    return {row["output"]: {column: float(row[column]) for column in columns if row.get(column)}
+            for row in rows if row.get("output") and row.get("status") in ("ok", "skipped")}
 
 
 def default_workers() -> int:

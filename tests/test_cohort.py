@@ -8,9 +8,11 @@ shares one embedding cache: the reference run encodes each scan once, the cluste
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,16 +20,16 @@ import SimpleITK as sitk
 
 pytest.importorskip("distributed", reason="the cohort extra is not installed: pip install -e '.[cohort]'")
 
-from distributed import Client, LocalCluster  # noqa: E402
+from distributed import Client, LocalCluster
 
-from FewShotSAMLib.cli import main  # noqa: E402
-from FewShotSAMLib.cohort import apply_cohort  # noqa: E402
-from FewShotSAMLib.cohort_inputs import find_scans, output_paths  # noqa: E402
-from FewShotSAMLib.cohort_report import read_summary_csv  # noqa: E402
-from FewShotSAMLib.pipeline import EngineOptions, adapt_files, apply_files  # noqa: E402
-from FewShotSAMLib.slice_selection import few_shot_labels  # noqa: E402
-from FewShotSAMLib.volume import LabelVolume, Segment  # noqa: E402
-from FewShotSAMLib.volume_io import read_labels, read_volume, write_segmentation  # noqa: E402
+from FewShotSAMLib.cli import main
+from FewShotSAMLib.cohort import apply_cohort
+from FewShotSAMLib.cohort_inputs import find_scans, output_paths
+from FewShotSAMLib.cohort_report import read_summary_csv
+from FewShotSAMLib.pipeline import EngineOptions, adapt_files, apply_files
+from FewShotSAMLib.slice_selection import few_shot_labels
+from FewShotSAMLib.volume import LabelVolume, Segment
+from FewShotSAMLib.volume_io import read_labels, read_volume, write_segmentation
 
 ADAPT_CASE = 2
 APPLY_CASES = (1, 3, 5, 8)
@@ -109,10 +111,11 @@ def test_cluster_outputs_equal_single_process_apply_and_rerun_skips(cohort, clus
     for first, second in zip(summary.rows, again.rows):
         assert first["liver_volume_ml"] == second["liver_volume_ml"]
         assert first["spleen_slices"] == second["spleen_slices"]
+        assert first["liver_confidence"] == second["liver_confidence"]  # kept from the first run's summary
 
 
 def test_a_killed_worker_still_yields_every_output(cohort, cluster, tmp_path):
-    local_cluster, client = cluster
+    _, client = cluster
     out = tmp_path / "results"
     killed = []
 
@@ -140,10 +143,13 @@ def test_a_killed_worker_still_yields_every_output(cohort, cluster, tmp_path):
 
 def test_a_corrupt_scan_is_one_failed_row(cohort, cluster, tmp_path):
     _, client = cluster
-    corrupt = tmp_path / "corrupt.nii.gz"
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    first, second = (shutil.copy(scan, folder) for scan in cohort["scans"][:2])  # same voxels: cached embeddings
+    corrupt = folder / "corrupt.nii.gz"
     corrupt.write_bytes(b"\x1f\x8b this is not a NIfTI file")
     listing = tmp_path / "scans.txt"
-    listing.write_text("\n".join([str(cohort["scans"][0]), str(corrupt), str(cohort["scans"][1])]) + "\n")
+    listing.write_text("\n".join(["scans/" + Path(first).name, "scans/corrupt.nii.gz", str(second)]) + "\n")
     out = tmp_path / "results"
     summary = apply_cohort(cohort["model"], [str(listing)], out, cohort["options"], scheduler=client)
     assert [row["status"] for row in summary.rows] == ["ok", "failed", "ok"]
@@ -167,15 +173,15 @@ def test_cli_apply_with_a_scheduler_and_a_glob(cohort, cluster, tmp_path, capsys
     assert len(read_summary_csv(out / "summary.csv")) == 4
 
 
-def test_in_process_run_writes_the_same_summary(cohort, tmp_path):
+def test_in_process_run_with_overwrite_redoes_a_finished_scan(cohort, tmp_path):
     out = tmp_path / "results"
-    summary = apply_cohort(cohort["model"], [str(scan) for scan in cohort["scans"]], out, cohort["options"],
-                           workers=0)
-    assert summary.counts == {"ok": 4, "skipped": 0, "failed": 0}
-    assert_same_results([out / expected.name for expected in cohort["reference"]], cohort["reference"])
-    overwritten = apply_cohort(cohort["model"], [str(cohort["scans"][0])], out, cohort["options"], workers=0,
-                               overwrite=True)
-    assert overwritten.counts["ok"] == 1
+    out.mkdir()
+    earlier = out / cohort["reference"][0].name
+    earlier.write_bytes(b"an earlier result, to be replaced")
+    summary = apply_cohort(cohort["model"], [str(cohort["scans"][0])], out, cohort["options"], workers=0,
+                           overwrite=True)
+    assert summary.counts == {"ok": 1, "skipped": 0, "failed": 0}
+    assert_same_results([earlier], cohort["reference"][:1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
