@@ -22,6 +22,7 @@ import logging
 import os
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -92,8 +93,8 @@ def segment_scan(job: ScanJob, model_path: str, options: EngineOptions, overwrit
         message = f"out of memory while segmenting {job.image}"
     except Exception as error:  # noqa: BLE001 - one bad scan must not stop a cohort
         last = traceback.extract_tb(error.__traceback__)[-1]
-        message = (f"{job.image}: {type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error) else ''}"
-                   f" (at {Path(last.filename).name}:{last.lineno})")
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        message = f"{job.image}: {type(error).__name__}: {first_line} (at {Path(last.filename).name}:{last.lineno})"
     return row_for(job.image, job.output, "failed", message, time.perf_counter() - start, segments or [], None)
 
 
@@ -215,7 +216,8 @@ def run_on_dask(jobs: list[ScanJob], arguments: tuple, finished, scheduler, work
         from .cohort_plugin import ModelPlugin
 
         client.register_plugin(ModelPlugin(model_path, options, torch_threads), name=ModelPlugin.name)
-        futures = {client.submit(segment_scan, job, *arguments, key=f"fewshotsam-scan-{index}-{job.image.name}",
+        run = uuid.uuid4().hex[:8]  # keys unique to this run: a rerun on the same cluster must run again
+        futures = {client.submit(segment_scan, job, *arguments, key=f"fewshotsam-{run}-{index}-{job.image.name}",
                                  pure=False): index for index, job in enumerate(jobs)}
         try:
             for future in as_completed(futures):

@@ -15,6 +15,7 @@ writes them to --out/cohort.json and cohort.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ from FewShotSAMLib.slice_selection import few_shot_labels
 from FewShotSAMLib.volume import LabelVolume, Segment
 from FewShotSAMLib.volume_io import read_labels, read_volume, write_segmentation
 
-from benchmarks.speed.run import built_encoders, with_built_encoders
+from benchmarks.speed.run import with_built_encoders
 
 REPO = Path(__file__).resolve().parents[2]
 ADAPT_CASE = "2"
@@ -52,8 +53,19 @@ def cpu_model() -> str:
 
 
 def chaos_cases(data_dir: Path) -> list[str]:
-    names = sorted(path.name[len("image_"):-len(".nii.gz")] for path in (data_dir / "chaos_t2_mri").glob("image_*.nii.gz"))
-    return sorted(names, key=int)
+    images = (data_dir / "chaos_t2_mri").glob("image_*.nii.gz")
+    return sorted((path.name[len("image_"):-len(".nii.gz")] for path in images), key=int)
+
+
+@contextlib.contextmanager
+def built_encoder(model):
+    """A folder holding the encoder the default ("auto") path uses on this machine, built once (the compiled
+    encoder where the CPU has bf16, else the ONNX export), and that path's name."""
+    with tempfile.TemporaryDirectory(prefix="fewshotsam-encoders-") as folder:
+        size = model.spec.input_size
+        model.encode(torch.zeros(1, 3, size, size), "auto", encoders_folder=Path(folder))
+        model.release_encoder_sessions()
+        yield Path(folder), model.encoder_path("auto", Path(folder))
 
 
 def crop(image: sitk.Image, first: int, count: int) -> sitk.Image:
@@ -114,8 +126,8 @@ def timed_run(mode: str, model: Path, scans: list[Path], work: Path, encoders: P
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"Machine: {report['cpu']}, {report['cores']} cores ({report['note']}); scans: CHAOS MRI crops "
-             f"256x256x{report['crop_slices']}, cold embedding cache.", "",
+    lines = [f"Machine: {report['cpu']}, {report['cores']} cores ({report['note']}); encoder: {report['encoder']}; "
+             f"scans: CHAOS MRI crops 256x256x{report['crop_slices']}, cold embedding cache.", "",
              "| scans | mode | wall time (s) | scans/min | cluster start (s) | scans/min after start |",
              "|---|---|---|---|---|---|"]
     for row in report["runs"]:
@@ -139,7 +151,8 @@ def main(argv=None) -> int:
               "note": args.note or "otherwise idle", "runs": []}
     with tempfile.TemporaryDirectory(prefix="fewshotsam-cohort-") as folder:
         work = Path(folder)
-        with built_encoders(load_model("litemedsam", device="cpu")) as (encoders, _):
+        with built_encoder(load_model("litemedsam", device="cpu")) as (encoders, encoder_path):
+            report["encoder"] = encoder_path
             adapt_cache = tempfile.mkdtemp(prefix="cache-", dir=work)
             with_built_encoders(adapt_cache, encoders)
             model = make_model(args.data_dir, work, args.crop, EngineOptions(cache_dir=adapt_cache, device="cpu"))
