@@ -25,7 +25,7 @@ from distributed import Client, LocalCluster
 from FewShotSAMLib.cli import main
 from FewShotSAMLib.cohort import apply_cohort
 from FewShotSAMLib.cohort_inputs import find_scans, output_paths
-from FewShotSAMLib.cohort_report import read_summary_csv
+from FewShotSAMLib.cohort_report import StructureMeasure, read_summary_csv
 from FewShotSAMLib.pipeline import EngineOptions, adapt_files, apply_files
 from FewShotSAMLib.slice_selection import few_shot_labels
 from FewShotSAMLib.volume import LabelVolume, Segment
@@ -228,3 +228,18 @@ def test_a_glob_that_matches_nothing_is_one_clear_error(tmp_path, capsys):
 
     with pytest.raises(FewShotSAMError, match="no file or folder matches"):
         find_scans([str(tmp_path / "*.nii.gz")])
+
+
+def test_flags_name_absent_outlying_and_low_confidence_structures():
+    from FewShotSAMLib.cohort_report import flag_rows, row_for
+
+    liver = [Segment("liver", 1)]
+    volumes = {"a": 1000.0, "b": 1100.0, "c": 900.0, "d": 2500.0, "e": 0.0}
+    rows = [row_for(name, f"{name}.seg.nrrd", "ok", "", 1.0, liver, {1: StructureMeasure(volume, 5, 0.9)})
+            for name, volume in volumes.items()]
+    rows.append(row_for("f", "f.seg.nrrd", "ok", "", 1.0, liver, {1: StructureMeasure(950.0, 5, 0.3)}))
+    rows.append(row_for("g", "g.seg.nrrd", "failed", "cannot read g", 0.0, [], None))
+    flag_rows(rows, liver)
+    flags = {row["path"]: row["flags"] for row in rows}
+    assert flags == {"a": "", "b": "", "c": "", "d": "liver: volume 2.50x the cohort median", "e": "liver: absent",
+                     "f": "liver: low confidence 0.30", "g": ""}

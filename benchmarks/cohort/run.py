@@ -160,14 +160,17 @@ def main(argv=None) -> int:
             for size in sizes:
                 for mode in ("1 process", f"LocalCluster, {args.workers} workers"):
                     report["runs"].append(timed_run(mode, model, scans[:size], work, encoders, args.workers))
-    report["load_average_at_end"] = os.getloadavg()
-    markdown = to_markdown(report)
+                    save(report, args.out)  # after every run: a stopped benchmark keeps what it measured
     print(json.dumps(report, indent=2))
-    print(markdown)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(args.out / "cohort.json", json.dumps(report, indent=2))
-    write_text_atomically(args.out / "cohort.md", markdown)
+    print(to_markdown(report))
     return 0
+
+
+def save(report: dict, out: Path) -> None:
+    report["load_average_at_end"] = os.getloadavg()
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out / "cohort.json", json.dumps(report, indent=2))
+    write_text_atomically(out / "cohort.md", to_markdown(report))
 
 
 if __name__ == "__main__":
