@@ -93,6 +93,27 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="progress display: a bar on stderr, JSON lines on stdout (for other programs), or none")
 
 
+COHORT_FROM = 8  # more scans than this (or a glob, a folder, a list) make `apply` a cohort run
+
+
+def _add_cohort_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "cohort (many scans on Dask; needs pip install 'fewshotsam[cohort]')",
+        f"More than {COHORT_FROM} scans, a glob, a folder of scans, a list, --workers or --scheduler make a cohort "
+        "run: scans whose output exists are skipped (--overwrite redoes them), a scan that fails is reported and "
+        "the others go on, and <out-dir>/summary.csv lists every scan with its status, error, time and each "
+        "structure's volume (mL), slice count, confidence and review flag.")
+    group.add_argument("--workers", type=int, metavar="N",
+                       help="worker processes on this machine (a Dask LocalCluster; default about one per two "
+                            "cores); 0 runs the cohort in this process")
+    group.add_argument("--scheduler", metavar="ADDRESS",
+                       help="an existing Dask cluster's scheduler, e.g. tcp://host:8786 (scans, model and "
+                            "--out-dir must be at the same paths on every worker)")
+    group.add_argument("--retries", type=int, default=2, metavar="N",
+                       help="times a scan moves to another worker after its worker died (default 2; on an "
+                            "existing cluster its scheduler's allowed-failures setting decides)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fewshotsam",
@@ -121,11 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     apply = commands.add_parser("apply", help="segment new scans with a saved .fsam model (no labels needed)")
     apply.add_argument("fsam", help="a .fsam file written by 'fewshotsam adapt'")
-    apply.add_argument("images", nargs="+", help="3D images to segment")
+    apply.add_argument("images", nargs="+",
+                       help="3D images to segment: files, DICOM series folders, folders of scans, quoted globs "
+                            "('archive/**/*.nii.gz') or .txt/.csv lists of paths")
     apply.add_argument("--out-dir", required=True, help="folder for the results (<image>_fewshotsam.seg.nrrd)")
     apply.add_argument("--format", choices=(".seg.nrrd", ".nrrd", ".nii.gz"), default=".seg.nrrd",
                        help="output file type (default .seg.nrrd)")
     _add_engine_options(apply)
+    _add_cohort_options(apply)
 
     demo = commands.add_parser("demo", help="run propagate on the bundled sample scan and report the Dice")
     demo.add_argument("--out-dir", default="fewshotsam-demo", help="folder for the demo's outputs")
@@ -202,6 +226,8 @@ def run(args) -> int:
     if args.command == "adapt" and len(args.image) != len(args.labels):
         raise FewShotSAMError("give one --labels for each --image")
     options = engine_options(args)
+    if args.command == "apply" and wants_cohort(args):
+        return run_cohort(args, options)
     progress, close = make_progress(args.progress)
     try:
         if args.command == "propagate":
@@ -231,6 +257,80 @@ def run(args) -> int:
         for path in written:
             print(f"wrote {path}")
     return 0
+
+
+def wants_cohort(args) -> bool:
+    """A cohort run for many scans, archive-style inputs or cluster options; else `apply` as it always was."""
+    from .cohort_inputs import LIST_SUFFIXES, holds_dicom_series, is_glob
+
+    if args.workers is not None or args.scheduler or len(args.images) > COHORT_FROM:
+        return True
+    for text in args.images:
+        path = Path(text)
+        if (not path.exists() and is_glob(text)) or (path.is_file() and path.name.lower().endswith(LIST_SUFFIXES)):
+            return True
+        if path.is_dir() and not holds_dicom_series(path):
+            return True
+    return False
+
+
+def run_cohort(args, options) -> int:
+    """`apply` over a cohort: progress over scans, then the summary's counts; exit code 1 when a scan failed."""
+    from .cohort import apply_cohort, dashboard_line, dask_available
+
+    if args.retries < 0:
+        raise FewShotSAMError("--retries must be 0 or more")
+    workers = args.workers
+    if workers is None and not args.scheduler and not dask_available():
+        print("fewshotsam: dask is not installed (pip install 'fewshotsam[cohort]'); segmenting the scans one "
+              "after another in this process", file=sys.stderr)
+        workers = 0
+    on_scan, close = _scan_progress(args.progress)
+    try:
+        summary = apply_cohort(args.fsam, args.images, args.out_dir, options, overwrite=args.overwrite,
+                               suffix=args.format, workers=workers, scheduler=args.scheduler, retries=args.retries,
+                               on_scan=on_scan, on_cluster=lambda client: print(dashboard_line(client),
+                                                                                file=sys.stderr))
+    except KeyboardInterrupt:
+        close()
+        print(f"\nfewshotsam: interrupted; finished scans are in {args.out_dir} and {args.out_dir}/summary.csv; "
+              f"run the same command again to go on", file=sys.stderr)
+        return 130
+    close()
+    counts = summary.counts
+    line = (f"{len(summary.rows)} scans: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed, "
+            f"{len(summary.flagged)} flagged for review; wrote {summary.csv_path}")
+    if args.progress == "json":
+        print(json.dumps({"stage": "done", "done": 1, "total": 1, "fraction": 1.0, "message": line,
+                          "summary": str(summary.csv_path), "counts": counts}), flush=True)
+    else:
+        print(line)
+        for row in summary.rows_with("failed")[:10]:
+            print(f"failed: {row['error']}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+def _scan_progress(kind: str):
+    """on_scan(done, total, row) for apply_cohort, and a function closing the display."""
+    if kind == "json":
+        def report(done, total, row):
+            print(json.dumps({"stage": "scan", "done": done, "total": total, "fraction": round(done / total, 4),
+                              "message": row["path"], "status": row["status"], "error": row["error"]}), flush=True)
+        return report, lambda: None
+    if kind == "bar":
+        from tqdm import tqdm
+
+        bars = []
+        failed = []
+
+        def report(done, total, row):
+            if not bars:
+                bars.append(tqdm(total=total, unit="scan", file=sys.stderr))
+            failed.extend([1] if row["status"] == "failed" else [])
+            bars[0].set_postfix_str(f"{len(failed)} failed")
+            bars[0].update(done - bars[0].n)
+        return report, lambda: bars and bars[0].close()
+    return None, lambda: None
 
 
 def run_cache(args) -> int:
