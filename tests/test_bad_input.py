@@ -396,8 +396,10 @@ def test_ctrl_c_stops_the_command_line_cleanly(tmp_path, scan):
     out = tmp_path / "result.seg.nrrd"
     command = [sys.executable, "-m", "FewShotSAMLib", "propagate", str(image), "--labels", str(labels), "--out",
                str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--progress", "json"]
+    # A shell starts background jobs with SIGINT ignored, and the child would inherit that (Python then installs no
+    # KeyboardInterrupt handler): give it the default disposition, as a terminal would.
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV,
-                             cwd=TESTS)
+                             cwd=TESTS, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert json.loads(child.stdout.readline())["stage"] == "load"  # inputs read; the model is loading now
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=120)

@@ -34,7 +34,8 @@ def _option_choices(option: str) -> dict[str, tuple]:
 ])
 def test_every_command_offers_the_catalogue_choices(option, choices):
     found = _option_choices(option)
-    assert set(found) == {"propagate", "adapt", "apply", "demo"}
+    expected = {"propagate", "adapt", "apply", "demo"} | ({"serve"} if option == "--device" else set())
+    assert set(found) == expected
     assert all(offered == choices for offered in found.values()), found
 
 
