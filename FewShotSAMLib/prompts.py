@@ -8,7 +8,7 @@ Two kinds, both learned from the labelled slices only:
 - Structure tokens: the mask-pooled embedding of each structure (the paper's few-shot embedding), given to the
   mask decoder as a prompt token together with a box from the pixel prompts.
 - Footprints: where in the slice plane each structure was painted, blurred. On a scan with no labels of its own,
-  the pixel prompts can find a structure in two places of similar size (the liver and a dark loop of bowel); the
+  the pixel prompts can find a structure in two places of similar size (the liver and a region 10 cm away); the
   footprint tells which of them lies where the structure lay on the labelled slices.
 """
 

@@ -90,7 +90,7 @@ def structure_cells(probabilities: torch.Tensor, painted_cells: torch.Tensor | N
 def most_likely_component(components: np.ndarray, probability: np.ndarray, footprint: np.ndarray | None) -> int:
     """The label of the component with the most probability mass, each cell weighted by the structure's footprint.
 
-    Not the largest component: two candidates of similar size (the liver and a loop of bowel on a scan of another
+    Not the largest component: two candidates of similar size (the liver and a region 10 cm away on a scan of another
     patient) were told apart by a few cells, so the choice flipped with the encoder's precision; their positions
     differ by far more (tests/test_propagation.py)."""
     weights = probability if footprint is None else probability * (FOOTPRINT_FLOOR + footprint)[None]

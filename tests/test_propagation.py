@@ -1,7 +1,7 @@
 """Where a structure is on a scan with no labels of its own: the structures' footprints and the component choice.
 
 On CHAOS, adapted on every slice of scan 1 and applied to scan 15, the pixel prompts found the liver in two 3D
-components of similar size (2778 and 2580 cells: a loop of bowel and the liver). The largest one won by 8% with fp32
+components of similar size (2778 and 2580 cells: another region and the liver). The largest one won by 8% with fp32
 embeddings (liver Dice 0.002) and lost with bf16 ones (0.49): the result hung on the encoder's precision. Their
 centres lie 21 cells apart on the 64-cell grid, the liver's 6 cells from where the liver lay on scan 1.
 """
