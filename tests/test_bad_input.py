@@ -232,8 +232,22 @@ def test_non_ascii_segment_names_are_kept(tmp_path):
 # Writing: full disks, kill -9, Ctrl+C
 
 
+FULL_DISK = """
+    import resource, signal
+
+    def disk_full_after(size):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG, as on a full disk with ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+"""
+
+
+def run_on_a_full_disk(code: str, *args) -> subprocess.CompletedProcess:
+    """run_child with disk_full_after(size) defined: writes past `size` bytes of one file fail from then on."""
+    return run_child(FULL_DISK + code, *args)
+
+
 FULL_DISK_WRITER = """
-    import json, resource, signal, sys
+    import json, sys
     import numpy as np
     from FewShotSAMLib.errors import FewShotSAMError
     from FewShotSAMLib.volume import Geometry, LabelVolume, Volume
@@ -243,8 +257,7 @@ FULL_DISK_WRITER = """
     labels = rng.integers(0, 4, (20, 64, 64)).astype(np.uint8)  # noise: compresses badly, so the limit is hit
     grid = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), shape=(20, 64, 64))
     volume = Volume(rng.normal(0, 1, (20, 64, 64)).astype(np.float32), grid)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG, as on a full disk with ENOSPC
-    resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+    disk_full_after(20000)
     outcome = {}
     for name in ["out.nii.gz", "out.nii", "out.nrrd", "out.seg.nrrd", "out.mha", "image.nii.gz"]:
         try:
@@ -261,7 +274,7 @@ FULL_DISK_WRITER = """
 
 @pytest.mark.skipif(not POSIX, reason="RLIMIT_FSIZE needs a POSIX system")
 def test_full_disk_while_writing_is_reported_and_leaves_nothing(tmp_path):
-    child = run_child(FULL_DISK_WRITER, tmp_path)
+    child = run_on_a_full_disk(FULL_DISK_WRITER, tmp_path)
     assert child.returncode == 0, child.stderr
     outcome = json.loads(child.stdout.splitlines()[-1])
     for name, result in outcome.items():
@@ -271,11 +284,10 @@ def test_full_disk_while_writing_is_reported_and_leaves_nothing(tmp_path):
 
 
 FULL_DISK_FSAM = """
-    import resource, signal, sys, torch
+    import sys, torch
     from FewShotSAMLib.errors import FewShotSAMError
     from test_bad_input import synthetic_adapter
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
+    disk_full_after(4000)
     try:
         synthetic_adapter(hidden=512).save(sys.argv[1])
         print("wrote")
@@ -286,19 +298,18 @@ FULL_DISK_FSAM = """
 
 @pytest.mark.skipif(not POSIX, reason="RLIMIT_FSIZE needs a POSIX system")
 def test_full_disk_while_saving_a_model(tmp_path):
-    child = run_child(FULL_DISK_FSAM, tmp_path / "model.fsam")
+    child = run_on_a_full_disk(FULL_DISK_FSAM, tmp_path / "model.fsam")
     assert child.returncode == 0, child.stderr
     assert child.stdout.startswith("error: cannot write"), child.stdout + child.stderr
     assert os.listdir(tmp_path) == []
 
 
 FULL_DISK_CACHE = """
-    import resource, signal, sys
+    import sys
     from FewShotSAMLib.embedding_cache import EmbeddingCache
     from FewShotSAMLib.errors import FewShotSAMError
     from test_embedding_cache import N, SHAPE, Encoder
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+    disk_full_after(3000)
     try:
         EmbeddingCache(sys.argv[1]).get_or_compute("vol", N, SHAPE, None, Encoder())
         print("stored")
@@ -313,7 +324,7 @@ def test_full_disk_under_the_cache_is_one_line_and_the_cache_recovers(tmp_path):
 
     from FewShotSAMLib.embedding_cache import EmbeddingCache
 
-    child = run_child(FULL_DISK_CACHE, tmp_path / "cache")
+    child = run_on_a_full_disk(FULL_DISK_CACHE, tmp_path / "cache")
     assert child.returncode == 0, child.stderr
     assert child.stdout.startswith("error: cannot write the embedding cache"), child.stdout + child.stderr
     encoder = Encoder()
