@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic_text import write_text_atomically
+from .atomic_write import write_text_atomically
 from .errors import FewShotSAMError
 from .orientation import slice_axis
 from .volume import LabelVolume, Segment

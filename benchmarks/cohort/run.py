@@ -28,7 +28,7 @@ import SimpleITK as sitk
 import torch
 
 from benchmarks.speed.run import with_built_encoders
-from FewShotSAMLib.atomic_text import write_text_atomically
+from FewShotSAMLib.atomic_write import write_text_atomically
 from FewShotSAMLib.cohort import apply_cohort
 from FewShotSAMLib.models import load_model
 from FewShotSAMLib.pipeline import EngineOptions, adapt_files, apply_files
