@@ -23,15 +23,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+# Importing FewShotSAMSlicerLib also makes the engine package (FewShotSAMLib) importable, see its __init__.
 from FewShotSAMSlicerLib import dependencies, mrml_conversion, parameters
 from FewShotSAMSlicerLib import logic as fewShotSAMLogic
 from FewShotSAMSlicerLib.errors import FewShotSAMSlicerError
 
 MODULE_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
-
-# A source checkout (Additional module paths = <repo>/FewShotSAM) has FewShotSAMLib at the repository root; a built
-# extension installs it next to this module. Make it importable in both cases (guarded: only if it is not already).
-dependencies.ensureEngineImportable(MODULE_DIRECTORY)
 
 try:
     from slicer.parameterNodeWrapper import parameterNodeWrapper

@@ -4,8 +4,8 @@ Both files use the voxel grid of the reference (source) volume, not cropped to t
 can overlay them on the image voxel by voxel. Segment i of the exported list gets label value i (1-based) in both
 files; where segments overlap, the later one wins (as in Slicer's own labelmap export).
 
-Writing is atomic: each file is written under a temporary name in the target folder and then renamed over the
-final name; an existing file is never replaced unless ``overwrite=True``.
+Writing is atomic (the engine's FewShotSAMLib.atomic_write: a temporary file beside the target, then a rename); an
+existing file is never replaced unless ``overwrite=True``.
 
 No ``qt`` import here.
 """
@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 import slicer
+
+from FewShotSAMLib.atomic_write import write_atomically
 
 from . import mrml_conversion as mc
 from .errors import FewShotSAMSlicerError
@@ -30,18 +32,6 @@ def _suffix(path: str, allowed) -> str:
         if lower.endswith(suffix):
             return suffix
     raise FewShotSAMSlicerError(f"{os.path.basename(path)}: use one of these file types: {', '.join(allowed)}.")
-
-
-def _temporaryName(path: str, suffix: str) -> str:
-    folder, name = os.path.split(os.path.abspath(path))
-    stem = name[: len(name) - len(suffix)]
-    return os.path.join(folder, f".{stem}.partial-{os.getpid()}{suffix}")
-
-
-def _replaceAtomically(temporary: str, final: str, overwrite: bool) -> None:
-    if os.path.exists(final) and not overwrite:
-        raise FewShotSAMSlicerError(f"{final} already exists; choose another name or allow overwriting.")
-    os.replace(temporary, final)
 
 
 def labelArray(segmentationNode, referenceVolumeNode, segmentIds) -> np.ndarray:
@@ -107,21 +97,21 @@ def exportSegmentation(segmentationNode, referenceVolumeNode, segmentationPath: 
     labels = labelArray(segmentationNode, referenceVolumeNode, ids)
     written = []
     for path, suffix, kind in targets:
-        temporary = _temporaryName(path, suffix)
-        try:
+        def writeTo(temporary, kind=kind, path=path):
             if kind == "labelmap":
-                mc.writeLabelArray(labels, referenceVolumeNode, temporary, compress=True)
-            else:
-                node = segmentationNodeFromLabels(labels, referenceVolumeNode, segmentationNode.GetSegmentation(), ids)
-                storage = slicer.vtkMRMLSegmentationStorageNode()
-                storage.SetFileName(temporary)
-                storage.SetUseCompression(1)
-                storage.SetCropToMinimumExtent(False)
-                if not storage.WriteData(node) or not os.path.isfile(temporary):
-                    raise FewShotSAMSlicerError(f"Could not write {path}.")
-            _replaceAtomically(temporary, path, overwrite)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+                mc.writeLabelArray(labels, referenceVolumeNode, str(temporary), compress=True)
+                return
+            node = segmentationNodeFromLabels(labels, referenceVolumeNode, segmentationNode.GetSegmentation(), ids)
+            storage = slicer.vtkMRMLSegmentationStorageNode()
+            storage.SetFileName(str(temporary))
+            storage.SetUseCompression(1)
+            storage.SetCropToMinimumExtent(False)
+            if not storage.WriteData(node) or not os.path.isfile(temporary):
+                raise FewShotSAMSlicerError(f"Could not write {path}.")
+
+        try:
+            write_atomically(path, writeTo, overwrite=overwrite, ending=suffix)
+        except FileExistsError:
+            raise FewShotSAMSlicerError(f"{path} already exists; choose another name or allow overwriting.") from None
         written.append(path)
     return written

@@ -38,6 +38,8 @@ from typing import Callable
 import numpy as np
 import slicer
 
+from FewShotSAMLib.atomic_write import write_atomically
+
 from . import export as exportModule
 from . import mrml_conversion as mc
 from . import painted_slices as ps
@@ -647,16 +649,12 @@ class FewShotSAMSlicerLogic:
         def onSuccess(job):
             if not os.path.isfile(temporaryModel):
                 raise FewShotSAMSlicerError("The worker did not write the adapted model.")
-            partial = os.path.join(os.path.dirname(modelPath), f".{os.path.basename(modelPath)}.partial-{os.getpid()}")
             try:
-                shutil.copyfile(temporaryModel, partial)
-                if os.path.exists(modelPath) and not overwrite:
-                    raise FewShotSAMSlicerError(
-                        f"{modelPath} already exists; choose another name or allow overwriting.")
-                os.replace(partial, modelPath)
-            finally:
-                if os.path.exists(partial):
-                    os.remove(partial)
+                write_atomically(modelPath, lambda partial: shutil.copyfile(temporaryModel, partial),
+                                 overwrite=overwrite)
+            except FileExistsError:
+                raise FewShotSAMSlicerError(
+                    f"{modelPath} already exists; choose another name or allow overwriting.") from None
             return {"modelPath": modelPath, "segmentIds": list(painted.segmentIds)}
 
         return self._startWorker(ADAPT, [("adapt", arguments, "")], folder, onSuccess,

@@ -3,7 +3,8 @@
 Conventions (the same as ``slicer.util.arrayFromVolume`` and FewShotSAMLib): arrays are indexed [k, j, i]; array
 axis 0 is the volume's K axis. Geometry stays in MRML as the IJK-to-RAS matrix; files are written and read with
 Slicer's own storage nodes, which convert RAS (Slicer) to LPS (NRRD / NIfTI headers) and back, so no code here
-does that conversion by hand.
+does that conversion by hand
+(except the direction matrix handed to the engine's slice-axis choice, see sliceAxis).
 
 Nothing here adds nodes to the user's scene: temporary volume, labelmap and segmentation nodes are standalone
 MRML nodes (not in any scene) that live only for one read or write.
@@ -21,18 +22,16 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from FewShotSAMLib.errors import FewShotSAMError
+from FewShotSAMLib.orientation import slice_axis as engineSliceAxis
+from FewShotSAMLib.volume import Geometry
+
 from .errors import FewShotSAMSlicerError
 
 BINARY_LABELMAP = "Binary labelmap"
 
-# Unit normals, in RAS, of the slice planes the user can ask for. "auto" means axial, as in the engine.
-PLANE_NORMALS_RAS = {
-    "auto": (0.0, 0.0, 1.0),
-    "axial": (0.0, 0.0, 1.0),
-    "coronal": (0.0, 1.0, 0.0),
-    "sagittal": (1.0, 0.0, 0.0),
-}
-ORIENTATIONS = tuple(PLANE_NORMALS_RAS)
+# RAS (Slicer) to LPS (the engine): the first two patient axes change sign.
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,23 +87,15 @@ def volumeShape(volumeNode) -> tuple[int, int, int]:
 def sliceAxis(ijkToRasMatrix: np.ndarray, orientation: str = "auto") -> int:
     """Array axis (0=k, 1=j, 2=i) along which slices of the given orientation are stacked.
 
-    Mirrors ``FewShotSAMLib.orientation.slice_axis`` (the engine decides from the direction matrix the same way):
-    the voxel axis whose direction is most aligned with the plane normal, sign ignored (so flipped axes are fine;
-    RAS vs LPS only flips signs), ties going to the slowest array axis (k).
+    The engine decides (FewShotSAMLib.orientation.slice_axis, from the direction matrix), so the module and the
+    worker always cut the same slices: the voxel axis most aligned with the plane normal, sign ignored.
     """
-    key = str(orientation).strip().lower()
-    if key not in PLANE_NORMALS_RAS:
-        raise FewShotSAMSlicerError(f"Unknown slice orientation '{orientation}'; use one of {', '.join(ORIENTATIONS)}.")
-    normal = np.asarray(PLANE_NORMALS_RAS[key])
-    directions = np.asarray(ijkToRasMatrix, dtype=float)[:3, :3]
-    norms = np.linalg.norm(directions, axis=0)
-    alignment = np.abs(normal @ directions) / np.where(norms > 0, norms, 1.0)
-    bestAxis, bestAlignment = 0, -1.0
-    for arrayAxis in (0, 1, 2):
-        voxelAxis = 2 - arrayAxis
-        if alignment[voxelAxis] > bestAlignment + 1e-9:
-            bestAxis, bestAlignment = arrayAxis, alignment[voxelAxis]
-    return bestAxis
+    directionsLps = RAS_TO_LPS @ np.asarray(ijkToRasMatrix, dtype=float)[:3, :3]
+    geometry = Geometry(spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=directionsLps)
+    try:
+        return engineSliceAxis(geometry, orientation)
+    except FewShotSAMError as error:
+        raise FewShotSAMSlicerError(f"Slice orientation: {error}.") from None
 
 
 def gridFingerprint(volumeNode) -> str:

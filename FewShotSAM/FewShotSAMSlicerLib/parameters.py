@@ -21,27 +21,13 @@ from dataclasses import dataclass
 
 import slicer
 
-# (value stored in the node, label shown to the user)
-MODELS = (
-    ("litemedsam", "LiteMedSAM (default, fast on CPU)"),
-    ("sam_vit_b", "SAM ViT-B (needs checkpoint)"),
-    ("sam_vit_l", "SAM ViT-L (needs checkpoint)"),
-    ("sam_vit_h", "SAM ViT-H (needs checkpoint)"),
-    ("medsam_vit_b", "MedSAM ViT-B (needs checkpoint)"),
-)
-MODELS_NEEDING_CHECKPOINT = ("sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
-DEVICES = (
-    ("auto", "Automatic (GPU if available)"),
-    ("cpu", "CPU"),
-    ("cuda", "GPU (CUDA)"),
-    ("mps", "GPU (Apple MPS)"),
-)
-ORIENTATIONS = (
-    ("auto", "Automatic (axial, from the volume's direction)"),
-    ("axial", "Axial"),
-    ("coronal", "Coronal"),
-    ("sagittal", "Sagittal"),
-)
+from FewShotSAMLib import catalog
+
+# (value stored in the node, label shown to the user), all from the engine's catalogue
+MODELS = catalog.model_choices()
+MODELS_NEEDING_CHECKPOINT = catalog.models_needing_checkpoint()
+DEVICES = catalog.DEVICES
+ORIENTATIONS = catalog.SLICE_PLANES
 
 
 @dataclass(frozen=True)
