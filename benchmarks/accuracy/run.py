@@ -1,6 +1,6 @@
 """Accuracy benchmark (issue 3): FewShotSAM against Slicer's tools and prompted SAM, on real scans.
 
-    python -m benchmarks.accuracy.run [--quick] [--datasets chaos,hippocampus,totalseg] [--ks 1,3,5]
+    python -m benchmarks.accuracy.run [--quick] [--datasets chaos,hippocampus,totalseg,totalseg_small] [--ks 1,3,5]
                                       [--protocols 1,2,3] [--train-sizes 1,2,4]
                                       [--out benchmarks/results] [--cache-dir DIR] [--data-dir DIR]
 
@@ -42,7 +42,7 @@ from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.slice_selection import few_shot_labels, fractions_of_extent
 
 from . import report
-from .datasets import CHAOS_CASES, Scan, chaos_training_folds, load_scan, scan_names
+from .datasets import CHAOS_CASES, DATASETS, Scan, chaos_training_folds, load_scan, scan_names
 from .report import FEWSHOTSAM, FEWSHOTSAM_NO_TUNING, FILL, GROW, SAM_BOX, SAM_POINT
 from .sam_baselines import BOX, POINT, prompted_sam
 
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="CHAOS scans 2 and 15, k=3, FewShotSAM + Fill between slices + SAM box, protocol 1")
-    parser.add_argument("--datasets", default=None, help="comma list of chaos,hippocampus,totalseg (default: all)")
+    parser.add_argument("--datasets", default=None, help=f"comma list of {','.join(DATASETS)} (default: all)")
     parser.add_argument("--ks", default=None, help="comma list of labelled slices per structure (default 1,3,5)")
     parser.add_argument("--methods", default=None,
                         help=f"comma list of {','.join(METHOD_KEYS)} "
@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.data_dir = args.data_dir or default_data_dir()
     args.datasets = _csv(args.datasets) if args.datasets else (["chaos"] if args.quick else
-                                                               ["chaos", "hippocampus", "totalseg"])
+                                                               list(DATASETS))
     args.ks = [int(k) for k in _csv(args.ks)] if args.ks else ([3] if args.quick else [1, 3, 5])
     args.totalseg_ks = [int(k) for k in _csv(args.totalseg_ks)] if args.totalseg_ks else args.ks
     method_keys = _csv(args.methods) if args.methods else (QUICK_METHODS if args.quick else list(METHOD_KEYS))
@@ -128,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if any(n < 1 or n > largest for n in args.train_sizes):
             parser.error(f"--train-sizes must lie in 1..{largest}")
     for dataset in args.datasets:
-        if dataset not in ("chaos", "hippocampus", "totalseg"):
+        if dataset not in DATASETS:
             parser.error(f"unknown dataset {dataset!r}")
     if any(k < 1 for k in args.ks + args.totalseg_ks):
         parser.error("k must be >= 1")

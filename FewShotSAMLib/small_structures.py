@@ -1,0 +1,125 @@
+"""Small structures: the engine's outline averaged with the outline of the painted slices.
+
+A structure a few voxels across (an MSD hippocampus crop: ~15x20 voxels in plane, 1 mm) reaches the image encoder
+as a 5x blurred upsampling, and the outline the model draws there is worse than the painted outlines carried over
+to the next slices: on such scans Slicer's "Fill between slices" beat the engine at k = 3 and 5. This module adds
+that knowledge without giving up the model: on every slice that was not painted, each small structure's outline is
+the weighted average of two signed distance maps (positive inside, in mm):
+
+* the engine's result on that slice, and
+* the painted shape: between two painted slices the linear blend of their distance maps (shape-based
+  interpolation); beyond the outermost painted slice that slice's map, shrunk by `taper` mm per mm of distance,
+  since structures narrow towards their ends.
+
+Distances are clipped to `clip` mm, so a slice where either source is empty counts as "far outside" without the
+empty source wiping out the other. Structures compete per voxel by the larger average. Large structures (every
+CHAOS organ) are left exactly as they were: only structures whose largest painted cross-section spans fewer than
+SMALL_STRUCTURE_VOXELS voxels are changed (measured: no CHAOS organ comes within a factor 1.6 of it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .orientation import from_slices, to_slices
+
+# The longest side, in voxels, of a structure's largest painted cross-section below which it counts as small.
+# Hippocampus parts measure 13-25 voxels; the smallest CHAOS organ on any painted slice (a kidney end) measures
+# more than 40 (see tests/test_small_structures.py for the CHAOS check).
+SMALL_STRUCTURE_VOXELS = 32
+
+
+@dataclass
+class ShapeBlendOptions:
+    enabled: bool = True
+    model_weight: float = 0.5  # share of the engine's distance map between painted slices; the rest is the painting's
+    model_weight_beyond: float = 0.5  # the same beyond the outermost painted slices
+    taper: float = 0.3  # mm the painted shape shrinks per mm beyond the outermost painted slice
+    clip: float = 6.0  # mm: distance maps are clipped to +-clip
+
+
+def is_small(painted_slices: np.ndarray, value: int) -> bool:
+    """Whether the structure `value` spans fewer than SMALL_STRUCTURE_VOXELS voxels on every painted slice."""
+    mask = painted_slices == value
+    present = np.flatnonzero(mask.any(axis=(1, 2)))
+    if present.size == 0:
+        return False
+    for z in present:
+        rows = np.flatnonzero(mask[z].any(axis=1))
+        cols = np.flatnonzero(mask[z].any(axis=0))
+        if max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= SMALL_STRUCTURE_VOXELS:
+            return False
+    return True
+
+
+def signed_distance(mask: np.ndarray, spacing: tuple[float, float], clip: float) -> np.ndarray:
+    """Signed distance (mm, positive inside) of a 2D mask to its outline, clipped to +-clip; -clip if empty."""
+    if not mask.any():
+        return np.full(mask.shape, -clip, dtype=np.float32)
+    if mask.all():
+        return np.full(mask.shape, clip, dtype=np.float32)
+    inside = ndimage.distance_transform_edt(mask, sampling=spacing)
+    outside = ndimage.distance_transform_edt(~mask, sampling=spacing)
+    # Half a voxel either side of the outline, so that re-thresholding a map at 0 gives back its own mask.
+    return np.clip(np.where(mask, inside - 0.5 * min(spacing), 0.5 * min(spacing) - outside), -clip, clip).astype(
+        np.float32)
+
+
+def painted_shape(anchors: dict[int, np.ndarray], z: int, slice_mm: float,
+                  taper: float) -> tuple[np.ndarray, bool]:
+    """The painted shape's distance map on slice z, from the maps of the slices the structure was painted on, and
+    whether z lies between two of them."""
+    below = [a for a in anchors if a < z]
+    above = [a for a in anchors if a > z]
+    if below and above:
+        lower, upper = max(below), min(above)
+        t = (z - lower) / (upper - lower)
+        return (1 - t) * anchors[lower] + t * anchors[upper], True
+    nearest = max(below) if below else min(above)
+    return anchors[nearest] - taper * abs(z - nearest) * slice_mm, False
+
+
+def blend_with_painted_shape(labels: np.ndarray, painted: np.ndarray, labelled: list[int], axis: int,
+                             label_values: list[int], spacing_along: float, pixel_spacing: tuple[float, float],
+                             options: ShapeBlendOptions, slice_range: tuple[int, int] | None = None) -> np.ndarray:
+    """The engine's label map [k, j, i] with its small structures re-outlined on every unpainted slice (of
+    slice_range, first..last inclusive, when given: the engine leaves the others empty, and so does this)."""
+    if not options.enabled or not labelled:
+        return labels
+    painted_slices = to_slices(painted, axis)
+    small = [value for value in label_values if is_small(painted_slices, value)]
+    if not small:
+        return labels
+    result = np.array(to_slices(labels, axis))
+    labelled_set = set(labelled)
+    scores = np.full((len(small),) + result.shape, -np.inf, dtype=np.float32)
+    for index, value in enumerate(small):
+        anchors = {z: signed_distance(painted_slices[z] == value, pixel_spacing, options.clip)
+                   for z in labelled if (painted_slices[z] == value).any()}
+        absent = [z for z in labelled if z not in anchors]
+        first, last = slice_range or (0, result.shape[0] - 1)
+        for z in range(max(0, first), min(result.shape[0] - 1, last) + 1):
+            if z in labelled_set or _beyond_absent(z, anchors, absent):
+                continue
+            engine = signed_distance(result[z] == value, pixel_spacing, options.clip)
+            prior, between = painted_shape(anchors, z, spacing_along, options.taper)
+            weight = options.model_weight if between else options.model_weight_beyond
+            scores[index, z] = weight * engine + (1 - weight) * np.maximum(prior, -options.clip)
+    for index, value in enumerate(small):
+        result[(result == value) & np.isfinite(scores[index])] = 0  # re-outlined below
+    best = scores.max(axis=0)
+    winner = np.asarray(small, dtype=result.dtype)[scores.argmax(axis=0)]
+    claim = (best > 0) & (result == 0)  # never over a large structure
+    result[claim] = winner[claim]
+    return from_slices(result, axis)
+
+
+def _beyond_absent(z: int, anchors: dict[int, np.ndarray], absent: list[int]) -> bool:
+    """True when a labelled slice without the structure lies between z and every painted slice of it: the user
+    said it ends there, so the painted shape must not be carried past it (the engine's result is kept)."""
+    if not anchors:
+        return True
+    return all(any(min(a, z) < b < max(a, z) for b in absent) for a in anchors)
