@@ -8,8 +8,8 @@ the weighted average of two signed distance maps (positive inside, in mm):
 
 * the engine's result on that slice, and
 * the painted shape: between two painted slices the linear blend of their distance maps (shape-based
-  interpolation); beyond the outermost painted slice that slice's map, shrunk by `taper` mm per mm of distance,
-  since structures narrow towards their ends.
+  interpolation); beyond the outermost painted slice that slice's map, narrowing towards the structure's end
+  (painted_shape says how fast).
 
 Distances are clipped to `clip` mm, so a slice where either source is empty counts as "far outside" without the
 empty source wiping out the other. Structures compete per voxel by the larger average. Large structures (every
@@ -35,10 +35,11 @@ SMALL_STRUCTURE_VOXELS = 32
 @dataclass
 class ShapeBlendOptions:
     enabled: bool = True
-    model_weight: float = 0.5  # share of the engine's distance map between painted slices; the rest is the painting's
-    model_weight_beyond: float = 0.5  # the same beyond the outermost painted slices
-    taper: float = 0.3  # mm the painted shape shrinks per mm beyond the outermost painted slice
-    clip: float = 6.0  # mm: distance maps are clipped to +-clip
+    # Chosen on the hippocampus development scans (benchmarks/accuracy/datasets.py, DEVELOPMENT_SCANS).
+    model_weight: float = 0.3  # share of the engine's distance map between painted slices; the rest is the painting's
+    model_weight_beyond: float = 0.3  # the same beyond the outermost painted slices
+    taper: float = 1.0  # how fast the painted shape narrows beyond the outermost painted slice (painted_shape)
+    clip: float = 4.0  # mm: distance maps are clipped to +-clip
 
 
 def is_small(painted_slices: np.ndarray, value: int) -> bool:
@@ -68,10 +69,15 @@ def signed_distance(mask: np.ndarray, spacing: tuple[float, float], clip: float)
         np.float32)
 
 
-def painted_shape(anchors: dict[int, np.ndarray], z: int, slice_mm: float,
+def painted_shape(anchors: dict[int, np.ndarray], z: int, engine_present: np.ndarray,
                   taper: float) -> tuple[np.ndarray, bool]:
     """The painted shape's distance map on slice z, from the maps of the slices the structure was painted on, and
-    whether z lies between two of them."""
+    whether z lies between two of them.
+
+    Beyond the outermost painted slice the shape narrows, in equal steps, to nothing just past the last slice of the
+    engine's own run of slices in that direction (taper 1; larger: sooner): the engine decides where a structure
+    ends, the painting what it looks like on the way there. This adapts to k: one painted slice in the middle of a
+    structure tapers slowly, an outermost one of five painted slices quickly."""
     below = [a for a in anchors if a < z]
     above = [a for a in anchors if a > z]
     if below and above:
@@ -79,7 +85,15 @@ def painted_shape(anchors: dict[int, np.ndarray], z: int, slice_mm: float,
         t = (z - lower) / (upper - lower)
         return (1 - t) * anchors[lower] + t * anchors[upper], True
     nearest = max(below) if below else min(above)
-    return anchors[nearest] - taper * abs(z - nearest) * slice_mm, False
+    step = 1 if z > nearest else -1
+    run = 0  # slices the engine found the structure on, going outwards from the painted slice
+    while 0 <= nearest + step * (run + 1) < engine_present.size and engine_present[nearest + step * (run + 1)]:
+        run += 1
+    if len(anchors) > 1:  # painted slices spread over a structure leave about half a gap beyond the outermost
+        gap = (max(anchors) - min(anchors)) / (len(anchors) - 1)
+        run = min(run, int(np.ceil(gap / 2)))
+    depth = max(float(anchors[nearest].max()), 0.0)
+    return anchors[nearest] - taper * depth * abs(z - nearest) / (run + 1), False
 
 
 def blend_with_painted_shape(labels: np.ndarray, painted: np.ndarray, labelled: list[int], axis: int,
@@ -100,12 +114,13 @@ def blend_with_painted_shape(labels: np.ndarray, painted: np.ndarray, labelled: 
         anchors = {z: signed_distance(painted_slices[z] == value, pixel_spacing, options.clip)
                    for z in labelled if (painted_slices[z] == value).any()}
         absent = [z for z in labelled if z not in anchors]
+        engine_present = (result == value).any(axis=(1, 2))
         first, last = slice_range or (0, result.shape[0] - 1)
         for z in range(max(0, first), min(result.shape[0] - 1, last) + 1):
             if z in labelled_set or _beyond_absent(z, anchors, absent):
                 continue
             engine = signed_distance(result[z] == value, pixel_spacing, options.clip)
-            prior, between = painted_shape(anchors, z, spacing_along, options.taper)
+            prior, between = painted_shape(anchors, z, engine_present, options.taper)
             weight = options.model_weight if between else options.model_weight_beyond
             scores[index, z] = weight * engine + (1 - weight) * np.maximum(prior, -options.clip)
     for index, value in enumerate(small):

@@ -53,15 +53,15 @@ def test_between_painted_slices_a_shrunken_misplaced_outline_moves_towards_the_t
     assert dice(result[1:8] == 1, truth[1:8] == 1) > dice(engine[1:8] == 1, truth[1:8] == 1) + 0.1
 
 
-def test_beyond_the_last_painted_slice_the_shape_tapers_and_an_empty_engine_slice_stays_empty():
+def test_beyond_the_last_painted_slice_the_shape_narrows_to_the_engines_end_of_the_structure():
     truth = moving_disc()
     painted = np.zeros_like(truth)
     painted[4] = truth[4]
     engine = truth.copy()
-    engine[8] = 0  # the engine says the structure ended
-    result = blend(engine, painted, [4], ShapeBlendOptions(taper=0.5))
+    engine[8] = 0  # the engine says the structure ended after slice 7
+    result = blend(engine, painted, [4])
     assert not result[8].any()
-    assert 0 < result[7].sum() <= result[5].sum()
+    assert 0 < result[7].sum() < result[6].sum() < result[5].sum()
 
 
 def test_a_labelled_slice_without_the_structure_stops_the_painted_shape():
