@@ -43,7 +43,7 @@ from FewShotSAMLib.slice_selection import few_shot_labels, fractions_of_extent
 
 from . import report
 from .datasets import CHAOS_CASES, DATASETS, Scan, chaos_training_folds, load_scan, scan_names
-from .report import FEWSHOTSAM, FEWSHOTSAM_NO_TUNING, FILL, GROW, SAM_BOX, SAM_POINT
+from .report import FEWSHOTSAM, FEWSHOTSAM_NO_BLEND, FEWSHOTSAM_NO_TUNING, FILL, GROW, SAM_BOX, SAM_POINT
 from .sam_baselines import BOX, POINT, prompted_sam
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +51,7 @@ DEFAULT_CACHE_DIR = Path("/tmp/fewshotsam-bench-cache")
 METHOD_KEYS = {
     "fewshotsam": FEWSHOTSAM,
     "notuning": FEWSHOTSAM_NO_TUNING,
+    "noblend": FEWSHOTSAM_NO_BLEND,
     "point": SAM_POINT,
     "box": SAM_BOX,
     "fill": FILL,
@@ -304,9 +305,15 @@ class Benchmark:
         finally:
             options.decoder_steps = self.decoder_steps
 
-    def fewshotsam(self, scan: Scan, painted: np.ndarray, tuned: bool) -> np.ndarray:
+    def fewshotsam(self, scan: Scan, painted: np.ndarray, tuned: bool, blend: bool = True) -> np.ndarray:
+        """blend=False: without the small-structure blend (FewShotSAMLib/small_structures.py), to measure it."""
+        blending = self.engine.options.small_structures
         with self.decoder_tuning(tuned):
-            return self.engine.propagate(scan.volume, scan.label_volume(painted)).array
+            blending.enabled = blend
+            try:
+                return self.engine.propagate(scan.volume, scan.label_volume(painted)).array
+            finally:
+                blending.enabled = True
 
     def adapt(self, supports: list[tuple[Scan, np.ndarray]], tuned: bool):
         """One adapter from the painted slices of the support scans, and the seconds it took."""
@@ -320,6 +327,8 @@ class Benchmark:
             return self.fewshotsam(scan, painted, tuned=True)
         if method == FEWSHOTSAM_NO_TUNING:
             return self.fewshotsam(scan, painted, tuned=False)
+        if method == FEWSHOTSAM_NO_BLEND:
+            return self.fewshotsam(scan, painted, tuned=True, blend=False)
         if method == FILL:
             from benchmarks.baselines.slicer_baselines import fill_between_slices
 
