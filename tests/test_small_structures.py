@@ -9,8 +9,13 @@ import pytest
 from FewShotSAMLib.metrics import dice
 from FewShotSAMLib.orientation import to_slices
 from FewShotSAMLib.slice_selection import few_shot_labels
-from FewShotSAMLib.small_structures import (SMALL_STRUCTURE_VOXELS, ShapeBlendOptions, blend_with_painted_shape,
-                                            is_small, signed_distance)
+from FewShotSAMLib.small_structures import (
+    SMALL_STRUCTURE_VOXELS,
+    ShapeBlendOptions,
+    blend_with_painted_shape,
+    is_small,
+    signed_distance,
+)
 from FewShotSAMLib.volume_io import read_labels, read_volume
 
 CHAOS_CASES = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22]
