@@ -17,7 +17,7 @@ from .encoding import EncodedVolume, encode_volume
 from .errors import Cancelled, FewShotSAMError
 from .fewshot import FewShotCollection, collect, labelled_slice_indices
 from .models import SamModel, load_model
-from .orientation import in_plane_spacing, slice_axis, slice_spacing, to_slices
+from .orientation import in_plane_spacing, slice_axis, to_slices
 from .preprocess import choose_normalisation
 from .progress import NO_PROGRESS, Progress
 from .propagation import PropagationOptions, propagate_volume
@@ -82,7 +82,6 @@ class Engine:
                                      progress)
         axis = encoded.axis
         predicted = blend_with_painted_shape(predicted, labels.array, labelled, axis, collection.label_values,
-                                             slice_spacing(volume.geometry, axis),
                                              in_plane_spacing(volume.geometry, axis), self.options.small_structures,
                                              self.options.propagation.slice_range)
         return LabelVolume(predicted, labels.geometry, list(labels.segments))

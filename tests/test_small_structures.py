@@ -32,7 +32,7 @@ def moving_disc(n_slices=9, shape=(48, 48), radius=7.0) -> np.ndarray:
 
 
 def blend(labels, painted, labelled, options=None, axis=0, slice_range=None):
-    return blend_with_painted_shape(labels, painted, labelled, axis, [1], 1.0, (1.0, 1.0),
+    return blend_with_painted_shape(labels, painted, labelled, axis, [1], (1.0, 1.0),
                                     options or ShapeBlendOptions(), slice_range)
 
 
