@@ -59,14 +59,23 @@ def test_between_painted_slices_a_shrunken_misplaced_outline_moves_towards_the_t
 
 
 def test_beyond_the_last_painted_slice_the_shape_narrows_to_the_engines_end_of_the_structure():
+    truth = moving_disc(n_slices=12)
+    painted = np.zeros_like(truth)
+    painted[[1, 4]] = truth[[1, 4]]
+    engine = truth.copy()
+    engine[8:] = 0  # the engine says the structure ended after slice 7; half the painted gap caps the run at 2
+    result = blend(engine, painted, [1, 4], ShapeBlendOptions(model_weight_beyond=0.0))
+    assert not result[7:].any()
+    assert 0 < result[6].sum() < result[5].sum() < truth[4].sum()
+
+
+def test_a_structure_painted_on_one_slice_keeps_the_engines_outline():
     truth = moving_disc()
     painted = np.zeros_like(truth)
     painted[4] = truth[4]
     engine = truth.copy()
-    engine[8] = 0  # the engine says the structure ended after slice 7
-    result = blend(engine, painted, [4])
-    assert not result[8].any()
-    assert 0 < result[7].sum() < result[6].sum() < result[5].sum()
+    engine[6] = 0
+    assert blend(engine, painted, [4]) is engine
 
 
 def test_a_labelled_slice_without_the_structure_stops_the_painted_shape():
