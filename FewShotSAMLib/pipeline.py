@@ -17,10 +17,11 @@ from .encoding import EncodedVolume, encode_volume
 from .errors import Cancelled, FewShotSAMError
 from .fewshot import FewShotCollection, collect, labelled_slice_indices
 from .models import SamModel, load_model
-from .orientation import slice_axis, to_slices
+from .orientation import in_plane_spacing, slice_axis, to_slices
 from .preprocess import choose_normalisation
 from .progress import NO_PROGRESS, Progress
 from .propagation import PropagationOptions, propagate_volume
+from .small_structures import ShapeBlendOptions, blend_with_painted_shape
 from .volume import LabelVolume, Volume
 from .volume_io import check_output_path, read_labels, read_volume, write_segmentation
 
@@ -39,6 +40,7 @@ class EngineOptions:
     encoder: str = "auto"  # how the encoder runs: auto, compiled, onnx, fp32, bf16 (see SamModel.encoder_path)
     adapt: AdaptOptions = field(default_factory=AdaptOptions)
     propagation: PropagationOptions = field(default_factory=PropagationOptions)
+    small_structures: ShapeBlendOptions = field(default_factory=ShapeBlendOptions)
 
 
 def seed_everything(seed: int) -> None:
@@ -78,6 +80,10 @@ class Engine:
         adapter = adapt(self.model, collection, self.options.adapt, progress)
         predicted = propagate_volume(self.model, adapter, encoded, labels.array, labelled, self.options.propagation,
                                      progress)
+        axis = encoded.axis
+        predicted = blend_with_painted_shape(predicted, labels.array, labelled, axis, collection.label_values,
+                                             in_plane_spacing(volume.geometry, axis), self.options.small_structures,
+                                             self.options.propagation.slice_range)
         return LabelVolume(predicted, labels.geometry, list(labels.segments))
 
     def slices_to_encode(self, labelled: list[int], n_slices: int) -> list[int] | None:

@@ -1,4 +1,5 @@
-"""The benchmark's scans: CHAOS T2 MRI, MSD hippocampus MRI and one TotalSegmentator CT, read as FewShotSAM volumes.
+"""The benchmark's scans: CHAOS T2 MRI, MSD hippocampus MRI and two TotalSegmentator CTs (large organs; small
+organs), read as FewShotSAM volumes.
 
 Every scan is returned as a ``Scan``: the image ``Volume``, the full reference label map restricted to the benchmark's
 structures (other label values set to 0), the structures (label value -> name) and the slice axis (an array axis of
@@ -23,12 +24,22 @@ CHAOS_CASES = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22]
 CHAOS_QUICK_CASES = [2, 15]
 CHAOS_STRUCTURES = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
 HIPPOCAMPUS_STRUCTURES = {1: "anterior hippocampus", 2: "posterior hippocampus"}
+# The scans the small-structure settings (FewShotSAMLib/small_structures.py) were chosen on: the first 2
+# hippocampus scans in sorted order. Every other scan of a dataset is held out; the report gives both separately.
+DEVELOPMENT_SCANS = {
+    "hippocampus": ["hippocampus_001", "hippocampus_003"],
+}
 TOTALSEG_WANTED = ["liver", "spleen", "kidney_right", "kidney_left"]
+# Small abdominal structures of the 3 mm TotalSegmentator example CT (each spans 8-54 voxels in plane).
+TOTALSEG_SMALL_WANTED = ["gallbladder", "pancreas", "adrenal_gland_right", "adrenal_gland_left",
+                         "portal_vein_and_splenic_vein"]
+DATASETS = ("chaos", "hippocampus", "totalseg", "totalseg_small")
 
 DATASET_TITLES = {
     "chaos": "CHAOS T2-SPIR MRI (abdomen)",
     "hippocampus": "MSD Task04 hippocampus MRI",
     "totalseg": "TotalSegmentator CT (ct_dicom_20slices)",
+    "totalseg_small": "TotalSegmentator CT, small organs (ct_example_sm)",
 }
 DATASET_NOTES = {
     "chaos": "12 scans, manual labels; 1 liver, 2 right kidney, 3 left kidney, 4 spleen; axial slices (array axis 0).",
@@ -36,6 +47,9 @@ DATASET_NOTES = {
     "totalseg": ("one CT scan of 20 axial slices (512x512, 2 mm); labels are TotalSegmentator MODEL OUTPUTS resampled "
                  "to the DICOM grid, not manual ground truth; only liver and spleen are present (no kidney voxels), "
                  "and both span all 20 slices, so the structures' ends along the slice axis are not tested."),
+    "totalseg_small": ("one abdominal CT of 30 axial slices (122x101, 3 mm); labels are TotalSegmentator MODEL "
+                       "OUTPUTS (its test reference example_seg.nii.gz), not manual ground truth; gallbladder, "
+                       "pancreas, right and left adrenal gland, portal and splenic vein, 12-18 slices each."),
 }
 
 
@@ -111,7 +125,9 @@ def scan_names(dataset: str, data_dir: Path, quick: bool, hippocampus_count: int
         return hippocampus_cases(data_dir, hippocampus_count, only)
     if dataset == "totalseg":
         return [name for name in ["ct_dicom_20slices"] if only is None or name in only]
-    raise ValueError(f"unknown dataset {dataset!r}; use chaos, hippocampus or totalseg")
+    if dataset == "totalseg_small":
+        return [name for name in ["ct_example_sm"] if only is None or name in only]
+    raise ValueError(f"unknown dataset {dataset!r}; use {', '.join(DATASETS)}")
 
 
 def load_scan(dataset: str, name: str, data_dir: Path, axis_choice: str = "auto") -> Scan:
@@ -126,15 +142,16 @@ def load_scan(dataset: str, name: str, data_dir: Path, axis_choice: str = "auto"
         folder = data_dir / "msd_hippocampus_mri"
         return _make_scan(dataset, name, folder / "images" / f"{name}.nii.gz", folder / "labels" / f"{name}.nii.gz",
                           HIPPOCAMPUS_STRUCTURES, axis_choice)
-    if dataset == "totalseg":
+    if dataset in ("totalseg", "totalseg_small"):
         folder = data_dir / "totalsegmentator_ct_mr"
         class_map = json.loads((folder / "class_map.json").read_text())
         ct_map = next(table for key, table in class_map.items() if key.startswith("total (CT"))
         by_name = {label: int(value) for value, label in ct_map.items()}
-        structures = {by_name[label]: label for label in TOTALSEG_WANTED}
-        structures = dict(sorted(structures.items()))
-        return _make_scan(dataset, name, folder / f"{name}.nii.gz",
-                          folder / f"{name}_seg_total_on_dicom_grid.nii.gz", structures, axis_choice)
+        wanted = TOTALSEG_WANTED if dataset == "totalseg" else TOTALSEG_SMALL_WANTED
+        structures = dict(sorted({by_name[label]: label for label in wanted}.items()))
+        labels_name = f"{name}_seg_total_on_dicom_grid" if dataset == "totalseg" else f"{name}_seg_total"
+        return _make_scan(dataset, name, folder / f"{name}.nii.gz", folder / f"{labels_name}.nii.gz", structures,
+                          axis_choice)
     raise ValueError(f"unknown dataset {dataset!r}")
 
 

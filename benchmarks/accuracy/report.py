@@ -11,15 +11,16 @@ import numpy as np
 
 from FewShotSAMLib.atomic_write import write_atomically
 
-from .datasets import DATASET_NOTES, DATASET_TITLES
+from .datasets import DATASET_NOTES, DATASET_TITLES, DEVELOPMENT_SCANS
 
 FEWSHOTSAM = "FewShotSAM"
 FEWSHOTSAM_NO_TUNING = "FewShotSAM (no tuning)"
+FEWSHOTSAM_NO_BLEND = "FewShotSAM (no small-structure blend)"
 SAM_POINT = "SAM point (centroid)"
 SAM_BOX = "SAM box (reference box)"
 FILL = "Fill between slices"
 GROW = "Grow from seeds"
-METHOD_ORDER = [FEWSHOTSAM, FEWSHOTSAM_NO_TUNING, FILL, GROW, SAM_BOX, SAM_POINT]
+METHOD_ORDER = [FEWSHOTSAM, FEWSHOTSAM_NO_TUNING, FEWSHOTSAM_NO_BLEND, FILL, GROW, SAM_BOX, SAM_POINT]
 K_INDEPENDENT = {SAM_POINT, SAM_BOX}  # prompted on every slice of the reference extent: no labelled slices
 
 SSL_ALPNET_CHAOS_SETTING1_MEAN_DICE = 78.8  # Ouyang et al., ECCV 2020, Table 1, ABD-MRI (CHAOS T2), setting 1
@@ -155,6 +156,27 @@ def protocol1_tables(dataset: str, rows: list[dict]) -> list[str]:
     for s in rows:
         cells = [_f(s["per_structure"].get(name, {}).get("dice")) for name in structures]
         lines.append(f"| {s['method']} | {_k_text(s['k'])} | " + " | ".join(cells) + f" | {_f(s['dice'])} |")
+    return lines
+
+
+def development_split_table(dataset: str, records: list[dict]) -> list[str]:
+    """Mean Dice per method and k on the scans settings were chosen on and on the held-out rest, side by side."""
+    development = set(DEVELOPMENT_SCANS.get(dataset, []))
+    mine = [r for r in records if r["protocol"] == 1 and r["dataset"] == dataset and r["k"] is not None]
+    held_out = [r for r in mine if r["scan"] not in development]
+    if not development or not held_out:
+        return []
+    lines = ["", f"Development scans ({', '.join(sorted(development))}) against held-out scans (the other "
+             f"{len({r['scan'] for r in held_out})}), mean Dice:", "",
+             "| method | k | development | scans | held out | scans |", "|---|---|---|---|---|---|"]
+    keys = OrderedDict(((r["method"], r["k"]), None) for r in mine)
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    for method, k in sorted(keys, key=lambda key: (order.get(key[0], 99), key[1])):
+        cells = []
+        for subset in ([r for r in mine if r["scan"] in development], held_out):
+            chosen = group(subset, method=method, k=k)
+            cells += [_f(summarise(chosen)["dice"]) if chosen else "", str(len(chosen))]
+        lines.append(f"| {method} | {k} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -452,11 +474,15 @@ def markdown(result: dict, supervised: dict | None = None) -> str:
         "prompts are expected to fail (the point rows are reported as measured).",
         "- FewShotSAM = `Engine.propagate` with its defaults (pixel prompts, structure tokens, decoder tuned for "
         f"{run['decoder_steps']} steps); 'no tuning' = the same with `adapt.decoder_steps = 0` (training-free).",
+        "- 'no small-structure blend' = FewShotSAM with `small_structures.enabled = False`: the engine's own outline "
+        "for structures under 32 voxels across, instead of its average with the painted shape "
+        "(`FewShotSAMLib/small_structures.py`).",
         "- Fill between slices / Grow from seeds: Slicer's own implementations (slicer-core), "
         "`benchmarks/baselines/slicer_baselines.py`, with the same painted slices.",
         "- **Hyper-parameters**: nothing was tuned on these runs. FewShotSAM's defaults were chosen by the engine "
-        "developer on CHAOS during development, so **CHAOS numbers are not a held-out estimate**; hippocampus and "
-        "TotalSegmentator CT were not used for development and are held out.",
+        "developer on CHAOS during development, so **CHAOS numbers are not a held-out estimate**; the small-structure "
+        "settings were chosen on the hippocampus development scans named below, and the hippocampus table splits "
+        "them from the held-out rest; TotalSegmentator CT was not used for development and is held out.",
         "- Wall times are per scan on this machine's CPU, excluding image encoding (done once per scan and cached; "
         "reported separately below); they include adaptation (pixel prompts + decoder tuning) for FewShotSAM.",
         "",
@@ -466,6 +492,7 @@ def markdown(result: dict, supervised: dict | None = None) -> str:
         ds_rows = [s for s in rows if s["protocol"] == 1 and s["dataset"] == dataset]
         lines += [f"## Protocol 1: {DATASET_TITLES.get(dataset, dataset)}", "", DATASET_NOTES.get(dataset, ""), ""]
         lines += protocol1_tables(dataset, ds_rows)
+        lines += development_split_table(dataset, result["records"])
         lines.append("")
     p2 = [s for s in rows if s["protocol"] == 2]
     lines += ["## Protocol 2: across scans, CHAOS 1-shot (published setting)", ""]
@@ -542,6 +569,7 @@ def markdown(result: dict, supervised: dict | None = None) -> str:
 COLOURS = {  # matplotlib's tab10, so a method keeps its colour in every figure
     FEWSHOTSAM: "tab:red",
     FEWSHOTSAM_NO_TUNING: "tab:orange",
+    FEWSHOTSAM_NO_BLEND: "tab:olive",
     FILL: "tab:blue",
     GROW: "tab:green",
     SAM_BOX: "tab:purple",

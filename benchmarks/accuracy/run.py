@@ -1,6 +1,6 @@
 """Accuracy benchmark (issue 3): FewShotSAM against Slicer's tools and prompted SAM, on real scans.
 
-    python -m benchmarks.accuracy.run [--quick] [--datasets chaos,hippocampus,totalseg] [--ks 1,3,5]
+    python -m benchmarks.accuracy.run [--quick] [--datasets chaos,hippocampus,totalseg,totalseg_small] [--ks 1,3,5]
                                       [--protocols 1,2,3] [--train-sizes 1,2,4]
                                       [--out benchmarks/results] [--cache-dir DIR] [--data-dir DIR]
 
@@ -42,8 +42,8 @@ from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.slice_selection import few_shot_labels, fractions_of_extent
 
 from . import report
-from .datasets import CHAOS_CASES, Scan, chaos_training_folds, load_scan, scan_names
-from .report import FEWSHOTSAM, FEWSHOTSAM_NO_TUNING, FILL, GROW, SAM_BOX, SAM_POINT
+from .datasets import CHAOS_CASES, DATASETS, Scan, chaos_training_folds, load_scan, scan_names
+from .report import FEWSHOTSAM, FEWSHOTSAM_NO_BLEND, FEWSHOTSAM_NO_TUNING, FILL, GROW, SAM_BOX, SAM_POINT
 from .sam_baselines import BOX, POINT, prompted_sam
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +51,7 @@ DEFAULT_CACHE_DIR = Path("/tmp/fewshotsam-bench-cache")
 METHOD_KEYS = {
     "fewshotsam": FEWSHOTSAM,
     "notuning": FEWSHOTSAM_NO_TUNING,
+    "noblend": FEWSHOTSAM_NO_BLEND,
     "point": SAM_POINT,
     "box": SAM_BOX,
     "fill": FILL,
@@ -76,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="CHAOS scans 2 and 15, k=3, FewShotSAM + Fill between slices + SAM box, protocol 1")
-    parser.add_argument("--datasets", default=None, help="comma list of chaos,hippocampus,totalseg (default: all)")
+    parser.add_argument("--datasets", default=None, help=f"comma list of {','.join(DATASETS)} (default: all)")
     parser.add_argument("--ks", default=None, help="comma list of labelled slices per structure (default 1,3,5)")
     parser.add_argument("--methods", default=None,
                         help=f"comma list of {','.join(METHOD_KEYS)} "
@@ -110,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.data_dir = args.data_dir or default_data_dir()
     args.datasets = _csv(args.datasets) if args.datasets else (["chaos"] if args.quick else
-                                                               ["chaos", "hippocampus", "totalseg"])
+                                                               list(DATASETS))
     args.ks = [int(k) for k in _csv(args.ks)] if args.ks else ([3] if args.quick else [1, 3, 5])
     args.totalseg_ks = [int(k) for k in _csv(args.totalseg_ks)] if args.totalseg_ks else args.ks
     method_keys = _csv(args.methods) if args.methods else (QUICK_METHODS if args.quick else list(METHOD_KEYS))
@@ -128,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if any(n < 1 or n > largest for n in args.train_sizes):
             parser.error(f"--train-sizes must lie in 1..{largest}")
     for dataset in args.datasets:
-        if dataset not in ("chaos", "hippocampus", "totalseg"):
+        if dataset not in DATASETS:
             parser.error(f"unknown dataset {dataset!r}")
     if any(k < 1 for k in args.ks + args.totalseg_ks):
         parser.error("k must be >= 1")
@@ -304,9 +305,15 @@ class Benchmark:
         finally:
             options.decoder_steps = self.decoder_steps
 
-    def fewshotsam(self, scan: Scan, painted: np.ndarray, tuned: bool) -> np.ndarray:
+    def fewshotsam(self, scan: Scan, painted: np.ndarray, tuned: bool, blend: bool = True) -> np.ndarray:
+        """blend=False: without the small-structure blend (FewShotSAMLib/small_structures.py), to measure it."""
+        blending = self.engine.options.small_structures
         with self.decoder_tuning(tuned):
-            return self.engine.propagate(scan.volume, scan.label_volume(painted)).array
+            blending.enabled = blend
+            try:
+                return self.engine.propagate(scan.volume, scan.label_volume(painted)).array
+            finally:
+                blending.enabled = True
 
     def adapt(self, supports: list[tuple[Scan, np.ndarray]], tuned: bool):
         """One adapter from the painted slices of the support scans, and the seconds it took."""
@@ -320,6 +327,8 @@ class Benchmark:
             return self.fewshotsam(scan, painted, tuned=True)
         if method == FEWSHOTSAM_NO_TUNING:
             return self.fewshotsam(scan, painted, tuned=False)
+        if method == FEWSHOTSAM_NO_BLEND:
+            return self.fewshotsam(scan, painted, tuned=True, blend=False)
         if method == FILL:
             from benchmarks.baselines.slicer_baselines import fill_between_slices
 

@@ -1,0 +1,138 @@
+"""The small-structure shape blend (FewShotSAMLib/small_structures.py): on synthetic label maps whose answer is known,
+and on the real CHAOS labels, which it must never touch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from FewShotSAMLib.metrics import dice
+from FewShotSAMLib.orientation import to_slices
+from FewShotSAMLib.slice_selection import few_shot_labels
+from FewShotSAMLib.small_structures import (
+    SMALL_STRUCTURE_VOXELS,
+    ShapeBlendOptions,
+    blend_with_painted_shape,
+    is_small,
+    signed_distance,
+)
+from FewShotSAMLib.volume_io import read_labels, read_volume
+
+CHAOS_CASES = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22]
+
+
+def disc(shape, centre, radius) -> np.ndarray:
+    rows, cols = np.ogrid[:shape[0], :shape[1]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius ** 2
+
+
+def moving_disc(n_slices=9, shape=(48, 48), radius=7.0) -> np.ndarray:
+    """A structure (value 1) whose centre moves 1 voxel per slice: the truth the blend should move towards."""
+    return np.stack([disc(shape, (20, 16 + z), radius) for z in range(n_slices)]).astype(np.uint8)
+
+
+def blend(labels, painted, labelled, options=None, axis=0, slice_range=None):
+    return blend_with_painted_shape(labels, painted, labelled, axis, [1], (1.0, 1.0),
+                                    options or ShapeBlendOptions(), slice_range)
+
+
+def test_signed_distance_is_positive_inside_and_thresholds_back_to_the_mask():
+    mask = disc((40, 40), (20, 20), 8)
+    distance = signed_distance(mask, (1.0, 1.0), clip=6.0)
+    assert np.array_equal(distance > 0, mask)
+    assert distance.max() == pytest.approx(6.0) and distance.min() == pytest.approx(-6.0)
+    assert np.all(signed_distance(np.zeros((5, 5), bool), (1.0, 1.0), 6.0) == -6.0)
+
+
+def test_between_painted_slices_a_shrunken_misplaced_outline_moves_towards_the_truth():
+    truth = moving_disc()
+    labelled = [0, 4, 8]
+    painted = np.zeros_like(truth)
+    painted[labelled] = truth[labelled]
+    engine = np.zeros_like(truth)
+    engine[labelled] = truth[labelled]
+    for z in (1, 2, 3, 5, 6, 7):  # too small and 3 voxels off: what the engine draws on a blurry small structure
+        engine[z] = disc(truth.shape[1:], (23, 16 + z), 4)
+    result = blend(engine, painted, labelled)
+    assert np.array_equal(result[labelled], painted[labelled])
+    assert dice(result[1:8] == 1, truth[1:8] == 1) > dice(engine[1:8] == 1, truth[1:8] == 1) + 0.1
+
+
+def test_beyond_the_last_painted_slice_the_shape_narrows_to_the_engines_end_of_the_structure():
+    truth = moving_disc(n_slices=12)
+    painted = np.zeros_like(truth)
+    painted[[0, 2, 4]] = truth[[0, 2, 4]]
+    engine = truth.copy()
+    engine[8:] = 0  # the engine says the structure ended after slice 7; half the painted gap caps the run at 1
+    result = blend(engine, painted, [0, 2, 4], ShapeBlendOptions(model_weight_beyond=0.0))
+    assert not result[6:].any()
+    assert 0 < result[5].sum() < truth[4].sum()
+
+
+def test_a_structure_painted_on_one_or_two_slices_keeps_the_engines_outline():
+    truth = moving_disc()
+    painted = np.zeros_like(truth)
+    painted[[2, 6]] = truth[[2, 6]]
+    engine = truth.copy()
+    engine[4] = 0
+    assert blend(engine, painted, [2, 6]) is engine
+
+
+def test_a_labelled_slice_without_the_structure_stops_the_painted_shape():
+    truth = moving_disc()
+    painted = np.zeros_like(truth)
+    painted[[0, 1, 2]] = truth[[0, 1, 2]]
+    labelled = [0, 1, 2, 5]  # slice 5 declared labelled and empty: the structure is absent there
+    engine = truth.copy()
+    engine[5] = 0
+    engine[3:5, :, :14] = 0
+    result = blend(engine, painted, labelled)
+    assert not np.array_equal(result[3:5], engine[3:5])
+    assert np.array_equal(result[6:], engine[6:])
+    assert not result[5].any()
+
+
+def test_large_structures_are_left_exactly_as_the_engine_drew_them():
+    big = np.stack([disc((80, 80), (40, 40), SMALL_STRUCTURE_VOXELS // 2 + 2) for _ in range(5)]).astype(np.uint8)
+    painted = np.zeros_like(big)
+    painted[2] = big[2]
+    engine = big.copy()
+    engine[0, :10] = 0  # anything: it must come back unchanged
+    assert not is_small(painted, 1)
+    assert blend(engine, painted, [2]) is engine
+
+
+def test_slices_outside_the_slice_range_stay_as_the_engine_left_them():
+    truth = moving_disc()
+    painted = np.zeros_like(truth)
+    painted[[0, 4, 8]] = truth[[0, 4, 8]]
+    engine = truth.copy()
+    for z in (1, 2, 3, 5, 6, 7):
+        engine[z] = disc(truth.shape[1:], (23, 16 + z), 4)
+    result = blend(engine, painted, [0, 4, 8], slice_range=(3, 5))
+    assert np.array_equal(result[[1, 2, 6, 7]], engine[[1, 2, 6, 7]])
+    assert all(not np.array_equal(result[z], engine[z]) for z in (3, 5))
+
+
+def test_the_blend_follows_the_slice_axis_of_the_array():
+    truth = moving_disc()
+    painted = np.zeros_like(truth)
+    painted[[0, 4, 8]] = truth[[0, 4, 8]]
+    engine = truth.copy()
+    engine[[2, 3, 5, 6], :, :12] = 0
+    along_k = blend(engine, painted, [0, 4, 8])
+    along_i = blend(np.moveaxis(engine, 0, 2), np.moveaxis(painted, 0, 2), [0, 4, 8], axis=2)
+    assert not np.array_equal(along_k, engine)
+    assert np.array_equal(np.moveaxis(along_i, 2, 0), along_k)
+
+
+def test_no_chaos_organ_counts_as_small_on_the_benchmark_slices(chaos_scan):
+    """The blend leaves every CHAOS result bit for bit as it was: no organ is small on its painted slices."""
+    for case in CHAOS_CASES:
+        image, labels_path = chaos_scan(case)
+        volume = read_volume(image)
+        reference = read_labels(labels_path, volume, reference_path=image).array
+        for k in (1, 3, 5, 10):
+            painted = to_slices(few_shot_labels(reference, 0, k, [1, 2, 3, 4]), 0)
+            small = [value for value in (1, 2, 3, 4) if is_small(painted, value)]
+            assert not small, f"CHAOS {case}, k = {k}: organs {small} would be re-outlined"
