@@ -114,7 +114,7 @@ class SamModel(nn.Module):
                                lambda path: self._built_encoder(path, Path(encoders_folder)))
         # The probe opened every candidate; keep only the winner's session (each holds hundreds of MB).
         sessions = self.__dict__.get("_encoder_sessions", {})
-        for key in [key for key in sessions if ranking and key[0] != ranking[0]]:
+        for key in [key for key in sessions if key[1] == Path(encoders_folder) and key[0] not in ranking[:1]]:
             del sessions[key]
         return ranking
 
