@@ -3,6 +3,11 @@ peak memory. Every figure of one run is also given as a ratio to the plain eager
 run (this machine is noisy: compare ratios, quote medians).
 
     python -m benchmarks.speed.run [--data-dir ../shared/data] [--repeats 3] [--jit] [--out benchmarks/results]
+        [--name speed] [--encoders-only] [--encoder-slices 8]
+
+The encoder table covers every path (eager, ONNX Runtime, OpenVINO, AOTInductor fp32 and bf16; a path that cannot
+be built here is listed with the reason), this CPU's model, instruction sets and fp32 roofline, the encoder's FLOPs
+counted by PyTorch, and what `--encoder auto`'s probe picks here.
 
 Cases: a CHAOS MRI (256x256x36) propagated with each encoder path (cold = empty embedding cache, warm = cache hit),
 and a 512x512x300 CT (the real 20-slice TotalSegmentator CT repeated 15 times along z) written to files and run
@@ -65,7 +70,7 @@ BUILT_ENCODER_ROWS = (
 
 def encoder_paths(model, slices: torch.Tensor, repeats: int, encoders: Path, with_jit: bool,
                   build: dict) -> list[dict]:
-    """Slices per second for each way of running the encoder on the same 8 real slices, one path after another
+    """Slices per second for each way of running the encoder on the same real slices, one path after another
     (the ratios are to eager fp32 batch 1 of the same run). The built encoders are already in `encoders` (build
     gives their build times, or why they cannot be built here): "first call" is loading and warming up."""
     def batched(batch, path):
@@ -337,6 +342,8 @@ def main(argv=None) -> int:
                         help="run only the CT case and replace its row in an existing --out/speed.json")
     parser.add_argument("--encoders-only", action="store_true",
                         help="run only the encoder table (paths, auto's probe, roofline), not the propagate cases")
+    parser.add_argument("--encoder-slices", type=int, default=8,
+                        help="real MRI slices the encoder table times each path on (default 8)")
     parser.add_argument("--name", default="speed",
                         help="results file name, without extension (default speed: --out/speed.json and .md)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -350,7 +357,9 @@ def main(argv=None) -> int:
     chaos = load_scan("chaos", "5", args.data_dir)
     with built_encoders(model) as (encoders, build):
         report["encoder_build_s"] = build["built_s"]
-        report["encoder"] = encoder_paths(model, real_slices(chaos), args.repeats, encoders, args.jit, build)
+        report["encoder_slices"] = args.encoder_slices
+        report["encoder"] = encoder_paths(model, real_slices(chaos, args.encoder_slices), args.repeats, encoders,
+                                          args.jit, build)
         report["roofline"] = roofline(report["cpu"], encoder_gflop_per_slice(model), report["encoder"])
         report["auto"] = probed_auto(model, encoders)
         row = {"case": f"CHAOS MRI {'x'.join(map(str, chaos.volume.array.shape[::-1]))}", "paths": []}
@@ -421,7 +430,8 @@ def encoder_markdown(report: dict) -> list[str]:
         lines += [f"Encoder: {roof['gflop_per_slice']} GFLOP a slice (counted by torch FlopCounterMode). fp32 "
                   f"roofline: {roof['formula']} = {roof['fp32_peak_gflop_per_s']} GFLOP/s, "
                   f"{roof['roofline_slices_per_s']} slices/s.", ""]
-    lines += ["| encoder path (LiteMedSAM, 256x256, 8 real MRI slices) | slices/s | ratio to eager fp32 batch 1 | "
+    lines += [f"| encoder path (LiteMedSAM, 256x256, {report.get('encoder_slices', 8)} real MRI slices) | "
+              "slices/s | ratio to eager fp32 batch 1 | "
               "GFLOP/s (fraction of fp32 roofline) | first call (s) | embedding difference to fp32 (relative) |",
               "|---|---|---|---|---|---|"]
     for row in report["encoder"]:
