@@ -69,7 +69,7 @@ BUILT_ENCODER_ROWS = (
 
 
 def encoder_paths(model, slices: torch.Tensor, repeats: int, encoders: Path, with_jit: bool,
-                  build: dict) -> list[dict]:
+                  build: dict, eager_variants: bool = True) -> list[dict]:
     """Slices per second for each way of running the encoder on the same real slices, one path after another
     (the ratios are to eager fp32 batch 1 of the same run). The built encoders are already in `encoders` (build
     gives their build times, or why they cannot be built here): "first call" is loading and warming up."""
@@ -79,9 +79,10 @@ def encoder_paths(model, slices: torch.Tensor, repeats: int, encoders: Path, wit
                 model.encode(slices[start:start + batch], path, encoders_folder=encoders)
         return run
 
-    paths = [("eager fp32, batch 1 (reference)", "fp32", batched(1, "fp32")),
-             ("eager fp32, batch 8", "fp32", batched(8, "fp32")),
-             ("bf16 autocast, batch 8", "bf16", batched(8, "bf16"))]
+    paths = [("eager fp32, batch 1 (reference)", "fp32", batched(1, "fp32"))]
+    if eager_variants:
+        paths += [("eager fp32, batch 8", "fp32", batched(8, "fp32")),
+                  ("bf16 autocast, batch 8", "bf16", batched(8, "bf16"))]
     paths += [(name, path, batched(8, path)) for name, path in BUILT_ENCODER_ROWS if path in build["built_s"]]
     if with_jit:
         paths.append(("torch.compile bf16 (JIT, no freezing), batch 8", None, jit_compiled_encoder(model, slices)))
@@ -209,12 +210,12 @@ def painted_case(scan, k: int = 3):
 
 
 @contextlib.contextmanager
-def built_encoders(model):
+def built_encoders(model, paths: tuple[str, ...] = BUILT_PATHS):
     """A temporary folder holding this machine's built encoders (compiled, OpenVINO, ONNX), the seconds each took to
     build (one-off costs of a first run, including the encoding of one slice) and why any cannot be built here."""
     with tempfile.TemporaryDirectory(prefix="fewshotsam-encoders-") as folder:
         build = {"built_s": {}, "failed": {}}
-        for path in BUILT_PATHS:
+        for path in paths:
             start = time.perf_counter()
             size = model.spec.input_size
             try:
@@ -344,6 +345,9 @@ def main(argv=None) -> int:
                         help="run only the encoder table (paths, auto's probe, roofline), not the propagate cases")
     parser.add_argument("--encoder-slices", type=int, default=8,
                         help="real MRI slices the encoder table times each path on (default 8)")
+    parser.add_argument("--built-paths", type=lambda text: tuple(text.split(",")), default=BUILT_PATHS,
+                        help=f"only these built encoder paths, and no eager batch-8 or bf16 rows (default all: "
+                             f"{','.join(BUILT_PATHS)}); for a quick look on a busy machine")
     parser.add_argument("--name", default="speed",
                         help="results file name, without extension (default speed: --out/speed.json and .md)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -355,11 +359,11 @@ def main(argv=None) -> int:
               "cpu": cpu_record(), "cases": []}
     model = load_model("litemedsam", device="cpu")
     chaos = load_scan("chaos", "5", args.data_dir)
-    with built_encoders(model) as (encoders, build):
+    with built_encoders(model, args.built_paths) as (encoders, build):
         report["encoder_build_s"] = build["built_s"]
         report["encoder_slices"] = args.encoder_slices
         report["encoder"] = encoder_paths(model, real_slices(chaos, args.encoder_slices), args.repeats, encoders,
-                                          args.jit, build)
+                                          args.jit, build, eager_variants=args.built_paths == BUILT_PATHS)
         report["roofline"] = roofline(report["cpu"], encoder_gflop_per_slice(model), report["encoder"])
         report["auto"] = probed_auto(model, encoders)
         row = {"case": f"CHAOS MRI {'x'.join(map(str, chaos.volume.array.shape[::-1]))}", "paths": []}
