@@ -162,12 +162,13 @@ def roofline(cpu: dict, gflop_per_slice: float, rows: list[dict]) -> dict:
 
 def probed_auto(model, encoders: Path) -> dict:
     """What `auto` measures and picks here, and what the probe costs once the encoders are built."""
+    from FewShotSAMLib.encoder_probe import probe_record_file
+
+    probe_record_file(model, encoders).unlink(missing_ok=True)  # measure now, not an earlier run's ranking
     start = time.perf_counter()
     chosen = model.encoder_path("auto", encoders)
     seconds = time.perf_counter() - start
     model.release_encoder_sessions()
-    from FewShotSAMLib.encoder_probe import probe_record_file
-
     record = json.loads(probe_record_file(model, encoders).read_text()) if chosen in BUILT_PATHS else {}
     return {"chosen": chosen, "probe_s": round(seconds, 1), "seconds_per_slice": record.get("seconds_per_slice"),
             "failed": record.get("failed")}
@@ -210,10 +211,12 @@ def painted_case(scan, k: int = 3):
 
 
 @contextlib.contextmanager
-def built_encoders(model, paths: tuple[str, ...] = BUILT_PATHS):
-    """A temporary folder holding this machine's built encoders (compiled, OpenVINO, ONNX), the seconds each took to
-    build (one-off costs of a first run, including the encoding of one slice) and why any cannot be built here."""
-    with tempfile.TemporaryDirectory(prefix="fewshotsam-encoders-") as folder:
+def built_encoders(model, paths: tuple[str, ...] = BUILT_PATHS, keep_in: Path | None = None):
+    """A folder holding this machine's built encoders (compiled, OpenVINO, ONNX), the seconds each took to build
+    (one-off costs of a first run, including the encoding of one slice; near 0 for one already in keep_in) and why
+    any cannot be built here. keep_in: a folder to build them in and keep (default: a temporary one)."""
+    with (contextlib.nullcontext(keep_in) if keep_in else tempfile.TemporaryDirectory(prefix="fewshotsam-")) as folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
         build = {"built_s": {}, "failed": {}}
         for path in paths:
             start = time.perf_counter()
@@ -348,6 +351,9 @@ def main(argv=None) -> int:
     parser.add_argument("--built-paths", type=lambda text: tuple(text.split(",")), default=BUILT_PATHS,
                         help=f"only these built encoder paths, and no eager batch-8 or bf16 rows (default all: "
                              f"{','.join(BUILT_PATHS)}); for a quick look on a busy machine")
+    parser.add_argument("--encoders", type=Path, default=None,
+                        help="build the encoders in this folder and keep them (default: a temporary folder; the "
+                             "build times are then those of a first run)")
     parser.add_argument("--name", default="speed",
                         help="results file name, without extension (default speed: --out/speed.json and .md)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -359,7 +365,7 @@ def main(argv=None) -> int:
               "cpu": cpu_record(), "cases": []}
     model = load_model("litemedsam", device="cpu")
     chaos = load_scan("chaos", "5", args.data_dir)
-    with built_encoders(model, args.built_paths) as (encoders, build):
+    with built_encoders(model, args.built_paths, args.encoders) as (encoders, build):
         report["encoder_build_s"] = build["built_s"]
         report["encoder_slices"] = args.encoder_slices
         report["encoder"] = encoder_paths(model, real_slices(chaos, args.encoder_slices), args.repeats, encoders,
