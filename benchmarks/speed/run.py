@@ -331,7 +331,7 @@ def real_slices(scan, count: int = 8) -> torch.Tensor:
 
     stack = to_slices(apply_normalisation(scan.volume.array, choose_normalisation(scan.volume)), scan.axis)
     middle = stack.shape[0] // 2
-    images, _ = resize_stack_longest_side(stack[middle - count // 2:middle + count // 2], 256, (1.0, 1.0))
+    images, _ = resize_stack_longest_side(stack[middle - count // 2:middle - count // 2 + count], 256, (1.0, 1.0))
     return images
 
 
