@@ -33,8 +33,10 @@ class ModelSpec:
     # "module:function" that returns (image encoder, prompt encoder, mask decoder), called with builder_args
     builder: str
     builder_args: tuple = ()
-    onnx_on_cpu: bool = False  # "auto" runs the encoder through ONNX Runtime on CPU (measured faster, same fp32)
-    compiled_on_cpu: bool = False  # "auto" compiles the encoder on CPU (measured faster still, bf16)
+    # The built CPU paths "auto" measures for this model (encoder_probe.py): exported to ONNX and run by ONNX Runtime
+    # or OpenVINO (same fp32), and compiled by AOTInductor (bf16 where the CPU has it, and fp32)
+    onnx_on_cpu: bool = False
+    compiled_on_cpu: bool = False
 
 
 _SAM_BUILDER = "FewShotSAMLib.models:build_sam_parts"  # segment-anything's own builders, by registry name
@@ -68,6 +70,8 @@ DEVICES = (
 ENCODER_PATHS = (
     ("auto", "Automatic (fastest measured here)"),
     ("compiled", "Compiled for this CPU (bf16)"),
+    ("compiled-fp32", "Compiled for this CPU (fp32)"),
+    ("openvino", "OpenVINO (fp32, CPU)"),
     ("onnx", "ONNX Runtime (fp32, CPU)"),
     ("fp32", "PyTorch fp32"),
     ("bf16", "PyTorch bf16"),

@@ -81,9 +81,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--decoder-steps", type=int, default=None,
                        help="mask decoder tuning steps (default 16; 0 keeps the pretrained decoder)")
     group.add_argument("--encoder", choices=catalog.values(catalog.ENCODER_PATHS), default="auto",
-                       help="how the image encoder runs: compiled (built once for this CPU, bf16), onnx (ONNX "
-                            "Runtime, fp32, CPU), fp32 or bf16 (PyTorch); auto picks compiled, then ONNX Runtime on "
-                            "CPU for LiteMedSAM, else bf16 where supported, else fp32")
+                       help="how the image encoder runs: compiled or compiled-fp32 (built once for this CPU, bf16 "
+                            "or fp32), openvino or onnx (OpenVINO or ONNX Runtime, fp32, CPU), fp32 or bf16 "
+                            "(PyTorch); auto measures the CPU paths once and picks the fastest that runs here, else "
+                            "bf16 where supported, else fp32")
     group.add_argument("--no-clean-up", action="store_true",
                        help="skip the 3D clean-up (keep components connected to the painting, fill holes)")
     group.add_argument("--slice-range", type=_slice_range, metavar="FIRST-LAST",

@@ -40,10 +40,10 @@ class EncodedVolume:
 def encode_volume(model: SamModel, volume: Volume, axis: int, cache: EmbeddingCache, window=None, preset=None,
                   progress: Progress = NO_PROGRESS, batch_size: int = 8, encoder: str = "auto",
                   only: list[int] | None = None) -> EncodedVolume:
-    """encoder: how the encoder runs, "auto", "compiled", "onnx", "fp32" or "bf16" (see SamModel.encoder_path).
+    """encoder: how the encoder runs, one of catalog.ENCODER_PATHS (see SamModel.encoder_path).
     only: encode just these slice indices (None: all); cached slices are never encoded again."""
     if model.will_compile_encoder(encoder, cache.encoders_dir):
-        progress.update("encode", 0, 1, "compiling the encoder for this computer (once, about 30 s)")
+        progress.update("encode", 0, 1, "building and measuring the encoder for this computer (once)")
     path = model.prepare_encoder(encoder, cache.encoders_dir)
     normalisation = choose_normalisation(volume, window=window, preset=preset)
     slices = to_slices(apply_normalisation(volume.array, normalisation), axis)

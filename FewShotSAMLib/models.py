@@ -19,20 +19,23 @@ from torch import nn
 from . import catalog
 from .catalog import ModelSpec
 from .compiled_encoder import (
-    CompiledEncoder,
     compiled_encoder_file,
     cpu_has_bf16,
     failure_note,
     open_compiled_encoder,
     why_not_compilable,
 )
+from .encoder_probe import probe_record_file, ranked_paths
 from .errors import FewShotSAMError
-from .onnx_encoder import OnnxEncoder, onnxruntime_available, open_onnx_encoder
+from .onnx_encoder import onnxruntime_available, open_onnx_encoder
+from .openvino_encoder import open_openvino_encoder, openvino_available
 
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
 MODEL_SPECS = catalog.MODELS  # the catalogue's table, under the name this module has always exported
 ENCODER_PATHS = catalog.values(catalog.ENCODER_PATHS)
+COMPILED_PRECISIONS = {"compiled": "bf16", "compiled-fp32": "fp32"}  # AOTInductor paths and their arithmetic
+BUILT_PATHS = (*COMPILED_PRECISIONS, "openvino", "onnx")  # CPU paths built into an encoders folder
 
 
 class SamModel(nn.Module):
@@ -58,50 +61,91 @@ class SamModel(nn.Module):
         return self.prompt_encoder.get_dense_pe()
 
     def encoder_path(self, requested: str = "auto", encoders_folder: Path | None = None) -> str:
-        """How the encoder runs: "compiled" (AOTInductor, bf16, CPU), "onnx" (ONNX Runtime, fp32, CPU), "fp32" or
-        "bf16" (eager PyTorch, bf16 autocast).
+        """How the encoder runs: "compiled" (AOTInductor, bf16, CPU), "compiled-fp32" (AOTInductor, fp32, CPU),
+        "openvino" or "onnx" (OpenVINO or ONNX Runtime, fp32, CPU), "fp32" or "bf16" (eager PyTorch, bf16 autocast).
 
-        "auto" on CPU: the compiled encoder where this model is measured faster with it and it is built or can be
-        built here, else ONNX Runtime where installed and measured faster, else bf16 autocast where the CPU or
-        GPU supports it, else fp32. encoders_folder: where compiled and exported encoders are kept (the embedding
-        cache's .encoders folder for the engine); without one, "auto" uses PyTorch and "compiled"/"onnx" fail."""
+        "auto" on CPU: the fastest of this model's CPU candidates that builds and runs here, measured on first use
+        and remembered in encoders_folder (encoder_probe.py), else bf16 autocast where the CPU or GPU supports it,
+        else fp32. encoders_folder: where built encoders are kept (the embedding cache's .encoders folder for the
+        engine); without one, "auto" uses PyTorch and the built paths fail."""
         if requested not in ENCODER_PATHS:
             raise FewShotSAMError(f"unknown encoder path {requested!r}: use {', '.join(ENCODER_PATHS)}")
-        if requested in ("onnx", "compiled") and self.device.type != "cpu":
+        if requested in BUILT_PATHS and self.device.type != "cpu":
             raise FewShotSAMError(
                 f"--encoder {requested} runs on the CPU only; use --device cpu or another encoder path")
         if requested == "onnx" and not onnxruntime_available():
             raise FewShotSAMError(
                 "--encoder onnx needs the packages onnxruntime and onnx: pip install onnxruntime onnx")
-        if requested in ("onnx", "compiled") and encoders_folder is None:
+        if requested == "openvino" and not openvino_available():
+            raise FewShotSAMError("--encoder openvino needs the packages openvino and onnx: pip install openvino onnx")
+        if requested in BUILT_PATHS and encoders_folder is None:
             raise FewShotSAMError(f"--encoder {requested} needs a folder to keep the built encoder in")
         if requested != "auto":
             return requested
-        if self.device.type == "cpu" and encoders_folder is not None:
-            if self.spec.compiled_on_cpu and self._compiled_encoder_usable(encoders_folder):
-                return "compiled"
-            if self.spec.onnx_on_cpu and onnxruntime_available():
-                return "onnx"
+        ranking = self.measured_cpu_paths(encoders_folder)
+        if ranking:
+            return ranking[0]
         return "bf16" if default_low_precision(self.device) else "fp32"
 
+    def cpu_candidates(self, encoders_folder: Path) -> tuple[str, ...]:
+        """The built paths "auto" measures for this model on this machine: those it has what they need for (a path
+        can still fail to build or run; the probe then leaves it out)."""
+        candidates = []
+        if self.spec.compiled_on_cpu:
+            candidates += ["compiled"] if self._compiled_encoder_usable(encoders_folder, "bf16") else []
+            # Building the fp32 one takes 20-60 s, for a win over ONNX Runtime and OpenVINO that is small or none
+            # (benchmarks/speed): measured only once built (--encoder compiled-fp32), so the first run stays short.
+            built_fp32 = compiled_encoder_file(self, Path(encoders_folder), "fp32").is_file()
+            candidates += ["compiled-fp32"] if built_fp32 else []
+        if self.spec.onnx_on_cpu:
+            candidates += ["openvino"] if openvino_available() else []
+            candidates += ["onnx"] if onnxruntime_available() else []
+        return tuple(candidates)
+
+    def measured_cpu_paths(self, encoders_folder: Path | None) -> list[str]:
+        """The CPU candidates that work here, fastest first (measured on first use); empty off CPU or without a
+        folder."""
+        if self.device.type != "cpu" or encoders_folder is None:
+            return []
+        candidates = self.cpu_candidates(Path(encoders_folder))
+        if not candidates:
+            return []
+        ranking = ranked_paths(self, Path(encoders_folder), candidates,
+                               lambda path: self._built_encoder(path, Path(encoders_folder)))
+        # The probe opened every candidate; keep only the winner's session (each holds hundreds of MB).
+        sessions = self.__dict__.get("_encoder_sessions", {})
+        for key in [key for key in sessions if key[1] == Path(encoders_folder) and key[0] not in ranking[:1]]:
+            del sessions[key]
+        return ranking
+
     def prepare_encoder(self, requested: str = "auto", encoders_folder: Path | None = None) -> str:
-        """Resolve the encoder path and make it ready: builds the compiled encoder on first use (once per
-        machine, 20-40 s). Under "auto" a failed build falls back to the next path and is not retried."""
+        """Resolve the encoder path and make it ready: builds a compiled, exported or OpenVINO encoder on first use
+        (once per machine; the compiled ones take 20-40 s). Under "auto" a path that fails now falls back to the
+        next fastest measured one."""
         path = self.encoder_path(requested, encoders_folder)
-        if path == "compiled":
+        if path not in BUILT_PATHS:
+            return path
+        if requested != "auto":
+            self._built_encoder(path, Path(encoders_folder))
+            return path
+        for candidate in self.measured_cpu_paths(encoders_folder):
             try:
-                self._compiled_encoder(encoders_folder)
+                self._built_encoder(candidate, Path(encoders_folder))
+                return candidate
             except FewShotSAMError as error:
-                if requested != "auto":
-                    raise
                 warnings.warn(f"{error}; encoding with the next fastest path instead", stacklevel=2)
-                path = self.encoder_path(requested, encoders_folder)
-        return path
+        return "bf16" if default_low_precision(self.device) else "fp32"
 
     def will_compile_encoder(self, requested: str = "auto", encoders_folder: Path | None = None) -> bool:
-        """Whether preparing this path builds the compiled encoder now (a one-off wait worth telling the user)."""
-        return (self.encoder_path(requested, encoders_folder) == "compiled"
-                and not compiled_encoder_file(self, Path(encoders_folder)).is_file())
+        """Whether preparing this path builds or measures encoders now (a one-off wait worth telling the user)."""
+        if encoders_folder is None or self.device.type != "cpu":
+            return False
+        if requested == "auto":
+            candidates = self.cpu_candidates(Path(encoders_folder))
+            return bool(candidates) and not probe_record_file(self, Path(encoders_folder)).is_file()
+        if requested in COMPILED_PRECISIONS:
+            return not compiled_encoder_file(self, Path(encoders_folder), COMPILED_PRECISIONS[requested]).is_file()
+        return False
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, path: str = "auto", encoders_folder: Path | None = None) -> torch.Tensor:
@@ -113,29 +157,28 @@ class SamModel(nn.Module):
         images = images.to(self.device, torch.float32)
         # channels-last lets oneDNN/cuDNN pick their faster convolution kernels (benchmarks/speed: 1.2-1.3x on CPU)
         images = ((images - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
-        if path == "compiled":
-            return self._compiled_encoder(encoders_folder)(images)
-        if path == "onnx":
-            return self._onnx_encoder(encoders_folder)(images)
+        if path in BUILT_PATHS:
+            return self._built_encoder(path, Path(encoders_folder))(images)
         if path == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 return self.image_encoder(images).float()
         return self.image_encoder(images).float()
 
-    def _compiled_encoder_usable(self, folder: Path) -> bool:
-        path = compiled_encoder_file(self, Path(folder))
-        return path.is_file() or (not failure_note(path).is_file() and why_not_compilable() is None)
+    def _compiled_encoder_usable(self, folder: Path, precision: str) -> bool:
+        path = compiled_encoder_file(self, Path(folder), precision)
+        return path.is_file() or (not failure_note(path).is_file() and why_not_compilable(precision) is None)
 
-    def _compiled_encoder(self, folder: Path) -> CompiledEncoder:
-        return self._encoder_session(("compiled", Path(folder)), lambda folder: open_compiled_encoder(self, folder))
-
-    def _onnx_encoder(self, folder: Path) -> OnnxEncoder:
-        return self._encoder_session(("onnx", Path(folder)), lambda folder: open_onnx_encoder(self, folder))
-
-    def _encoder_session(self, key: tuple[str, Path], open_session):
+    def _built_encoder(self, path: str, folder: Path):
+        """The loaded encoder of a built path (kept open until release_encoder_sessions)."""
         sessions = self.__dict__.setdefault("_encoder_sessions", {})
+        key = (path, Path(folder))
         if key not in sessions:
-            sessions[key] = open_session(key[1])
+            if path in COMPILED_PRECISIONS:
+                sessions[key] = open_compiled_encoder(self, folder, COMPILED_PRECISIONS[path])
+            elif path == "openvino":
+                sessions[key] = open_openvino_encoder(self, folder)
+            else:
+                sessions[key] = open_onnx_encoder(self, folder)
         return sessions[key]
 
     def release_encoder_sessions(self) -> None:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet -e ".[test,slicer]"
+python -m pip install --quiet -e ".[test,slicer,openvino]"
 # slicer-core sets the C locale inside the test process once a Slicer-side test has imported it; Python's UTF-8 mode
 # keeps text files and child processes' output decoded as UTF-8 after that (sources and outputs hold non-ASCII).
 export PYTHONUTF8=1

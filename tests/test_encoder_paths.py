@@ -1,5 +1,5 @@
-"""The encoder's execution paths: compiled (the CPU default for LiteMedSAM), ONNX Runtime (its fallback without a
-C++ compiler) and bf16 autocast, against eager PyTorch fp32."""
+"""The encoder's execution paths: compiled (bf16; the CPU default for LiteMedSAM where it is measured fastest), ONNX
+Runtime and bf16 autocast, against eager PyTorch fp32 (auto's probe and OpenVINO: test_encoder_probe.py)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ CANNOT_COMPILE = why_not_compilable()
 needs_compiler = pytest.mark.skipif(CANNOT_COMPILE is not None, reason=f"cannot compile here: {CANNOT_COMPILE}")
 
 
-def test_auto_compiles_litemedsam_on_cpu_where_it_can(model, tmp_path):
-    assert model.encoder_path("auto", tmp_path) == ("onnx" if CANNOT_COMPILE else "compiled")
+def test_auto_offers_the_compiled_encoder_where_it_can_be_built(model, tmp_path):
+    assert ("compiled" in model.cpu_candidates(tmp_path)) == (CANNOT_COMPILE is None)
+    assert "onnx" in model.cpu_candidates(tmp_path)
     assert model.encoder_path("bf16") == "bf16"
     with pytest.raises(FewShotSAMError, match="unknown encoder path"):
         model.encoder_path("int4")
@@ -45,7 +46,7 @@ def test_auto_compiles_litemedsam_on_cpu_where_it_can(model, tmp_path):
 def test_without_an_encoders_folder_auto_uses_pytorch_and_built_paths_are_refused(model):
     """Compiled and exported encoders are kept in a folder the caller names (the engine: its cache's .encoders)."""
     assert model.encoder_path("auto") in ("bf16", "fp32")
-    for built in ("compiled", "onnx"):
+    for built in ("compiled", "compiled-fp32", "openvino", "onnx"):
         with pytest.raises(FewShotSAMError, match=f"--encoder {built} needs a folder"):
             model.encoder_path(built)
 
@@ -73,19 +74,23 @@ def test_onnx_path_is_refused_without_the_package(model, monkeypatch, tmp_path):
     import FewShotSAMLib.models as models
 
     monkeypatch.setattr(models, "onnxruntime_available", lambda: False)
+    monkeypatch.setattr(models, "openvino_available", lambda: False)
     with pytest.raises(FewShotSAMError, match="pip install onnxruntime onnx"):
         model.encoder_path("onnx")
-    failure_note(compiled_encoder_file(model, tmp_path)).write_text("no compiler\n")
+    with pytest.raises(FewShotSAMError, match="pip install openvino onnx"):
+        model.encoder_path("openvino")
+    for precision in ("bf16", "fp32"):
+        failure_note(compiled_encoder_file(model, tmp_path, precision)).write_text("no compiler\n")
     assert model.encoder_path("auto", tmp_path) in ("bf16", "fp32")  # falls back to PyTorch silently
 
 
 @needs_compiler
 def test_compiled_encoder_is_built_once_and_stays_close_to_fp32(model, mri_slices, tmp_path):
     reference = model.encode(mri_slices, "fp32")
-    assert model.will_compile_encoder("auto", tmp_path)
-    embeddings = model.encode(mri_slices, "auto", encoders_folder=tmp_path)
+    assert model.will_compile_encoder("compiled", tmp_path)
+    embeddings = model.encode(mri_slices, "compiled", encoders_folder=tmp_path)
     built = compiled_encoder_file(model, tmp_path)
-    assert built.is_file() and not model.will_compile_encoder("auto", tmp_path)
+    assert built.is_file() and not model.will_compile_encoder("compiled", tmp_path)
     assert not list(tmp_path.glob(".*.partial*")), "a temporary build file was left behind"
     # bf16 arithmetic: a few percent relative, like bf16 autocast; the accuracy benchmark checks Dice holds
     relative = (embeddings - reference).norm() / reference.norm()
@@ -101,7 +106,7 @@ def test_compiled_encoder_is_built_once_and_stays_close_to_fp32(model, mri_slice
 def test_a_failed_build_is_not_retried_and_auto_falls_back(model, mri_slices, tmp_path):
     note = failure_note(compiled_encoder_file(model, tmp_path))
     note.write_text("CalledProcessError: g++ exited with 1\n")  # what a failed build leaves behind
-    assert model.encoder_path("auto", tmp_path) == "onnx"
+    assert "compiled" not in model.cpu_candidates(tmp_path)
     with pytest.raises(FewShotSAMError, match=f"could not be built earlier: CalledProcessError.*delete {note}"):
         model.encode(mri_slices[:1], "compiled", encoders_folder=tmp_path)
     assert not compiled_encoder_file(model, tmp_path).exists()
@@ -109,7 +114,7 @@ def test_a_failed_build_is_not_retried_and_auto_falls_back(model, mri_slices, tm
 
 def test_compiled_and_onnx_paths_are_refused_off_cpu(tmp_path):
     meta = load_model("litemedsam", device="cpu").to("meta")  # any non-CPU device; no GPU is needed to check
-    for path in ("compiled", "onnx"):
+    for path in ("compiled", "compiled-fp32", "openvino", "onnx"):
         with pytest.raises(FewShotSAMError, match=f"--encoder {path} runs on the CPU only"):
             meta.encoder_path(path, tmp_path)
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from FewShotSAMLib import catalog
 from FewShotSAMLib.atomic_write import write_text_atomically
 from FewShotSAMLib.metrics import score_labels
 from FewShotSAMLib.pipeline import Engine, EngineOptions
@@ -99,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="litemedsam", help="litemedsam (default), sam_vit_b, ...")
     parser.add_argument("--checkpoint", default=None, help="checkpoint file for models that need one")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
-    parser.add_argument("--encoder", default="auto", choices=("auto", "compiled", "onnx", "fp32", "bf16"),
+    parser.add_argument("--encoder", default="auto", choices=catalog.values(catalog.ENCODER_PATHS),
                         help="how the image encoder runs (default auto: the product's default); e.g. onnx gives "
                              "the fp32 embeddings to check that a faster path leaves Dice unchanged")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

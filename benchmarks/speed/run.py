@@ -3,6 +3,11 @@ peak memory. Every figure of one run is also given as a ratio to the plain eager
 run (this machine is noisy: compare ratios, quote medians).
 
     python -m benchmarks.speed.run [--data-dir ../shared/data] [--repeats 3] [--jit] [--out benchmarks/results]
+        [--name speed] [--encoders-only] [--encoder-slices 8]
+
+The encoder table covers every path (eager, ONNX Runtime, OpenVINO, AOTInductor fp32 and bf16; a path that cannot
+be built here is listed with the reason), this CPU's model, instruction sets and fp32 roofline, the encoder's FLOPs
+counted by PyTorch, and what `--encoder auto`'s probe picks here.
 
 Cases: a CHAOS MRI (256x256x36) propagated with each encoder path (cold = empty embedding cache, warm = cache hit),
 and a 512x512x300 CT (the real 20-slice TotalSegmentator CT repeated 15 times along z) written to files and run
@@ -31,8 +36,10 @@ import torch
 
 from benchmarks.accuracy.datasets import load_scan
 from FewShotSAMLib.atomic_write import write_text_atomically
+from FewShotSAMLib.encoder_probe import PROBE_ROUNDS
+from FewShotSAMLib.errors import FewShotSAMError
 from FewShotSAMLib.metrics import dice
-from FewShotSAMLib.models import load_model
+from FewShotSAMLib.models import BUILT_PATHS, load_model
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.progress import Progress
 from FewShotSAMLib.slice_selection import few_shot_labels
@@ -52,37 +59,119 @@ def median_time(function, repeats: int) -> float:
     return statistics.median(times)
 
 
-def encoder_paths(model, slices: torch.Tensor, repeats: int, encoders: Path, with_jit: bool) -> list[dict]:
-    """Slices per second for each way of running the encoder on the same 8 real slices. The compiled and ONNX
-    encoders are already built in `encoders` (built_encoders times that): "first call" is loading and warming up."""
+# Built CPU paths, in the order the table lists them; eager PyTorch rows come first.
+BUILT_ENCODER_ROWS = (
+    ("ONNX Runtime fp32, all graph optimisations", "onnx"),
+    ("OpenVINO fp32", "openvino"),
+    ("compiled: AOTInductor fp32, frozen weights", "compiled-fp32"),
+    ("compiled: AOTInductor bf16, frozen weights", "compiled"),
+)
+
+
+def encoder_paths(model, slices: torch.Tensor, repeats: int, encoders: Path, with_jit: bool,
+                  build: dict, eager_variants: bool = True) -> list[dict]:
+    """Slices per second for each way of running the encoder on the same real slices, one path after another
+    (the ratios are to eager fp32 batch 1 of the same run). The built encoders are already in `encoders` (build
+    gives their build times, or why they cannot be built here): "first call" is loading and warming up."""
     def batched(batch, path):
         def run():
             for start in range(0, len(slices), batch):
                 model.encode(slices[start:start + batch], path, encoders_folder=encoders)
         return run
 
-    paths = [("eager fp32, batch 1 (reference)", "fp32", batched(1, "fp32")),
-             ("eager fp32, batch 8", "fp32", batched(8, "fp32")),
-             ("bf16 autocast, batch 8", "bf16", batched(8, "bf16")),
-             ("ONNX Runtime fp32 (default without a C++ compiler)", "onnx", batched(8, "onnx")),
-             ("compiled: AOTInductor bf16, frozen weights (default on CPU)", "compiled", batched(8, "compiled"))]
+    paths = [("eager fp32, batch 1 (reference)", "fp32", batched(1, "fp32"))]
+    if eager_variants:
+        paths += [("eager fp32, batch 8", "fp32", batched(8, "fp32")),
+                  ("bf16 autocast, batch 8", "bf16", batched(8, "bf16"))]
+    paths += [(name, path, batched(8, path)) for name, path in BUILT_ENCODER_ROWS if path in build["built_s"]]
     if with_jit:
         paths.append(("torch.compile bf16 (JIT, no freezing), batch 8", None, jit_compiled_encoder(model, slices)))
     reference = model.encode(slices, "fp32")
     results = []
     for name, path, run in paths:
         start = time.perf_counter()
-        run()  # warm-up: allocations, kernel selection, ONNX export/session, compilation
+        run()  # warm-up: allocations, kernel selection, loading the built encoder, or compiling (JIT)
         first_call = time.perf_counter() - start
         seconds = median_time(run, repeats)
-        row = {"path": name, "slices_per_s": len(slices) / seconds, "first_call_s": round(first_call, 1)}
+        row = {"path": name, "encoder": path, "slices_per_s": len(slices) / seconds,
+               "first_call_s": round(first_call, 1)}
         if path is not None:
             embeddings = model.encode(slices, path, encoders_folder=encoders)
             row["embedding_rel_diff_vs_fp32"] = float((embeddings - reference).norm() / reference.norm())
         results.append(row)
+        model.release_encoder_sessions()
+    results += [{"path": name, "encoder": path, "cannot_run_here": build["failed"][path]}
+                for name, path in BUILT_ENCODER_ROWS if path in build["failed"]]
     for row in results:
-        row["ratio_to_eager_fp32"] = row["slices_per_s"] / results[0]["slices_per_s"]
+        if "slices_per_s" in row:
+            row["ratio_to_eager_fp32"] = row["slices_per_s"] / results[0]["slices_per_s"]
     return results
+
+
+CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16",
+                "amx_bf16", "amx_int8", "asimd", "sve")  # the instruction sets the encoder paths care about
+FP32_FLOPS_PER_CYCLE_AVX2 = 32  # per core: 2 FMA units x 8 fp32 lanes x 2 operations (multiply and add)
+
+
+def cpu_record() -> dict:
+    """The CPU's model, the instruction sets that matter for the encoder paths, cores and the clock used for the
+    roofline (/proc/cpuinfo's current "cpu MHz", or $FEWSHOTSAM_CPU_GHZ when set: a virtual machine may report
+    its nominal clock, not the boost clock it runs at)."""
+    from FewShotSAMLib.encoder_probe import cpu_description
+
+    model_name, _, flags = cpu_description().partition(" | ")
+    megahertz = []
+    with contextlib.suppress(OSError):
+        megahertz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("cpu MHz")]
+    clock, source = (statistics.median(megahertz) / 1000, "/proc/cpuinfo cpu MHz") if megahertz else (None, None)
+    if os.environ.get("FEWSHOTSAM_CPU_GHZ"):
+        clock, source = float(os.environ["FEWSHOTSAM_CPU_GHZ"]), "FEWSHOTSAM_CPU_GHZ"
+    present = set(flags.split())
+    return {"model": model_name.strip(), "instruction_sets": [name for name in CPU_FEATURES if name in present],
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "clock_ghz": None if clock is None else round(clock, 2), "clock_source": source,
+            "load_average_1min": round(os.getloadavg()[0], 1)}
+
+
+def encoder_gflop_per_slice(model) -> float:
+    """The encoder's floating-point operations on one slice, counted by PyTorch (a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = model.spec.input_size
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.image_encoder(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def roofline(cpu: dict, gflop_per_slice: float, rows: list[dict]) -> dict:
+    """The CPU's fp32 peak (AVX2 FMA: 32 FLOP per cycle per core) at the recorded clock, and each measured path's
+    achieved GFLOP/s as a fraction of it."""
+    if "fma" not in cpu["instruction_sets"] or not cpu["clock_ghz"]:
+        return {"gflop_per_slice": round(gflop_per_slice, 2), "note": "no FMA or no clock: no roofline"}
+    threads = min(cpu["cores"], cpu["torch_threads"])
+    peak = FP32_FLOPS_PER_CYCLE_AVX2 * cpu["clock_ghz"] * threads
+    for row in rows:
+        if "slices_per_s" in row:
+            row["gflop_per_s"] = round(row["slices_per_s"] * gflop_per_slice, 1)
+            row["fraction_of_fp32_roofline"] = round(row["gflop_per_s"] / peak, 3)
+    return {"gflop_per_slice": round(gflop_per_slice, 2), "fp32_peak_gflop_per_s": round(peak, 1),
+            "roofline_slices_per_s": round(peak / gflop_per_slice, 2),
+            "formula": f"{FP32_FLOPS_PER_CYCLE_AVX2} FLOP/cycle/core x {cpu['clock_ghz']} GHz x {threads} cores"}
+
+
+def probed_auto(model, encoders: Path) -> dict:
+    """What `auto` measures and picks here, and what the probe costs once the encoders are built."""
+    from FewShotSAMLib.encoder_probe import probe_record_file
+
+    probe_record_file(model, encoders).unlink(missing_ok=True)  # measure now, not an earlier run's ranking
+    start = time.perf_counter()
+    chosen = model.encoder_path("auto", encoders)
+    seconds = time.perf_counter() - start
+    model.release_encoder_sessions()
+    record = json.loads(probe_record_file(model, encoders).read_text()) if chosen in BUILT_PATHS else {}
+    return {"chosen": chosen, "probe_s": round(seconds, 1), "seconds_per_slice": record.get("seconds_per_slice"),
+            "failed": record.get("failed")}
 
 
 def jit_compiled_encoder(model, slices: torch.Tensor):
@@ -122,18 +211,23 @@ def painted_case(scan, k: int = 3):
 
 
 @contextlib.contextmanager
-def built_encoders(model):
-    """A temporary folder holding this machine's compiled and ONNX encoders, and the seconds each took to build
-    (one-off costs of a first run, including the encoding of one slice)."""
-    with tempfile.TemporaryDirectory(prefix="fewshotsam-encoders-") as folder:
-        seconds = {}
-        for path in ("compiled", "onnx"):
+def built_encoders(model, paths: tuple[str, ...] = BUILT_PATHS, keep_in: Path | None = None):
+    """A folder holding this machine's built encoders (compiled, OpenVINO, ONNX), the seconds each took to build
+    (one-off costs of a first run, including the encoding of one slice; near 0 for one already in keep_in) and why
+    any cannot be built here. keep_in: a folder to build them in and keep (default: a temporary one)."""
+    with (contextlib.nullcontext(keep_in) if keep_in else tempfile.TemporaryDirectory(prefix="fewshotsam-")) as folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        build = {"built_s": {}, "failed": {}}
+        for path in paths:
             start = time.perf_counter()
             size = model.spec.input_size
-            model.encode(torch.zeros(1, 3, size, size), path, encoders_folder=Path(folder))
-            seconds[path] = round(time.perf_counter() - start, 1)
+            try:
+                model.encode(torch.zeros(1, 3, size, size), path, encoders_folder=Path(folder))
+                build["built_s"][path] = round(time.perf_counter() - start, 1)
+            except FewShotSAMError as error:  # e.g. no bf16 instructions for the compiled bf16 encoder
+                build["failed"][path] = str(error)
         model.release_encoder_sessions()
-        yield Path(folder), seconds
+        yield Path(folder), build
 
 
 def with_built_encoders(cache_dir: str | Path, encoders: Path) -> None:
@@ -237,7 +331,7 @@ def real_slices(scan, count: int = 8) -> torch.Tensor:
 
     stack = to_slices(apply_normalisation(scan.volume.array, choose_normalisation(scan.volume)), scan.axis)
     middle = stack.shape[0] // 2
-    images, _ = resize_stack_longest_side(stack[middle - count // 2:middle + count // 2], 256, (1.0, 1.0))
+    images, _ = resize_stack_longest_side(stack[middle - count // 2:middle - count // 2 + count], 256, (1.0, 1.0))
     return images
 
 
@@ -250,30 +344,48 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ct", action="store_true", help="skip the 512x512x300 CT case (several minutes)")
     parser.add_argument("--ct-only", action="store_true",
                         help="run only the CT case and replace its row in an existing --out/speed.json")
+    parser.add_argument("--encoders-only", action="store_true",
+                        help="run only the encoder table (paths, auto's probe, roofline), not the propagate cases")
+    parser.add_argument("--encoder-slices", type=int, default=8,
+                        help="real MRI slices the encoder table times each path on (default 8)")
+    parser.add_argument("--built-paths", type=lambda text: tuple(text.split(",")), default=BUILT_PATHS,
+                        help=f"only these built encoder paths, and no eager batch-8 or bf16 rows (default all: "
+                             f"{','.join(BUILT_PATHS)}); for a quick look on a busy machine")
+    parser.add_argument("--encoders", type=Path, default=None,
+                        help="build the encoders in this folder and keep them (default: a temporary folder; the "
+                             "build times are then those of a first run)")
+    parser.add_argument("--name", default="speed",
+                        help="results file name, without extension (default speed: --out/speed.json and .md)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     if args.ct_only:
         return rerun_ct_only(args)
     torch.manual_seed(0)
     report = {"machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-              "cases": []}
+              "cpu": cpu_record(), "cases": []}
     model = load_model("litemedsam", device="cpu")
     chaos = load_scan("chaos", "5", args.data_dir)
-    with built_encoders(model) as (encoders, build_seconds):
-        report["encoder_build_s"] = build_seconds
-        report["encoder"] = encoder_paths(model, real_slices(chaos), args.repeats, encoders, args.jit)
+    with built_encoders(model, args.built_paths, args.encoders) as (encoders, build):
+        report["encoder_build_s"] = build["built_s"]
+        report["encoder_slices"] = args.encoder_slices
+        report["encoder"] = encoder_paths(model, real_slices(chaos, args.encoder_slices), args.repeats, encoders,
+                                          args.jit, build, eager_variants=args.built_paths == BUILT_PATHS)
+        report["roofline"] = roofline(report["cpu"], encoder_gflop_per_slice(model), report["encoder"])
+        report["auto"] = probed_auto(model, encoders)
         row = {"case": f"CHAOS MRI {'x'.join(map(str, chaos.volume.array.shape[::-1]))}", "paths": []}
-        for encoder in ENCODER_PATHS:
+        for encoder in ENCODER_PATHS if not args.encoders_only else ():
+            if encoder in build["failed"]:  # e.g. the compiled bf16 encoder on a CPU without bf16
+                continue
             row["paths"].append(propagate_case(model, chaos, encoder, args.repeats, encoders))
         report["cases"].append(row)
-        if not args.no_ct:
+        if not (args.no_ct or args.encoders_only):
             report["cases"].append(ct_row(args.data_dir, encoders))
     report["peak_rss_gib_main_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(args.out / "speed.json", json.dumps(report, indent=2))
+    write_text_atomically(args.out / f"{args.name}.json", json.dumps(report, indent=2))
     markdown = to_markdown(report)
-    write_text_atomically(args.out / "speed.md", markdown)
+    write_text_atomically(args.out / f"{args.name}.md", markdown)
     print(markdown)
     return 0
 
@@ -298,16 +410,7 @@ def rerun_ct_only(args) -> int:
 
 
 def to_markdown(report: dict) -> str:
-    build = report.get("encoder_build_s", {})
-    lines = [f"Machine: {report['machine']}.", "",
-             f"One-off builds on a first run (then kept in the cache's .encoders folder): compiled encoder "
-             f"{build.get('compiled', '-')} s, ONNX export {build.get('onnx', '-')} s.", "",
-             "| encoder path (LiteMedSAM, 256x256, 8 real MRI slices) | slices/s | ratio to eager fp32 batch 1 | "
-             "first call (s) | embedding difference to fp32 (relative) |", "|---|---|---|---|---|"]
-    for row in report["encoder"]:
-        difference = row.get("embedding_rel_diff_vs_fp32")
-        lines.append(f"| {row['path']} | {row['slices_per_s']:.2f} | {row['ratio_to_eager_fp32']:.2f}x | "
-                     f"{row['first_call_s']} | {'-' if difference is None else f'{difference:.1e}'} |")
+    lines = [f"Machine: {report['machine']}.", "", *encoder_markdown(report)]
     lines += ["", "| case | encoder | cold propagate (s) | of which encode (s) | warm propagate, median (s) | "
               "prompts (s) | tuning (s) | prediction (s) | mean Dice | peak memory (GiB) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -320,6 +423,41 @@ def to_markdown(report: dict) -> str:
                          f"{row.get('peak_rss_gib', '-')} |")
     lines += ["", f"Peak resident memory of the benchmark's main process: {report['peak_rss_gib_main_process']} GiB."]
     return "\n".join(lines) + "\n"
+
+
+def encoder_markdown(report: dict) -> list[str]:
+    """The CPU, the one-off builds, the encoder table with the roofline, and auto's probe."""
+    build = report.get("encoder_build_s", {})
+    cpu, roof, auto = report.get("cpu"), report.get("roofline", {}), report.get("auto")
+    lines = []
+    if cpu:
+        lines += [f"CPU: {cpu['model']}, {cpu['cores']} cores, instruction sets {', '.join(cpu['instruction_sets'])}; "
+                  f"clock {cpu['clock_ghz']} GHz ({cpu['clock_source']}); 1-minute load average at the start "
+                  f"{cpu['load_average_1min']}.", ""]
+    lines += ["One-off builds on a first run (then kept in the cache's .encoders folder, s): "
+              + ", ".join(f"{path} {seconds}" for path, seconds in build.items()) + ".", ""]
+    if "fp32_peak_gflop_per_s" in roof:
+        lines += [f"Encoder: {roof['gflop_per_slice']} GFLOP a slice (counted by torch FlopCounterMode). fp32 "
+                  f"roofline: {roof['formula']} = {roof['fp32_peak_gflop_per_s']} GFLOP/s, "
+                  f"{roof['roofline_slices_per_s']} slices/s.", ""]
+    lines += [f"| encoder path (LiteMedSAM, 256x256, {report.get('encoder_slices', 8)} real MRI slices) | "
+              "slices/s | ratio to eager fp32 batch 1 | "
+              "GFLOP/s (fraction of fp32 roofline) | first call (s) | embedding difference to fp32 (relative) |",
+              "|---|---|---|---|---|---|"]
+    for row in report["encoder"]:
+        if "cannot_run_here" in row:
+            lines.append(f"| {row['path']} | cannot run here: {row['cannot_run_here']} | - | - | - | - |")
+            continue
+        difference = row.get("embedding_rel_diff_vs_fp32")
+        achieved = f"{row['gflop_per_s']} ({row['fraction_of_fp32_roofline']:.2f})" if "gflop_per_s" in row else "-"
+        lines.append(f"| {row['path']} | {row['slices_per_s']:.2f} | {row['ratio_to_eager_fp32']:.2f}x | {achieved} | "
+                     f"{row['first_call_s']} | {'-' if difference is None else f'{difference:.1e}'} |")
+    if auto:
+        measured = ", ".join(f"{path} {seconds} s" for path, seconds in (auto["seconds_per_slice"] or {}).items())
+        lines += ["", f"`auto` picks **{auto['chosen']}** here (probe {auto['probe_s']} s with the encoders built; "
+                  f"fastest of {PROBE_ROUNDS} rounds of one slice: {measured or '-'}; "
+                  f"failed: {auto['failed'] or 'none'})."]
+    return lines
 
 
 if __name__ == "__main__":

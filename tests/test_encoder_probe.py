@@ -1,0 +1,134 @@
+"""`--encoder auto` on CPU: the fastest path that builds and runs here, measured once and remembered; the OpenVINO
+path it can pick."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import FewShotSAMLib.models as models
+from FewShotSAMLib import encoder_probe
+from FewShotSAMLib.demo import SAMPLE_IMAGE
+from FewShotSAMLib.encoder_probe import probe_record_file
+from FewShotSAMLib.errors import FewShotSAMError
+from FewShotSAMLib.models import load_model
+from FewShotSAMLib.onnx_encoder import onnxruntime_available
+from FewShotSAMLib.openvino_encoder import openvino_available, openvino_encoder_file
+from FewShotSAMLib.preprocess import apply_normalisation, choose_normalisation, resize_stack_longest_side
+from FewShotSAMLib.volume_io import read_volume
+
+pytestmark = pytest.mark.skipif(not (onnxruntime_available() and openvino_available()),
+                                reason="onnxruntime, openvino and onnx are not all installed")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("litemedsam", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def built_folder(tmp_path_factory, model):
+    """An encoders folder holding the ONNX export and the OpenVINO encoder, built once for this module."""
+    folder = tmp_path_factory.mktemp("encoders")
+    model.prepare_encoder("openvino", folder)
+    model.release_encoder_sessions()
+    return folder
+
+
+@pytest.fixture
+def encoders(built_folder, tmp_path):
+    """A fresh encoders folder with the built files but no probe record, as after an upgrade."""
+    shutil.copytree(built_folder, tmp_path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*", "auto-*"))
+    return tmp_path
+
+
+@pytest.fixture
+def without_compiled_paths(model, monkeypatch):
+    """Leave the AOTInductor builds (20-60 s each) out of the candidates: other tests build them."""
+    monkeypatch.setattr(type(model), "_compiled_encoder_usable", lambda self, folder, precision: False)
+
+
+def failing(message):
+    def open_encoder(*args, **kwargs):
+        raise FewShotSAMError(message)
+    return open_encoder
+
+
+def test_the_real_probe_ranks_what_runs_here_and_is_remembered(model, encoders, without_compiled_paths,
+                                                               monkeypatch):
+    assert model.will_compile_encoder("auto", encoders)
+    chosen = model.encoder_path("auto", encoders)
+    record = json.loads(probe_record_file(model, encoders).read_text())
+    assert record["failed"] == {} and sorted(record["ranking"]) == ["onnx", "openvino"]
+    assert chosen == record["ranking"][0]
+    times = record["seconds_per_slice"]
+    assert times[record["ranking"][0]] <= times[record["ranking"][1]]
+    assert record["cpu"] == encoder_probe.cpu_description() and record["libraries"]["openvino"] != "absent"
+    assert not model.will_compile_encoder("auto", encoders)
+    # A new process reads the record and measures nothing again...
+    monkeypatch.setattr(encoder_probe, "probe", failing("measured again"))
+    assert load_model("litemedsam", device="cpu").encoder_path("auto", encoders) == chosen
+    # ...but another CPU (or library version) has a record of its own.
+    monkeypatch.setattr(encoder_probe, "cpu_description", lambda: "Another CPU | avx2 fma")
+    with pytest.raises(FewShotSAMError, match="measured again"):
+        model.encoder_path("auto", encoders)
+
+
+def test_auto_never_picks_a_path_that_fails_to_build_or_run(model, encoders, without_compiled_paths, monkeypatch):
+    """As on a Mac or a Windows machine without a compiler: the paths that cannot work there fail their probe."""
+    def fails_when_run(*args):
+        def run(images):
+            raise RuntimeError("MPS backend: operator not implemented")
+        return run
+
+    monkeypatch.setattr(models, "open_openvino_encoder", fails_when_run)
+    assert model.encoder_path("auto", encoders) == "onnx"
+    record = json.loads(probe_record_file(model, encoders).read_text())
+    assert record["ranking"] == ["onnx"] and "MPS backend" in record["failed"]["openvino"]
+    model.release_encoder_sessions()
+
+
+def test_a_failed_compiler_build_is_left_out(model, encoders, monkeypatch):
+    """No C++ compiler (Windows without MSVC): the compiled encoder fails to build; auto runs the fastest other."""
+    monkeypatch.setattr(models, "why_not_compilable", lambda precision="bf16": None)  # as if a compiler were there
+    monkeypatch.setattr(models, "open_compiled_encoder", failing("no C++ compiler found (cl.exe)"))
+    chosen = model.encoder_path("auto", encoders)
+    record = json.loads(probe_record_file(model, encoders).read_text())
+    assert set(record["failed"]) == {"compiled"} and "cl.exe" in record["failed"]["compiled"]
+    assert chosen in ("onnx", "openvino") and chosen == record["ranking"][0]
+    model.release_encoder_sessions()
+
+
+def test_when_every_built_path_fails_auto_runs_pytorch(model, encoders, without_compiled_paths, monkeypatch):
+    monkeypatch.setattr(models, "open_openvino_encoder", failing("openvino: no CPU plugin"))
+    monkeypatch.setattr(models, "open_onnx_encoder", failing("onnxruntime: illegal instruction"))
+    assert model.encoder_path("auto", encoders) in ("bf16", "fp32")
+    assert model.prepare_encoder("auto", encoders) in ("bf16", "fp32")
+    with pytest.raises(FewShotSAMError, match="illegal instruction"):
+        model.prepare_encoder("onnx", encoders)  # asked for by name, the failure is the user's to see
+
+
+def test_openvino_gives_the_fp32_embeddings_and_is_built_once(model, built_folder):
+    volume = read_volume(SAMPLE_IMAGE)
+    images, _ = resize_stack_longest_side(apply_normalisation(volume.array, choose_normalisation(volume))[10:12],
+                                          256, (1.0, 1.0))
+    reference = model.encode(images, "fp32")
+    built = openvino_encoder_file(model, built_folder)
+    stamp = built.stat().st_mtime_ns
+    embeddings = load_model("litemedsam", device="cpu").encode(images, "openvino", encoders_folder=built_folder)
+    assert built.stat().st_mtime_ns == stamp, "a new process compiled the OpenVINO encoder again"
+    relative = (embeddings - reference).norm() / reference.norm()
+    assert embeddings.shape == reference.shape and relative < 1e-4, f"OpenVINO differs by {relative:.2e}"
+    assert not list(built_folder.glob(".*.partial*")), "a temporary build file was left behind"
+
+
+def test_a_damaged_openvino_encoder_is_compiled_again(model, encoders):
+    built = openvino_encoder_file(model, encoders)
+    built.write_bytes(built.read_bytes()[:1000])  # cut short, as by a full disk
+    with pytest.warns(UserWarning, match="damaged"):
+        model.encode(torch.zeros(1, 3, 256, 256), "openvino", encoders_folder=encoders)
+    assert built.stat().st_size > 1_000_000
+    model.release_encoder_sessions()
