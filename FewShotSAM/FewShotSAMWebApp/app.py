@@ -26,6 +26,8 @@ from .session import EXPORTS, WebSession
 
 POLL_SECONDS = 0.25
 REFRESH_SECONDS = 1.0
+# Paint and Erase brush: a diameter in mm (slider range and start value).
+BRUSH_DIAMETER_MM = {"min_value": 2, "max_value": 60, "step": 1, "value": 20}
 
 
 class FewShotSAMWebApp(TrameApp):
@@ -40,13 +42,18 @@ class FewShotSAMWebApp(TrameApp):
         self.session = WebSession(self.slicerApp, workDirectory, device, cacheDirectory)
         self._initialState()
         self._replaceUploadHandler()
-        self._useFlatBrush()
+        self._useFlatBrushInMillimetres()
         self._buildPanel()
         self.server.state["trame__title"] = "FewShotSAM"
         self.viewerUi.layout.title.set_text("FewShotSAM")
         self.viewerUi.layout.flush_content()
         self._refreshPending = False
         self._observed = []
+        self._tasks = set()
+        self._fittedViews = {}  # slice view -> its field of view and origin as FewShotSAM last fitted them
+        # Every edit made through the segment editor (brush strokes, undo/redo, segments added or removed): the
+        # painted-slice list follows within a fraction of a second.
+        self.slicerApp.segmentation_editor.segmentation_modified.connect(self._scheduleRefresh)
         if scan:
             self.server.controller.on_server_ready.add(lambda **_: self.openServerPath(scan))
         self.server.controller.on_server_ready.add(self._startPeriodicRefresh)
@@ -86,7 +93,13 @@ class FewShotSAMWebApp(TrameApp):
             self._refreshPending = False
             self._refreshSceneState()
 
-        asyncio.get_event_loop().create_task(refreshSoon())
+        self._startTask(refreshSoon())
+
+    def _startTask(self, coroutine):
+        # The event loop keeps only weak references to tasks: without this one a task can vanish mid-run.
+        task = asyncio.get_event_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _startPeriodicRefresh(self, **_):
         # Some edits reach the segmentation without a segment event (trame-slicer applies brush strokes through
@@ -97,7 +110,7 @@ class FewShotSAMWebApp(TrameApp):
                 if self.session.volumeNode is not None and not self.state.fsam_running:
                     self._refreshSceneState()
 
-        asyncio.get_event_loop().create_task(refreshForever())
+        self._startTask(refreshForever())
 
     def _observeScene(self):
         for node, tag in self._observed:
@@ -114,10 +127,35 @@ class FewShotSAMWebApp(TrameApp):
             watched.append((self.slicerApp.scene.GetNodeByID(view.get_view_node_id()), "ModifiedEvent"))
         self._observed = [(node, node.AddObserver(event, self._scheduleRefresh)) for node, event in watched if node]
 
-    def _useFlatBrush(self):
+    def _useFlatBrushInMillimetres(self):
         # FewShotSAM learns from painted slices: trame-slicer's default sphere brush would also paint the slices
-        # above and below (7 mm apart in abdominal MRI), so Paint and Erase start with a flat (2D) brush.
-        self.state["PaintEffectState__use_sphere_brush"] = False
+        # above and below (7 mm apart in abdominal MRI), so Paint and Erase start with a flat (2D) brush. Its
+        # default size is relative to the *screen* height of the server's off-screen render window, which has
+        # nothing to do with the browser's view, so the brush diameter is set in mm of the scan instead.
+        from trame_server.utils.typed_state import TypedState
+        from trame_slicer.app.ui import PaintEffectState
+        from trame_slicer.segmentation import BrushDiameterMode
+
+        brush = TypedState(self.state, PaintEffectState)
+        brush.data.use_sphere_brush = False
+        brush.data.brush_diameter_mode = BrushDiameterMode.Absolute
+        for key, value in BRUSH_DIAMETER_MM.items():
+            setattr(brush.data.brush_diameter_slider, key, value)
+        # trame-slicer copies the effect's own size (6, screen-relative) into the slider when the effect starts, so
+        # the effect itself gets the mm brush the first time Paint or Erase starts with a new parameter node.
+        self._brushParameterNodes = set()
+        self.slicerApp.segmentation_editor.active_effect_name_changed.connect(self._brushEffectInMillimetres)
+
+    def _brushEffectInMillimetres(self, *_):
+        from trame_slicer.segmentation import BrushDiameterMode, SegmentationEffectPaintErase
+
+        effect = self.slicerApp.segmentation_editor.active_effect
+        node = effect.get_parameter_node() if isinstance(effect, SegmentationEffectPaintErase) else None
+        if node is None or node.GetID() in self._brushParameterNodes:
+            return
+        self._brushParameterNodes.add(node.GetID())
+        effect.set_use_sphere_brush(False)
+        effect.set_brush_diameter(BRUSH_DIAMETER_MM["value"], BrushDiameterMode.Absolute)
 
     # -- opening scans -------------------------------------------------------------------------------------------
     def _replaceUploadHandler(self):
@@ -151,11 +189,13 @@ class FewShotSAMWebApp(TrameApp):
         try:
             self.session.ensureIdle("open another scan")
             self.slicerApp.scene.Clear()
+            self._brushParameterNodes.clear()  # node IDs start again in the cleared scene
             volume = self.session.loadScan(path)
         except FewShotSAMSlicerError as error:
             self._say(str(error), "error")
             return
         self._announceVolume(volume)
+        self._fitSliceViewsToTheBrowser()
         self._observeScene()
         with self.state:
             self.state.fsam_scan_name = volume.GetName()
@@ -170,6 +210,28 @@ class FewShotSAMWebApp(TrameApp):
         self.slicerApp.display_manager.show_volume(volume, do_reset_views=True)
         self.viewerLogic._load_files_logic.volume_loaded(volume)
 
+    def _fitSliceViewsToTheBrowser(self):
+        # A scan opened before the page has its size is fitted to trame-slicer's 300 x 300 placeholder window; when
+        # the browser then sizes the view, Slicer keeps the field of view's height and a narrow view cuts the slice's
+        # sides off. So a slice view is fitted again whenever the browser resizes it, unless the user has zoomed or
+        # panned it since the last fit.
+        for view in self.slicerApp.view_manager.get_slice_views():
+            if view not in self._fittedViews:
+                view.interactor().AddObserver("WindowResizeEvent", lambda *_, v=view: self._refitUntouched(v))
+            self._fittedViews[view] = self._fieldOfView(view)
+
+    @staticmethod
+    def _fieldOfView(view):
+        node = view.get_view_node()
+        return (round(node.GetFieldOfView()[1], 3), tuple(round(v, 3) for v in node.GetXYZOrigin()))
+
+    def _refitUntouched(self, view):
+        if self.session.volumeNode is None or self._fittedViews.get(view) != self._fieldOfView(view):
+            return
+        view.fit_view_to_content()
+        self._fittedViews[view] = self._fieldOfView(view)
+        self._scheduleRefresh()
+
     # -- Adapt & Propagate ---------------------------------------------------------------------------------------
     def propagate(self):
         try:
@@ -182,7 +244,7 @@ class FewShotSAMWebApp(TrameApp):
             self.state.fsam_preview = False
             self.state.fsam_progress = 0.0
         self._say(job.description or "Adapting and propagating", "info")
-        asyncio.get_event_loop().create_task(self._follow(job))
+        self._startTask(self._follow(job))
 
     def _onProgress(self, fraction: float, message: str):
         self.state.fsam_progress = round(100 * fraction, 1)
