@@ -13,7 +13,17 @@ import logging
 from trame.app import TrameApp
 from trame.app.file_upload import ClientFile
 from trame.widgets import html
-from trame.widgets.vuetify3 import VAlert, VBtn, VCard, VCardText, VCardTitle, VDivider, VProgressLinear, VTextField
+from trame.widgets.vuetify3 import (
+    VAlert,
+    VBtn,
+    VCard,
+    VCardText,
+    VCardTitle,
+    VDivider,
+    VFileInput,
+    VProgressLinear,
+    VTextField,
+)
 from trame_slicer import module as trame_slicer_module
 from trame_slicer.app.logic import SegmentationAppLogic
 from trame_slicer.app.ui import SegmentationAppUI
@@ -28,6 +38,18 @@ POLL_SECONDS = 0.25
 REFRESH_SECONDS = 1.0
 # Paint and Erase brush: a diameter in mm (slider range and start value).
 BRUSH_DIAMETER_MM = {"min_value": 2, "max_value": 60, "step": 1, "value": 20}
+
+
+def sliceRanges(slices: list[int]) -> str:
+    """[0, 1, 2, 4, 7, 8] -> "0-2, 4, 7-8" (the page lists propagated slices compactly)."""
+    runs, start = [], None
+    for index, value in enumerate(slices):
+        if start is None:
+            start = value
+        if index + 1 == len(slices) or slices[index + 1] != value + 1:
+            runs.append(f"{start}" if start == value else f"{start}-{value}")
+            start = None
+    return ", ".join(runs)
 
 
 class FewShotSAMWebApp(TrameApp):
@@ -63,8 +85,10 @@ class FewShotSAMWebApp(TrameApp):
         self.state.update({
             "fsam_running": False, "fsam_progress": 0.0, "fsam_stage": "", "fsam_preview": False,
             "fsam_message": "", "fsam_message_type": "info", "fsam_scan_path": "", "fsam_slice": "",
-            "fsam_painted": {}, "fsam_voxels": {}, "fsam_axial": None, "fsam_runs": 0, "fsam_scan_name": "",
+            "fsam_painted": {}, "fsam_propagated": {}, "fsam_voxels": {}, "fsam_axial": None, "fsam_runs": 0,
+            "fsam_scan_name": "", "fsam_model": "", "fsam_model_upload": None,
         })
+        self.state.change("fsam_model_upload")(self.loadModel)
 
     def _say(self, message: str, kind: str = "info"):
         with self.state:
@@ -74,10 +98,13 @@ class FewShotSAMWebApp(TrameApp):
     def _refreshSceneState(self):
         with self.state:
             try:
-                self.state.fsam_painted = self.session.paintedSlices()
+                painted, propagated = self.session.paintedAndPropagatedSlices()
+                self.state.fsam_painted = painted
+                self.state.fsam_propagated = {name: sliceRanges(slices) for name, slices in propagated.items()}
                 self.state.fsam_voxels = self.session.segmentVoxelCounts()
             except FewShotSAMSlicerError as error:
                 self.state.fsam_painted = {}
+                self.state.fsam_propagated = {}
                 self.state.fsam_voxels = {}
                 logging.info("FewShotSAM: %s", error)
             self.state.fsam_axial = self.session.axialViewGeometry()
@@ -234,8 +261,15 @@ class FewShotSAMWebApp(TrameApp):
 
     # -- Adapt & Propagate ---------------------------------------------------------------------------------------
     def propagate(self):
+        self._startJob(self.session.startPropagation, self._propagated)
+
+    def _onProgress(self, fraction: float, message: str):
+        self.state.fsam_progress = round(100 * fraction, 1)
+        self.state.fsam_stage = message
+
+    def _startJob(self, start, whenDone):
         try:
-            job = self.session.startPropagation(progressCallback=self._onProgress)
+            job = start(progressCallback=self._onProgress)
         except FewShotSAMSlicerError as error:
             self._say(str(error), "error")
             return
@@ -244,13 +278,9 @@ class FewShotSAMWebApp(TrameApp):
             self.state.fsam_preview = False
             self.state.fsam_progress = 0.0
         self._say(job.description or "Adapting and propagating", "info")
-        self._startTask(self._follow(job))
+        self._startTask(self._follow(job, whenDone))
 
-    def _onProgress(self, fraction: float, message: str):
-        self.state.fsam_progress = round(100 * fraction, 1)
-        self.state.fsam_stage = message
-
-    async def _follow(self, job):
+    async def _follow(self, job, whenDone):
         # The job is polled here, in the server's thread, so the scene is only touched from this thread; the
         # worker runs in its own process and the page stays responsive.
         while True:
@@ -263,14 +293,44 @@ class FewShotSAMWebApp(TrameApp):
             self.state.fsam_running = False
             self.state.fsam_runs += 1
         if job.status == SUCCEEDED:
-            with self.state:
-                self.state.fsam_preview = self.session.snapshot is not None
-            seconds = f" in {job.elapsedSeconds:.0f} s" if job.elapsedSeconds else ""
-            self._say(f"Propagated{seconds}. Accept the result, or Discard it to go back to your painting.",
-                      "success")
+            whenDone(job, f" in {job.elapsedSeconds:.0f} s" if job.elapsedSeconds else "")
         else:
             self._say(job.errorMessage, "warning" if job.status == "cancelled" else "error")
         self._refreshSceneState()
+
+    def _propagated(self, job, seconds: str):
+        with self.state:
+            self.state.fsam_preview = self.session.snapshot is not None
+        self._say(f"Propagated{seconds}. Accept the result, or Discard it to go back to your painting.", "success")
+
+    # -- adapted models (.fsam) ---------------------------------------------------------------------------------
+    def saveModel(self):
+        self._startJob(self.session.startSaveModel, self._modelSaved)
+
+    def _modelSaved(self, job, seconds: str):
+        self.state.fsam_model = self.session.modelFile()[0]
+        self._say(f"Adapted model saved{seconds}: download it (.fsam), or open another scan and press Apply model.",
+                  "success")
+
+    def loadModel(self, fsam_model_upload=None, **_):
+        if not fsam_model_upload:
+            return
+        upload = ClientFile(fsam_model_upload[0] if isinstance(fsam_model_upload, list) else fsam_model_upload)
+        try:
+            self.session.modelFromUpload(upload.name, upload.content or b"")
+        except FewShotSAMSlicerError as error:
+            self._say(str(error), "error")
+            return
+        self.state.fsam_model = upload.name
+        self._say(f"Loaded {upload.name}. Press Apply model to segment the open scan with it.", "success")
+
+    def applyModel(self):
+        self._startJob(self.session.startApplyModel, self._modelApplied)
+
+    def _modelApplied(self, job, seconds: str):
+        self._observeScene()
+        self._say(f"Segmented {self.state.fsam_scan_name} with {self.state.fsam_model}{seconds}, into a new "
+                  "segmentation (the one before stays in the scene).", "success")
 
     def cancel(self):
         self.session.cancel()
@@ -309,9 +369,18 @@ class FewShotSAMWebApp(TrameApp):
         self._say(f"Exported {name}.", "success")
         return self.server.protocol.addAttachment(content)
 
+    def modelForDownload(self):
+        try:
+            _, content = self.session.modelFile()
+        except FewShotSAMSlicerError as error:
+            self._say(str(error), "error")
+            return None
+        return self.server.protocol.addAttachment(content)
+
     # -- layout --------------------------------------------------------------------------------------------------
     def _buildPanel(self):
         exportTrigger = self.server.controller.trigger_name(self.exportForDownload)
+        modelTrigger = self.server.controller.trigger_name(self.modelForDownload)
         with self.viewerUi.layout.drawer:
             with VCard(classes="ma-2", variant="outlined", id="fsam-panel"):
                 VCardTitle("FewShotSAM")
@@ -339,15 +408,32 @@ class FewShotSAMWebApp(TrameApp):
                            density="compact", classes="mt-2 text-caption", id="fsam-message")
                     VDivider(classes="my-2")
                     html.Div("Painted slices (axial)", classes="text-subtitle-2")
-                    html.Div("{{ name }}: {{ slices.length ? slices.join(', ') : 'none' }}"
-                             " ({{ fsam_voxels[name] || 0 }} voxels)",
-                             v_for=("(slices, name) in fsam_painted",), classes="text-caption")
+                    with html.Div(v_for=("(slices, name) in fsam_painted",), classes="text-caption"):
+                        html.Span("{{ name }}: {{ slices.length ? slices.join(', ') : 'none' }}"
+                                  " ({{ fsam_voxels[name] || 0 }} voxels)")
+                        html.Span("; propagated: {{ fsam_propagated[name] }}", v_if=("fsam_propagated[name]",),
+                                  classes="text-medium-emphasis")
                     with html.Div(classes="d-flex align-center mt-1"):
                         VTextField(v_model=("fsam_slice",), label="Go to slice", density="compact", hide_details=True,
                                    id="fsam-slice", __events=[("keydown_enter", "keydown.enter")],
                                    keydown_enter=(self.goToSlice, "[$event.target.value]"))
                         html.Div("{{ fsam_axial ? `now ${fsam_axial.slice} of 0-${fsam_axial.slices - 1}` : '' }}",
                                  classes="text-caption ml-2")
+                    VDivider(classes="my-2")
+                    html.Div("Adapted model (.fsam)", classes="text-subtitle-2")
+                    with html.Div(classes="d-flex align-center"):
+                        VBtn("Save model", click=self.saveModel, size="small", classes="mr-1", variant="tonal",
+                             disabled=("fsam_running || !fsam_scan_name",), id="fsam-save-model")
+                        VBtn("Apply model", click=self.applyModel, size="small", classes="mr-1", variant="tonal",
+                             disabled=("fsam_running || !fsam_scan_name || !fsam_model",), id="fsam-apply-model")
+                        VBtn(".fsam", size="small", variant="tonal", disabled=("!fsam_model",),
+                             id="fsam-export-fsam", prepend_icon="mdi-download",
+                             click=(f"utils.download(fsam_model, trigger('{modelTrigger}'), "
+                                    "'application/octet-stream')"))
+                    VFileInput(v_model=("fsam_model_upload", None), label="Load a .fsam", accept=".fsam",
+                               density="compact", hide_details=True, classes="mt-1", id="fsam-load-model",
+                               disabled=("fsam_running",))
+                    html.Div("{{ fsam_model ? `Model: ${fsam_model}` : '' }}", classes="text-caption")
                     VDivider(classes="my-2")
                     html.Div("Download", classes="text-subtitle-2")
                     with html.Div(classes="d-flex"):
