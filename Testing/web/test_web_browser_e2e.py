@@ -129,14 +129,11 @@ def paint_strokes(mask: np.ndarray, radius_voxels: float, visible: np.ndarray) -
 def drag(page, points, step_pixels: float):
     """A mouse drag through the points.
 
-    The page queues mouse events for the server and merges the moves that wait behind a busy server, so a straight
-    drag paints the same line however far behind the server is.
+    The page queues mouse events for the server and merges the moves that wait behind a busy server; the brush
+    interpolates between the positions it gets, so a straight drag paints the same line whatever gets merged.
     """
-    # Hover first: the brush follows the pointer on the shown slice, and a press paints from where it was.
-    page.mouse.move(points[0][0] + 3, points[0][1])
-    time.sleep(0.15)
-    page.mouse.move(*points[0])
-    time.sleep(0.15)
+    page.mouse.move(*points[0])  # the brush follows the pointer on the shown slice
+    time.sleep(0.1)
     page.mouse.down()
     for start, end in zip(points[:-1], points[1:]):
         steps = max(1, int(np.ceil(np.hypot(end[0] - start[0], end[1] - start[1]) / step_pixels)))
@@ -204,7 +201,7 @@ def paint_organ(page, reference: np.ndarray, value: int, slices: list[int], spac
         visible = ((x > box[0] + margin) & (x < box[0] + box[2] - margin) & (y > box[1] + margin)
                    & (y < box[1] + box[3] - margin))
         for stroke in paint_strokes(reference[index] == value, radius_voxels, visible):
-            drag(page, [to_page(geometry, box, i, j, index) for i, j in stroke], radius_voxels * pixels_per_voxel)
+            drag(page, [to_page(geometry, box, i, j, index) for i, j in stroke], 3 * radius_voxels * pixels_per_voxel)
         if os.environ.get("FEWSHOTSAM_WEB_DEBUG"):
             page.screenshot(path=os.path.join(os.environ["FEWSHOTSAM_WEB_DEBUG"], f"paint-{value}-{index}.png"))
     # the next slice change (the caller's) waits for these strokes
