@@ -2,7 +2,9 @@
 
 Layout and wiring only; scene work is in session.py and the extension's shared logic (FewShotSAMSlicerLib).
 trame-slicer work-arounds are kept in ``_replaceUploadHandler`` and ``_announceVolume`` (both use its
-SegmentationAppLogic internals, the only place that does).
+SegmentationAppLogic internals, the only place that does), ``_useFlatBrushInMillimetres`` (its brush size is
+relative to the server's off-screen "screen") and ``_fitSliceViewsToTheBrowser`` (its views are fitted before the
+browser sizes them).
 """
 
 from __future__ import annotations
