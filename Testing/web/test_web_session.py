@@ -13,8 +13,8 @@ import pytest
 from web_support import LIVER, SPLEEN, cropped_chaos_scan, reference_array, require_trame_slicer, support
 
 # Dice of a model adapted on the 6 slices of one crop, applied to a 10-slice crop of the same case, on the 4 slices
-# of the larger crop that the model never saw.
-APPLY_DICE_FLOOR = {LIVER: 0.0, SPLEEN: 0.0}
+# of the larger crop that the model never saw (measured on CPU: liver 0.80, spleen 0.64).
+APPLY_DICE_FLOOR = {LIVER: 0.70, SPLEEN: 0.50}
 
 
 @pytest.fixture(scope="module")
