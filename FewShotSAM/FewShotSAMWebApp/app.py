@@ -294,6 +294,7 @@ class FewShotSAMWebApp(TrameApp):
         with self.state:
             self.state.fsam_running = False
             self.state.fsam_runs += 1
+        self._renderViews()
         if job.status == SUCCEEDED:
             whenDone(job, f" in {job.elapsedSeconds:.0f} s" if job.elapsedSeconds else "")
         else:
@@ -342,8 +343,15 @@ class FewShotSAMWebApp(TrameApp):
         self.state.fsam_preview = False
         self._say("Result accepted. Paint more slices where it is wrong and run again (cached embeddings: seconds).")
 
+    def _renderViews(self):
+        # A result written by the shared logic does not pass through trame-slicer's editor, which is what schedules
+        # the remote views' images: without this the views keep showing the painting alone.
+        for view in self.slicerApp.view_manager.get_views():
+            view.schedule_render()
+
     def discard(self):
         self.session.discard()
+        self._renderViews()
         self.state.fsam_preview = False
         self._say("Result discarded; the segmentation is as you painted it.")
         self._refreshSceneState()
