@@ -2,7 +2,9 @@
 
 Layout and wiring only; scene work is in session.py and the extension's shared logic (FewShotSAMSlicerLib).
 trame-slicer work-arounds are kept in ``_replaceUploadHandler`` and ``_announceVolume`` (both use its
-SegmentationAppLogic internals, the only place that does).
+SegmentationAppLogic internals, the only place that does), ``_useFlatBrushInMillimetres`` (its brush size is
+relative to the server's off-screen "screen") and ``_fitSliceViewsToTheBrowser`` (its views are fitted before the
+browser sizes them).
 """
 
 from __future__ import annotations
@@ -13,7 +15,17 @@ import logging
 from trame.app import TrameApp
 from trame.app.file_upload import ClientFile
 from trame.widgets import html
-from trame.widgets.vuetify3 import VAlert, VBtn, VCard, VCardText, VCardTitle, VDivider, VProgressLinear, VTextField
+from trame.widgets.vuetify3 import (
+    VAlert,
+    VBtn,
+    VCard,
+    VCardText,
+    VCardTitle,
+    VDivider,
+    VFileInput,
+    VProgressLinear,
+    VTextField,
+)
 from trame_slicer import module as trame_slicer_module
 from trame_slicer.app.logic import SegmentationAppLogic
 from trame_slicer.app.ui import SegmentationAppUI
@@ -26,6 +38,20 @@ from .session import EXPORTS, WebSession
 
 POLL_SECONDS = 0.25
 REFRESH_SECONDS = 1.0
+# Paint and Erase brush: a diameter in mm (slider range and start value).
+BRUSH_DIAMETER_MM = {"min_value": 2, "max_value": 60, "step": 1, "value": 20}
+
+
+def sliceRanges(slices: list[int]) -> str:
+    """[0, 1, 2, 4, 7, 8] -> "0-2, 4, 7-8" (the page lists propagated slices compactly)."""
+    runs, start = [], None
+    for index, value in enumerate(slices):
+        if start is None:
+            start = value
+        if index + 1 == len(slices) or slices[index + 1] != value + 1:
+            runs.append(f"{start}" if start == value else f"{start}-{value}")
+            start = None
+    return ", ".join(runs)
 
 
 class FewShotSAMWebApp(TrameApp):
@@ -40,13 +66,18 @@ class FewShotSAMWebApp(TrameApp):
         self.session = WebSession(self.slicerApp, workDirectory, device, cacheDirectory)
         self._initialState()
         self._replaceUploadHandler()
-        self._useFlatBrush()
+        self._useFlatBrushInMillimetres()
         self._buildPanel()
         self.server.state["trame__title"] = "FewShotSAM"
         self.viewerUi.layout.title.set_text("FewShotSAM")
         self.viewerUi.layout.flush_content()
         self._refreshPending = False
         self._observed = []
+        self._tasks = set()
+        self._fittedViews = {}  # slice view -> its field of view and origin as FewShotSAM last fitted them
+        # Every edit made through the segment editor (brush strokes, undo/redo, segments added or removed): the
+        # painted-slice list follows within a fraction of a second.
+        self.slicerApp.segmentation_editor.segmentation_modified.connect(self._scheduleRefresh)
         if scan:
             self.server.controller.on_server_ready.add(lambda **_: self.openServerPath(scan))
         self.server.controller.on_server_ready.add(self._startPeriodicRefresh)
@@ -56,8 +87,10 @@ class FewShotSAMWebApp(TrameApp):
         self.state.update({
             "fsam_running": False, "fsam_progress": 0.0, "fsam_stage": "", "fsam_preview": False,
             "fsam_message": "", "fsam_message_type": "info", "fsam_scan_path": "", "fsam_slice": "",
-            "fsam_painted": {}, "fsam_voxels": {}, "fsam_axial": None, "fsam_runs": 0, "fsam_scan_name": "",
+            "fsam_painted": {}, "fsam_propagated": {}, "fsam_voxels": {}, "fsam_axial": None, "fsam_runs": 0,
+            "fsam_scan_name": "", "fsam_model": "", "fsam_model_upload": None,
         })
+        self.state.change("fsam_model_upload")(self.loadModel)
 
     def _say(self, message: str, kind: str = "info"):
         with self.state:
@@ -67,10 +100,13 @@ class FewShotSAMWebApp(TrameApp):
     def _refreshSceneState(self):
         with self.state:
             try:
-                self.state.fsam_painted = self.session.paintedSlices()
+                painted, propagated = self.session.paintedAndPropagatedSlices()
+                self.state.fsam_painted = painted
+                self.state.fsam_propagated = {name: sliceRanges(slices) for name, slices in propagated.items()}
                 self.state.fsam_voxels = self.session.segmentVoxelCounts()
             except FewShotSAMSlicerError as error:
                 self.state.fsam_painted = {}
+                self.state.fsam_propagated = {}
                 self.state.fsam_voxels = {}
                 logging.info("FewShotSAM: %s", error)
             self.state.fsam_axial = self.session.axialViewGeometry()
@@ -86,7 +122,13 @@ class FewShotSAMWebApp(TrameApp):
             self._refreshPending = False
             self._refreshSceneState()
 
-        asyncio.get_event_loop().create_task(refreshSoon())
+        self._startTask(refreshSoon())
+
+    def _startTask(self, coroutine):
+        # The event loop keeps only weak references to tasks: without this one a task can vanish mid-run.
+        task = asyncio.get_event_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _startPeriodicRefresh(self, **_):
         # Some edits reach the segmentation without a segment event (trame-slicer applies brush strokes through
@@ -97,7 +139,7 @@ class FewShotSAMWebApp(TrameApp):
                 if self.session.volumeNode is not None and not self.state.fsam_running:
                     self._refreshSceneState()
 
-        asyncio.get_event_loop().create_task(refreshForever())
+        self._startTask(refreshForever())
 
     def _observeScene(self):
         for node, tag in self._observed:
@@ -114,10 +156,35 @@ class FewShotSAMWebApp(TrameApp):
             watched.append((self.slicerApp.scene.GetNodeByID(view.get_view_node_id()), "ModifiedEvent"))
         self._observed = [(node, node.AddObserver(event, self._scheduleRefresh)) for node, event in watched if node]
 
-    def _useFlatBrush(self):
+    def _useFlatBrushInMillimetres(self):
         # FewShotSAM learns from painted slices: trame-slicer's default sphere brush would also paint the slices
-        # above and below (7 mm apart in abdominal MRI), so Paint and Erase start with a flat (2D) brush.
-        self.state["PaintEffectState__use_sphere_brush"] = False
+        # above and below (7 mm apart in abdominal MRI), so Paint and Erase start with a flat (2D) brush. Its
+        # default size is relative to the *screen* height of the server's off-screen render window, which has
+        # nothing to do with the browser's view, so the brush diameter is set in mm of the scan instead.
+        from trame_server.utils.typed_state import TypedState
+        from trame_slicer.app.ui import PaintEffectState
+        from trame_slicer.segmentation import BrushDiameterMode
+
+        brush = TypedState(self.state, PaintEffectState)
+        brush.data.use_sphere_brush = False
+        brush.data.brush_diameter_mode = BrushDiameterMode.Absolute
+        for key, value in BRUSH_DIAMETER_MM.items():
+            setattr(brush.data.brush_diameter_slider, key, value)
+        # trame-slicer copies the effect's own size (6, screen-relative) into the slider when the effect starts, so
+        # the effect itself gets the mm brush the first time Paint or Erase starts with a new parameter node.
+        self._brushParameterNodes = set()
+        self.slicerApp.segmentation_editor.active_effect_name_changed.connect(self._brushEffectInMillimetres)
+
+    def _brushEffectInMillimetres(self, *_):
+        from trame_slicer.segmentation import BrushDiameterMode, SegmentationEffectPaintErase
+
+        effect = self.slicerApp.segmentation_editor.active_effect
+        node = effect.get_parameter_node() if isinstance(effect, SegmentationEffectPaintErase) else None
+        if node is None or node.GetID() in self._brushParameterNodes:
+            return
+        self._brushParameterNodes.add(node.GetID())
+        effect.set_use_sphere_brush(False)
+        effect.set_brush_diameter(BRUSH_DIAMETER_MM["value"], BrushDiameterMode.Absolute)
 
     # -- opening scans -------------------------------------------------------------------------------------------
     def _replaceUploadHandler(self):
@@ -151,11 +218,13 @@ class FewShotSAMWebApp(TrameApp):
         try:
             self.session.ensureIdle("open another scan")
             self.slicerApp.scene.Clear()
+            self._brushParameterNodes.clear()  # node IDs start again in the cleared scene
             volume = self.session.loadScan(path)
         except FewShotSAMSlicerError as error:
             self._say(str(error), "error")
             return
         self._announceVolume(volume)
+        self._fitSliceViewsToTheBrowser()
         self._observeScene()
         with self.state:
             self.state.fsam_scan_name = volume.GetName()
@@ -170,10 +239,39 @@ class FewShotSAMWebApp(TrameApp):
         self.slicerApp.display_manager.show_volume(volume, do_reset_views=True)
         self.viewerLogic._load_files_logic.volume_loaded(volume)
 
+    def _fitSliceViewsToTheBrowser(self):
+        # A scan opened before the page has its size is fitted to trame-slicer's 300 x 300 placeholder window; when
+        # the browser then sizes the view, Slicer keeps the field of view's height and a narrow view cuts the slice's
+        # sides off. So a slice view is fitted again whenever the browser resizes it, unless the user has zoomed or
+        # panned it since the last fit.
+        for view in self.slicerApp.view_manager.get_slice_views():
+            if view not in self._fittedViews:
+                view.interactor().AddObserver("WindowResizeEvent", lambda *_, v=view: self._refitUntouched(v))
+            self._fittedViews[view] = self._fieldOfView(view)
+
+    @staticmethod
+    def _fieldOfView(view):
+        node = view.get_view_node()
+        return (round(node.GetFieldOfView()[1], 3), tuple(round(v, 3) for v in node.GetXYZOrigin()))
+
+    def _refitUntouched(self, view):
+        if self.session.volumeNode is None or self._fittedViews.get(view) != self._fieldOfView(view):
+            return
+        view.fit_view_to_content()
+        self._fittedViews[view] = self._fieldOfView(view)
+        self._scheduleRefresh()
+
     # -- Adapt & Propagate ---------------------------------------------------------------------------------------
     def propagate(self):
+        self._startJob(self.session.startPropagation, self._propagated)
+
+    def _onProgress(self, fraction: float, message: str):
+        self.state.fsam_progress = round(100 * fraction, 1)
+        self.state.fsam_stage = message
+
+    def _startJob(self, start, whenDone):
         try:
-            job = self.session.startPropagation(progressCallback=self._onProgress)
+            job = start(progressCallback=self._onProgress)
         except FewShotSAMSlicerError as error:
             self._say(str(error), "error")
             return
@@ -182,13 +280,9 @@ class FewShotSAMWebApp(TrameApp):
             self.state.fsam_preview = False
             self.state.fsam_progress = 0.0
         self._say(job.description or "Adapting and propagating", "info")
-        asyncio.get_event_loop().create_task(self._follow(job))
+        self._startTask(self._follow(job, whenDone))
 
-    def _onProgress(self, fraction: float, message: str):
-        self.state.fsam_progress = round(100 * fraction, 1)
-        self.state.fsam_stage = message
-
-    async def _follow(self, job):
+    async def _follow(self, job, whenDone):
         # The job is polled here, in the server's thread, so the scene is only touched from this thread; the
         # worker runs in its own process and the page stays responsive.
         while True:
@@ -200,15 +294,46 @@ class FewShotSAMWebApp(TrameApp):
         with self.state:
             self.state.fsam_running = False
             self.state.fsam_runs += 1
+        self._renderViews()
         if job.status == SUCCEEDED:
-            with self.state:
-                self.state.fsam_preview = self.session.snapshot is not None
-            seconds = f" in {job.elapsedSeconds:.0f} s" if job.elapsedSeconds else ""
-            self._say(f"Propagated{seconds}. Accept the result, or Discard it to go back to your painting.",
-                      "success")
+            whenDone(job, f" in {job.elapsedSeconds:.0f} s" if job.elapsedSeconds else "")
         else:
             self._say(job.errorMessage, "warning" if job.status == "cancelled" else "error")
         self._refreshSceneState()
+
+    def _propagated(self, job, seconds: str):
+        with self.state:
+            self.state.fsam_preview = self.session.snapshot is not None
+        self._say(f"Propagated{seconds}. Accept the result, or Discard it to go back to your painting.", "success")
+
+    # -- adapted models (.fsam) ---------------------------------------------------------------------------------
+    def saveModel(self):
+        self._startJob(self.session.startSaveModel, self._modelSaved)
+
+    def _modelSaved(self, job, seconds: str):
+        self.state.fsam_model = self.session.modelFile()[0]
+        self._say(f"Adapted model saved{seconds}: download it (.fsam), or open another scan and press Apply model.",
+                  "success")
+
+    def loadModel(self, fsam_model_upload=None, **_):
+        if not fsam_model_upload:
+            return
+        upload = ClientFile(fsam_model_upload[0] if isinstance(fsam_model_upload, list) else fsam_model_upload)
+        try:
+            self.session.modelFromUpload(upload.name, upload.content or b"")
+        except FewShotSAMSlicerError as error:
+            self._say(str(error), "error")
+            return
+        self.state.fsam_model = upload.name
+        self._say(f"Loaded {upload.name}. Press Apply model to segment the open scan with it.", "success")
+
+    def applyModel(self):
+        self._startJob(self.session.startApplyModel, self._modelApplied)
+
+    def _modelApplied(self, job, seconds: str):
+        self._observeScene()
+        self._say(f"Segmented {self.state.fsam_scan_name} with {self.state.fsam_model}{seconds}, into a new "
+                  "segmentation (the one before stays in the scene).", "success")
 
     def cancel(self):
         self.session.cancel()
@@ -218,8 +343,15 @@ class FewShotSAMWebApp(TrameApp):
         self.state.fsam_preview = False
         self._say("Result accepted. Paint more slices where it is wrong and run again (cached embeddings: seconds).")
 
+    def _renderViews(self):
+        # A result written by the shared logic does not pass through trame-slicer's editor, which is what schedules
+        # the remote views' images: without this the views keep showing the painting alone.
+        for view in self.slicerApp.view_manager.get_views():
+            view.schedule_render()
+
     def discard(self):
         self.session.discard()
+        self._renderViews()
         self.state.fsam_preview = False
         self._say("Result discarded; the segmentation is as you painted it.")
         self._refreshSceneState()
@@ -247,9 +379,18 @@ class FewShotSAMWebApp(TrameApp):
         self._say(f"Exported {name}.", "success")
         return self.server.protocol.addAttachment(content)
 
+    def modelForDownload(self):
+        try:
+            _, content = self.session.modelFile()
+        except FewShotSAMSlicerError as error:
+            self._say(str(error), "error")
+            return None
+        return self.server.protocol.addAttachment(content)
+
     # -- layout --------------------------------------------------------------------------------------------------
     def _buildPanel(self):
         exportTrigger = self.server.controller.trigger_name(self.exportForDownload)
+        modelTrigger = self.server.controller.trigger_name(self.modelForDownload)
         with self.viewerUi.layout.drawer:
             with VCard(classes="ma-2", variant="outlined", id="fsam-panel"):
                 VCardTitle("FewShotSAM")
@@ -277,15 +418,32 @@ class FewShotSAMWebApp(TrameApp):
                            density="compact", classes="mt-2 text-caption", id="fsam-message")
                     VDivider(classes="my-2")
                     html.Div("Painted slices (axial)", classes="text-subtitle-2")
-                    html.Div("{{ name }}: {{ slices.length ? slices.join(', ') : 'none' }}"
-                             " ({{ fsam_voxels[name] || 0 }} voxels)",
-                             v_for=("(slices, name) in fsam_painted",), classes="text-caption")
+                    with html.Div(v_for=("(slices, name) in fsam_painted",), classes="text-caption"):
+                        html.Span("{{ name }}: {{ slices.length ? slices.join(', ') : 'none' }}"
+                                  " ({{ fsam_voxels[name] || 0 }} voxels)")
+                        html.Span("; propagated: {{ fsam_propagated[name] }}", v_if=("fsam_propagated[name]",),
+                                  classes="text-medium-emphasis")
                     with html.Div(classes="d-flex align-center mt-1"):
                         VTextField(v_model=("fsam_slice",), label="Go to slice", density="compact", hide_details=True,
                                    id="fsam-slice", __events=[("keydown_enter", "keydown.enter")],
                                    keydown_enter=(self.goToSlice, "[$event.target.value]"))
                         html.Div("{{ fsam_axial ? `now ${fsam_axial.slice} of 0-${fsam_axial.slices - 1}` : '' }}",
                                  classes="text-caption ml-2")
+                    VDivider(classes="my-2")
+                    html.Div("Adapted model (.fsam)", classes="text-subtitle-2")
+                    with html.Div(classes="d-flex align-center"):
+                        VBtn("Save model", click=self.saveModel, size="small", classes="mr-1", variant="tonal",
+                             disabled=("fsam_running || !fsam_scan_name",), id="fsam-save-model")
+                        VBtn("Apply model", click=self.applyModel, size="small", classes="mr-1", variant="tonal",
+                             disabled=("fsam_running || !fsam_scan_name || !fsam_model",), id="fsam-apply-model")
+                        VBtn(".fsam", size="small", variant="tonal", disabled=("!fsam_model",),
+                             id="fsam-export-fsam", prepend_icon="mdi-download",
+                             click=(f"utils.download(fsam_model, trigger('{modelTrigger}'), "
+                                    "'application/octet-stream')"))
+                    VFileInput(v_model=("fsam_model_upload", None), label="Load a .fsam", accept=".fsam",
+                               density="compact", hide_details=True, classes="mt-1", id="fsam-load-model",
+                               disabled=("fsam_running",))
+                    html.Div("{{ fsam_model ? `Model: ${fsam_model}` : '' }}", classes="text-caption")
                     VDivider(classes="my-2")
                     html.Div("Download", classes="text-subtitle-2")
                     with html.Div(classes="d-flex"):

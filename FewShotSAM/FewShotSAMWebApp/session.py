@@ -44,6 +44,7 @@ class WebSession:
         self.volumeNode = None
         self.job: FewShotSAMJob | None = None
         self.snapshot: SegmentationSnapshot | None = None  # set while a result waits to be accepted or discarded
+        self.modelPath: str | None = None  # the adapted model (.fsam) saved or uploaded last, for "Apply model"
 
     # -- scans ---------------------------------------------------------------------------------------------------
     @property
@@ -119,6 +120,68 @@ class WebSession:
             self.snapshot.restore()
         self.snapshot = None
 
+    # -- adapted models (.fsam) ---------------------------------------------------------------------------------
+    def startSaveModel(self, progressCallback=None) -> FewShotSAMJob:
+        """Adapt the model to the painted slices into a new .fsam on the server (then offered for download)."""
+        self.ensureIdle("save a model")
+        if self.volumeNode is None or self.segmentationNode is None:
+            raise FewShotSAMSlicerError("Open a scan and paint a few slices of each structure first.")
+        self.accept()
+        folder = tempfile.mkdtemp(prefix="model-", dir=self._folder("models"))
+        path = os.path.join(folder, f"{self._stem()}-fewshotsam.fsam")
+
+        def remember(job):
+            if job.status == "succeeded":
+                self.modelPath = job.result["modelPath"]
+
+        self.job = self.logic.startAdapt(self.volumeNode, self.segmentationNode, path, device=self.device,
+                                         progressCallback=progressCallback, finishedCallback=remember)
+        return self.job
+
+    def modelFromUpload(self, name: str, content: bytes) -> str:
+        """Keep an uploaded adapted model for "Apply model"; a file that is not a .fsam is refused, nothing kept."""
+        base = os.path.basename(str(name).replace("\\", "/")) or "model.fsam"
+        if not base.lower().endswith(".fsam"):
+            raise FewShotSAMSlicerError(f"{base}: not an adapted model; choose a .fsam file saved by FewShotSAM.")
+        if not content:
+            raise FewShotSAMSlicerError(f"{base}: the file is empty.")
+        folder = tempfile.mkdtemp(prefix="model-", dir=self._folder("models"))
+        path = os.path.join(folder, base)
+        Path(path).write_bytes(content)
+        self.modelPath = path
+        return path
+
+    def modelFile(self) -> tuple[str, bytes]:
+        if not self.modelPath or not os.path.isfile(self.modelPath):
+            raise FewShotSAMSlicerError("No adapted model yet: press Save model (or load a .fsam) first.")
+        return os.path.basename(self.modelPath), Path(self.modelPath).read_bytes()
+
+    def startApplyModel(self, progressCallback=None) -> FewShotSAMJob:
+        """Segment the open scan with the adapted model, into a new segmentation that the editor then shows."""
+        self.ensureIdle("apply a model")
+        if self.volumeNode is None:
+            raise FewShotSAMSlicerError("Open the scan to segment first.")
+        if not self.modelPath:
+            raise FewShotSAMSlicerError("No adapted model yet: press Save model (or load a .fsam) first.")
+        self.accept()
+        volume = self.volumeNode
+
+        def showResult(job):
+            if job.status == "succeeded":
+                editor = self.slicerApp.segmentation_editor
+                editor.set_active_segmentation(job.result["segmentationNode"], volume)
+
+        self.job = self.logic.startApply(self.modelPath, volume, device=self.device,
+                                         progressCallback=progressCallback, finishedCallback=showResult)
+        return self.job
+
+    def _stem(self) -> str:
+        name = self.volumeNode.GetName() if self.volumeNode is not None else ""
+        for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+            if name.lower().endswith(suffix):
+                name = name[:-len(suffix)]
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "scan"
+
     def segmentVoxelCounts(self) -> dict[str, int]:
         """Segment name -> number of voxels (the page shows it; it settles once every brush stroke is applied)."""
         if self.volumeNode is None or self.segmentationNode is None:
@@ -130,17 +193,25 @@ class WebSession:
 
     def paintedSlices(self) -> dict[str, list[int]]:
         """Segment name -> the slices (along the propagation axis) that hold the user's painting."""
+        return self.paintedAndPropagatedSlices()[0]
+
+    def paintedAndPropagatedSlices(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """Per segment name: the slices the user painted, and the other non-empty slices (filled in by a run)."""
         if self.volumeNode is None or self.segmentationNode is None:
-            return {}
+            return {}, {}
         segmentation = self.segmentationNode.GetSegmentation()
         ids = mc.segmentIds(self.segmentationNode)
         if not ids:
-            return {}
+            return {}, {}
         axis = self.logic.sliceAxis(self.volumeNode)
         grid = mc.gridFingerprint(self.volumeNode)
         masks = mc.segmentMasks(self.segmentationNode, ids, self.volumeNode)
-        return {segmentation.GetSegment(i).GetName():
-                ps.paintedSlices(masks[i], axis, grid, ps.readRecord(segmentation.GetSegment(i))) for i in ids}
+        painted, propagated = {}, {}
+        for i in ids:
+            name = segmentation.GetSegment(i).GetName()
+            painted[name] = ps.paintedSlices(masks[i], axis, grid, ps.readRecord(segmentation.GetSegment(i)))
+            propagated[name] = [k for k in ps.nonEmptySlices(masks[i], axis) if k not in painted[name]]
+        return painted, propagated
 
     # -- export --------------------------------------------------------------------------------------------------
     def exportFile(self, kind: str) -> tuple[str, bytes]:

@@ -76,3 +76,10 @@ def reference_array(labels_path: Path) -> np.ndarray:
     import SimpleITK as sitk
 
     return sitk.GetArrayFromImage(sitk.ReadImage(str(labels_path)))
+
+
+def reference_spacing_mm(labels_path: Path) -> float:
+    """In-plane voxel size (mm) of the axial slices (the i axis)."""
+    import SimpleITK as sitk
+
+    return float(sitk.ReadImage(str(labels_path)).GetSpacing()[0])
