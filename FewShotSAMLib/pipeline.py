@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .adapter import AdaptOptions, FewShotAdapter, adapt
+from .confidence import ConfidenceRecorder
 from .embedding_cache import EmbeddingCache
 from .encoding import EncodedVolume, encode_volume
 from .errors import Cancelled, FewShotSAMError
@@ -63,9 +64,11 @@ class Engine:
     def slice_axis(self, volume: Volume) -> int:
         return slice_axis(volume.geometry, self.options.axis)
 
-    def propagate(self, volume: Volume, labels: LabelVolume, progress: Progress = NO_PROGRESS) -> LabelVolume:
+    def propagate(self, volume: Volume, labels: LabelVolume, progress: Progress = NO_PROGRESS,
+                  confidence: ConfidenceRecorder | None = None) -> LabelVolume:
         """Adapt on the painted slices of `labels` and segment the whole of `volume` (same grid), or only the
-        slices of options.propagation.slice_range: then only those and the labelled slices are encoded."""
+        slices of options.propagation.slice_range: then only those and the labelled slices are encoded.
+        confidence: records how sure each slice is; its report() then says which slice to paint next."""
         check_inputs(self.options, volume, labels)
         selected = select_segments(labels, self.options.segments)
         label_slices = to_slices(labels.array, self.slice_axis(volume))
@@ -77,7 +80,7 @@ class Engine:
         seed_everything(self.options.adapt.seed)
         adapter = adapt(self.model, collection, self.options.adapt, progress)
         predicted = propagate_volume(self.model, adapter, encoded, labels.array, labelled, self.options.propagation,
-                                     progress)
+                                     progress, confidence)
         return LabelVolume(predicted, labels.geometry, list(labels.segments))
 
     def slices_to_encode(self, labelled: list[int], n_slices: int) -> list[int] | None:
