@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from .atomic_write import write_text_atomically
 from .errors import FewShotSAMError
+from .volume_io import SEGMENTATION_SUFFIXES, check_output_path
 
 NEIGHBOURHOOD = 2  # slices either side that painting one slice is expected to improve as well
 MIN_GAP = 2  # a suggested slice lies at least this many slices from every painted slice
@@ -145,10 +146,27 @@ def suggest_slice(disagreement: np.ndarray, painted: list[int], neighbourhood: i
     return int(best)
 
 
+REPORT_SUFFIX = ".report.json"
+
+
+def default_report_path(output) -> Path:
+    """Where --report writes its JSON when given no path: beside the segmentation, e.g. liver.seg.nrrd ->
+    liver.report.json."""
+    output = Path(output)
+    for ending in sorted(SEGMENTATION_SUFFIXES, key=len, reverse=True):
+        if output.name.lower().endswith(ending):
+            return output.with_name(output.name[: -len(ending)] + REPORT_SUFFIX)
+    return output.with_name(output.name + REPORT_SUFFIX)
+
+
+def check_report_path(path, overwrite: bool = False) -> Path:
+    """Raise now, before any work, if the report cannot be written later (a .json name, no file replaced unasked)."""
+    return check_output_path(path, overwrite, suffixes=(".json",))
+
+
 def write_report(path, report: ConfidenceReport, overwrite: bool = False) -> Path:
-    """Write the report as JSON (temp file, then rename); an existing file is kept unless overwrite."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FewShotSAMError(f"cannot write the report {path}: it exists; pass --overwrite to replace it")
-    write_text_atomically(path, json.dumps(report.as_json(), indent=1) + "\n")
-    return path
+    """Write the report as JSON (temp file, then rename); a file that appeared meanwhile is kept unless overwrite."""
+    try:
+        return write_text_atomically(path, json.dumps(report.as_json(), indent=1) + "\n", overwrite=overwrite)
+    except FileExistsError:
+        raise FewShotSAMError(f"{path} exists; pass --overwrite to replace it") from None

@@ -185,14 +185,15 @@ def read_pair(image_path, labels_path) -> tuple[Volume, LabelVolume]:
 
 
 def propagate_files(image_path, labels_path, out_path, options: EngineOptions | None = None,
-                    overwrite: bool = False, progress: Progress = NO_PROGRESS, engine: Engine | None = None) -> Path:
+                    overwrite: bool = False, progress: Progress = NO_PROGRESS, engine: Engine | None = None,
+                    confidence: ConfidenceRecorder | None = None) -> Path:
     refuse_output_onto_input(out_path, [image_path, labels_path])
     check_output_path(out_path, overwrite)
     progress.update("load", 0, 1, "reading the image and labels")
     volume, labels = read_pair(image_path, labels_path)
     check_inputs(_options_of(engine, options), volume, labels)
     engine = engine or Engine(options)
-    result = engine.propagate(volume, labels, progress)
+    result = engine.propagate(volume, labels, progress, confidence)
     progress.update("write", 0, 1, f"writing {out_path}")
     return write_segmentation(out_path, result, overwrite)
 

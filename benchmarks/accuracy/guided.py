@@ -13,7 +13,7 @@ extent (``slice_selection.few_shot_labels`` with k = 1).
   reference, as a user would, and FewShotSAM runs again.
 
 Every painted slice is copied fully from the reference (all structures on it), as in protocol 1. Writes
-``guided.json`` and ``guided.md`` into ``--out`` (rewritten after every scan) and prints the markdown.
+``<name>.json`` and ``<name>.md`` into ``--out`` (rewritten after every scan) and prints the markdown.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from FewShotSAMLib.slice_selection import few_shot_labels
 from .datasets import DATASET_TITLES, Scan, load_scan, scan_names
 from .run import DEFAULT_CACHE_DIR, REPO_ROOT, default_data_dir, git_commit, labelled_count, log, score
 
-JSON_NAME, MD_NAME = "guided.json", "guided.md"
 KS = (1, 2, 3)
 
 
@@ -48,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hippocampus-scans", type=int, default=20,
                         help="first N hippocampus scans in sorted order (default 20)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--name", default="guided", help="results file names: NAME.json and NAME.md (default guided)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="shared data folder (default: $FEWSHOTSAM_DATA or <repo>/../shared/data)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="persistent embedding cache")
@@ -141,9 +141,9 @@ class GuidedBenchmark:
             "records": self.records,
         }
         self.args.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(self.args.out / JSON_NAME, json.dumps(result, indent=1) + "\n")
+        write_text_atomically(self.args.out / f"{self.args.name}.json", json.dumps(result, indent=1) + "\n")
         text = markdown(result)
-        write_text_atomically(self.args.out / MD_NAME, text + "\n")
+        write_text_atomically(self.args.out / f"{self.args.name}.md", text + "\n")
         return text
 
 
