@@ -134,7 +134,7 @@ def suggest_slice(disagreement: np.ndarray, painted: list[int], neighbourhood: i
     (None when no such slice has any). Ties go to the slice farther from the painting, then the lower index."""
     n_slices = disagreement.shape[0]
     weights = 1 - np.abs(np.arange(-neighbourhood, neighbourhood + 1)) / (neighbourhood + 1)
-    gathered = np.convolve(disagreement, weights, mode="same")
+    gathered = ndimage.convolve1d(disagreement.astype(float), weights, mode="constant")  # any slice count
     distance = np.full(n_slices, n_slices)
     for z in painted:
         distance = np.minimum(distance, np.abs(np.arange(n_slices) - z))
