@@ -1,8 +1,8 @@
 """How sure a propagation is of each slice, and which slice the user should paint next.
 
 Two independent predictions draw every structure on every slice: the pixel prompts (a classifier over the
-64x64 embedding grid) and the tuned mask decoder (full resolution). Where they agree, painting more slices seldom
-changes the result; where they disagree, one of them is wrong. Per (slice, structure) the recorder keeps
+64x64 embedding grid) and the tuned mask decoder (full resolution). Where they disagree, at least one of them is
+wrong, and the result (their average) is unsure. Per (slice, structure) the recorder keeps
 
 - the area where the two masks disagree after a small opening (a thin band along a boundary is only the coarse
   grid's blockiness; a blob is a real disagreement about the shape), and
