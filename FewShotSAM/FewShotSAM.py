@@ -27,6 +27,7 @@ from slicer.util import VTKObservationMixin
 from FewShotSAMSlicerLib import dependencies, mrml_conversion, parameters
 from FewShotSAMSlicerLib import logic as fewShotSAMLogic
 from FewShotSAMSlicerLib.errors import FewShotSAMSlicerError
+from FewShotSAMSlicerLib.suggestions import jumpToSuggestion
 
 MODULE_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 
@@ -249,6 +250,9 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.clicked.connect(self.onApplyToVolume)
         self.ui.exportSegmentationButton.clicked.connect(self.onExportSegmentation)
         self.ui.exportLabelmapButton.clicked.connect(self.onExportLabelmap)
+        self.suggestions = []  # of the last propagation, in the list's order
+        self.ui.suggestionsListWidget.visible = False
+        self.ui.suggestionsListWidget.itemClicked.connect(self.onSuggestionClicked)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -453,7 +457,9 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = 1000
             self.ui.statusLabel.text = self._successMessage(job)
             # The module may have been left meanwhile (exit() clears self._parameterNode): use the job's own data.
-            if job.kind == fewShotSAMLogic.ADAPT:
+            if job.kind == fewShotSAMLogic.PROPAGATE:
+                self.showSuggestions(job.result.get("suggestions") or [])
+            elif job.kind == fewShotSAMLogic.ADAPT:
                 self.logic.getParameterNode().adaptedModelPath = job.result["modelPath"]
             elif job.kind == fewShotSAMLogic.APPLY:
                 slicer.util.setSliceViewerLayers(background=job.result["targetVolumeNode"])
@@ -465,6 +471,20 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Failed: " + job.errorMessage
             slicer.util.errorDisplay(job.errorMessage, windowTitle="FewShotSAM",
                                      **({"detailedText": job.errorDetails} if job.errorDetails else {}))
+
+    def showSuggestions(self, suggestions) -> None:
+        """One line per segment: the slice to paint next (FewShotSAMSlicerLib/suggestions.py); a click jumps there."""
+        self.suggestions = list(suggestions)
+        listWidget = self.ui.suggestionsListWidget
+        listWidget.clear()
+        for suggestion in self.suggestions:
+            listWidget.addItem(suggestion.text)
+        listWidget.visible = bool(self.suggestions)
+
+    def onSuggestionClicked(self, item) -> None:
+        row = self.ui.suggestionsListWidget.row(item)
+        if 0 <= row < len(self.suggestions):
+            jumpToSuggestion(slicer.mrmlScene, self.suggestions[row])
 
     @staticmethod
     def _successMessage(job) -> str:

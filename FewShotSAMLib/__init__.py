@@ -2,12 +2,14 @@
 
 The public face of the engine, for use from Python::
 
-    from FewShotSAMLib import Engine, EngineOptions, read_volume, read_labels, write_segmentation
+    from FewShotSAMLib import ConfidenceRecorder, Engine, EngineOptions, read_volume, read_labels, write_segmentation
 
     engine = Engine(EngineOptions(model="litemedsam"))
     image = read_volume("scan.nrrd")
     painted = read_labels("painted.seg.nrrd", image)
-    write_segmentation("result.seg.nrrd", engine.propagate(image, painted))
+    recorder = ConfidenceRecorder()  # optional: where the result is least sure, which slice to paint next
+    write_segmentation("result.seg.nrrd", engine.propagate(image, painted, confidence=recorder))
+    print(recorder.report().text())
 
 Names are loaded on first use (module ``__getattr__``, PEP 562): importing the package, its catalogue or its
 readers and writers does not import PyTorch, so the Slicer module and the command line's option parsing start
@@ -28,6 +30,7 @@ _EXPORTS = {
     "FewShotAdapter": "adapter",
     "AdaptOptions": "adapter",
     "PropagationOptions": "propagation",
+    "ConfidenceRecorder": "confidence",
     "load_model": "models",
     "read_volume": "volume_io",
     "read_labels": "volume_io",

@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="painted labels on the image's grid: label map (.nrrd/.nii.gz/.mha) "
                                 "or Slicer .seg.nrrd")
     propagate.add_argument("--out", required=True, help="output: .seg.nrrd (Slicer), .nrrd or .nii.gz label map")
+    propagate.add_argument("--report", nargs="?", const="", metavar="PATH",
+                           help="also say how sure each slice is and which slice of each structure to paint next: "
+                                "printed, and written as JSON to PATH (default: beside --out, as "
+                                "<name>.report.json)")
     _add_engine_options(propagate)
 
     adapt = commands.add_parser("adapt", help="save a few-shot model (.fsam) from one or more labelled scans",
@@ -230,11 +234,19 @@ def run(args) -> int:
     if args.command == "apply" and wants_cohort(args):
         return run_cohort(args, options)
     progress, close = make_progress(args.progress)
+    report = None
     try:
         if args.command == "propagate":
             from .pipeline import propagate_files
 
-            written = [propagate_files(args.image, args.labels, args.out, options, args.overwrite, progress)]
+            recorder, report_path = confidence_request(args)
+            written = [propagate_files(args.image, args.labels, args.out, options, args.overwrite, progress,
+                                       confidence=recorder)]
+            if recorder is not None:
+                from .confidence import write_report
+
+                report = recorder.report()
+                written.append(write_report(report_path, report, args.overwrite))
         elif args.command == "adapt":
             from .pipeline import adapt_files
 
@@ -252,12 +264,28 @@ def run(args) -> int:
     finally:
         close()
     if args.progress == "json":
-        print(json.dumps({"stage": "done", "done": 1, "total": 1, "fraction": 1.0, "message": "done",
-                          "outputs": [str(path) for path in written]}), flush=True)
+        done = {"stage": "done", "done": 1, "total": 1, "fraction": 1.0, "message": "done",
+                "outputs": [str(path) for path in written]}
+        if report is not None:
+            done["report"] = report.as_json()
+        print(json.dumps(done), flush=True)
     else:
         for path in written:
             print(f"wrote {path}")
+        if report is not None:
+            print(report.text())
     return 0
+
+
+def confidence_request(args):
+    """(recorder, report path) when propagate was asked for --report, else (None, None); the path is checked
+    before any work, so that a report that cannot be written costs no run."""
+    if getattr(args, "report", None) is None:
+        return None, None
+    from .confidence import ConfidenceRecorder, check_report_path, default_report_path
+
+    path = Path(args.report) if args.report else default_report_path(args.out)
+    return ConfidenceRecorder(), check_report_path(path, args.overwrite)
 
 
 def wants_cohort(args) -> bool:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .adapter import AdaptOptions, FewShotAdapter, adapt
+from .confidence import ConfidenceRecorder
 from .embedding_cache import EmbeddingCache
 from .encoding import EncodedVolume, encode_volume
 from .errors import Cancelled, FewShotSAMError
@@ -65,9 +66,11 @@ class Engine:
     def slice_axis(self, volume: Volume) -> int:
         return slice_axis(volume.geometry, self.options.axis)
 
-    def propagate(self, volume: Volume, labels: LabelVolume, progress: Progress = NO_PROGRESS) -> LabelVolume:
+    def propagate(self, volume: Volume, labels: LabelVolume, progress: Progress = NO_PROGRESS,
+                  confidence: ConfidenceRecorder | None = None) -> LabelVolume:
         """Adapt on the painted slices of `labels` and segment the whole of `volume` (same grid), or only the
-        slices of options.propagation.slice_range: then only those and the labelled slices are encoded."""
+        slices of options.propagation.slice_range: then only those and the labelled slices are encoded.
+        confidence: records how sure each slice is; its report() then says which slice to paint next."""
         check_inputs(self.options, volume, labels)
         selected = select_segments(labels, self.options.segments)
         label_slices = to_slices(labels.array, self.slice_axis(volume))
@@ -79,7 +82,7 @@ class Engine:
         seed_everything(self.options.adapt.seed)
         adapter = adapt(self.model, collection, self.options.adapt, progress)
         predicted = propagate_volume(self.model, adapter, encoded, labels.array, labelled, self.options.propagation,
-                                     progress)
+                                     progress, confidence)
         axis = encoded.axis
         predicted = blend_with_painted_shape(predicted, labels.array, labelled, axis, collection.label_values,
                                              in_plane_spacing(volume.geometry, axis), self.options.small_structures,
@@ -188,14 +191,15 @@ def read_pair(image_path, labels_path) -> tuple[Volume, LabelVolume]:
 
 
 def propagate_files(image_path, labels_path, out_path, options: EngineOptions | None = None,
-                    overwrite: bool = False, progress: Progress = NO_PROGRESS, engine: Engine | None = None) -> Path:
+                    overwrite: bool = False, progress: Progress = NO_PROGRESS, engine: Engine | None = None,
+                    confidence: ConfidenceRecorder | None = None) -> Path:
     refuse_output_onto_input(out_path, [image_path, labels_path])
     check_output_path(out_path, overwrite)
     progress.update("load", 0, 1, "reading the image and labels")
     volume, labels = read_pair(image_path, labels_path)
     check_inputs(_options_of(engine, options), volume, labels)
     engine = engine or Engine(options)
-    result = engine.propagate(volume, labels, progress)
+    result = engine.propagate(volume, labels, progress, confidence)
     progress.update("write", 0, 1, f"writing {out_path}")
     return write_segmentation(out_path, result, overwrite)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .adapter import FewShotAdapter
+from .confidence import ConfidenceRecorder
 from .decoder import decode_in_windows
 from .encoding import EncodedVolume
 from .fewshot import IGNORE, class_maps, class_maps_to_model_space, pool_class_maps
@@ -126,11 +127,13 @@ def decoder_probabilities(model: SamModel, adapter: FewShotAdapter, encoded: Enc
 
 def propagate_volume(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVolume,
                      painted_labels: np.ndarray | None = None, labelled: list[int] | None = None,
-                     options: PropagationOptions | None = None, progress: Progress = NO_PROGRESS) -> np.ndarray:
+                     options: PropagationOptions | None = None, progress: Progress = NO_PROGRESS,
+                     confidence: ConfidenceRecorder | None = None) -> np.ndarray:
     """Segment the whole volume; returns a label array [k, j, i] holding the adapter's label values.
 
     painted_labels: the scan's own painted label map (same grid), or None for a scan with no labels.
     labelled: slice indices (along encoded.axis) that are fully labelled; painted slices keep their labels.
+    confidence: receives both predictions of every (slice, structure), to say where the result is least sure.
     """
     options = options or PropagationOptions()
     labelled = sorted(labelled or [])
@@ -145,6 +148,8 @@ def propagate_volume(model: SamModel, adapter: FewShotAdapter, encoded: EncodedV
         painted_cells[labelled] = pool_class_maps(targets, adapter.n_classes, probabilities.shape[-1])
         painted_cells = painted_cells.where(painted_cells != IGNORE, torch.zeros_like(painted_cells))
     kept = structure_cells(probabilities, painted_cells, labelled, adapter.footprints)
+    if confidence is not None:
+        confidence.begin(encoded.n_slices, adapter.segments, labelled, encoded.axis)
     first, last = options.slice_range or (0, encoded.n_slices - 1)
     labelled_set = set(labelled)
     to_predict = [z for z in range(max(0, first), min(encoded.n_slices - 1, last) + 1) if z not in labelled_set]
@@ -161,7 +166,10 @@ def propagate_volume(model: SamModel, adapter: FewShotAdapter, encoded: EncodedV
         coarse = F.interpolate(coarse[None], size=size, mode="bilinear", align_corners=False)[0]
         combined = (1 - options.decoder_weight) * coarse
         for s in structures:
-            combined[s] += options.decoder_weight * decoded.pop((z, s)).float()
+            decoder = decoded.pop((z, s)).float()
+            combined[s] += options.decoder_weight * decoder
+            if confidence is not None:
+                confidence.add(z, s, coarse[s], decoder)
         on_slice = mask_logits_to_stack(combined, encoded.resize, (rows, cols))  # [S, rows, cols]
         best, index = on_slice.max(dim=0)
         result[z] = np.where(best.numpy() > 0.5, index.numpy() + 1, 0)

@@ -186,6 +186,15 @@ def test_progress_is_reported_and_files_are_cleaned(propagated, make_logic):
     assert os.listdir(make_logic.temporary) == []
 
 
+def test_each_propagated_segment_gets_a_slice_to_paint_next(propagated):
+    suggested = {s.segmentId: s for s in propagated["job"].result["suggestions"]}
+    for organ in VALUE:
+        suggestion = suggested[propagated["ids"][organ]]
+        assert suggestion.axis == 0 and suggestion.segmentName == organ
+        assert min(abs(suggestion.sliceIndex - z) for z in propagated["painted"][organ]) >= 2, organ
+        assert 0 <= suggestion.confidence <= 1
+
+
 def test_export_of_the_result(propagated, tmp_path):
     import slicerio
 

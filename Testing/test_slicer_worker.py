@@ -66,6 +66,8 @@ def test_commands():
                                       device="cpu", axis="coronal", cacheDir="/c")
     assert arguments == ["i.nrrd", "--labels", "l.nrrd", "--out", "o.nrrd", "--model", "sam_vit_b", "--checkpoint",
                          "c.pth", "--device", "cpu", "--axis", "coronal", "--cache-dir", "/c", "--progress", "json"]
+    withReport = wk.propagateArguments("i.nrrd", "l.nrrd", "o.nrrd", report="r.json")
+    assert withReport[withReport.index("--report") + 1] == "r.json"
     command = wk.engineCommand("py", "propagate", arguments)
     assert command[:4] == ["py", "-m", "FewShotSAMLib", "propagate"]
     assert wk.adaptArguments([("a", "la"), ("b", "lb")], "m.fsam")[:9] == [
@@ -93,7 +95,8 @@ def test_run_reports_progress_and_succeeds(tmp_path):
         for n in range(1, 4):
             print(json.dumps({"stage": "propagate", "done": n, "total": 3, "fraction": n / 4, "message": f"slice {n}"}))
             time.sleep(0.05)
-        print(json.dumps({"stage": "done", "done": 1, "total": 1, "fraction": 1.0, "message": "finished"}))
+        print(json.dumps({"stage": "done", "done": 1, "total": 1, "fraction": 1.0, "message": "finished",
+                          "report": {"slice_axis": 0}}))
         print("warning on stderr", file=sys.stderr)
     """)
     reports, logs = [], []
@@ -102,6 +105,7 @@ def test_run_reports_progress_and_succeeds(tmp_path):
     assert run.wait(timeout=30) == wk.SUCCEEDED
     assert [r.message for r in reports] == ["slice 1", "slice 2", "slice 3", "finished"]
     assert reports[-1].isDone and run.lastProgress.fraction == 1.0
+    assert run.result["report"] == {"slice_axis": 0}  # the done line's payload, as the engine sent it
     assert "a plain log line" in run.stdoutLines and "warning on stderr" in logs
 
 

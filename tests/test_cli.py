@@ -143,14 +143,18 @@ def test_cli_end_to_end_with_json_progress(tmp_path, chaos_scan, engine_cache_di
     sitk.WriteImage(painted, str(painted_path))
     out = tmp_path / "result.nii.gz"
     command = [sys.executable, "-m", "FewShotSAMLib", "propagate", str(image_path), "--labels", str(painted_path),
-               "--out", str(out), "--cache-dir", str(engine_cache_dir), "--device", "cpu", "--progress", "json"]
+               "--out", str(out), "--cache-dir", str(engine_cache_dir), "--device", "cpu", "--progress", "json",
+               "--report"]
     # No time-out of its own: its speed depends on this CPU's encoder path; CI's own limit bounds the run.
     completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert completed.returncode == 0, completed.stderr
     events = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
     fractions = [event["fraction"] for event in events]
     assert fractions == sorted(fractions), "overall progress must never go backwards"
-    assert events[-1]["stage"] == "done" and events[-1]["outputs"] == [str(out)]
+    report_path = tmp_path / "result.report.json"  # --report without a path: beside the output
+    assert events[-1]["stage"] == "done" and events[-1]["outputs"] == [str(out), str(report_path)]
+    assert events[-1]["report"] == json.loads(report_path.read_text())  # what the Slicer module reads
+    assert [s["label_value"] for s in events[-1]["report"]["structures"]] == [1, 2, 3, 4]
     assert {"encode", "prompts", "tune", "propagate"} <= {event["stage"] for event in events}
     result = read_labels(out, read_volume(image_path)).array
     predicted, truth = result == 1, reference == 1

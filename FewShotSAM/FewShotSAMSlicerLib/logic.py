@@ -46,6 +46,7 @@ from . import painted_slices as ps
 from . import worker as wk
 from .errors import FewShotSAMSlicerError, JobCancelled, WorkerFailed
 from .parameters import DEVICES, MODELS, MODELS_NEEDING_CHECKPOINT
+from .suggestions import suggestionsFromReports
 
 ProgressCallback = Callable[[float, str], None]
 # resultWriter(segmentationNode, segmentId, mask [k, j, i] bool, gridNode): writes one segment's result
@@ -529,7 +530,8 @@ class FewShotSAMSlicerLogic:
                 resultPath = os.path.join(folder, f"result-{number}.nrrd")
                 arguments = wk.propagateArguments(imagePath, labelsPath, resultPath, model=model,
                                                   checkpoint=checkpoint, device=device, axis=painted.orientation,
-                                                  cacheDir=self.cacheDirectory, seed=seed)
+                                                  cacheDir=self.cacheDirectory, seed=seed,
+                                                  report=os.path.join(folder, f"report-{number}.json"))
                 runs.append(("propagate", arguments, ", ".join(segmentation.GetSegment(i).GetName() for i in group)))
                 resultPaths.append((resultPath, group))
         except Exception:
@@ -537,8 +539,13 @@ class FewShotSAMSlicerLogic:
             raise
 
         def onSuccess(job):
-            return self._writePropagationResult(volumeNode, segmentationNode, painted, resultPaths,
-                                                beforeModifyCallback, gridNode, resultWriter, scene, previewNode)
+            result = self._writePropagationResult(volumeNode, segmentationNode, painted, resultPaths,
+                                                  beforeModifyCallback, gridNode, resultWriter, scene, previewNode)
+            names = {i: segmentation.GetSegment(i).GetName() for i in painted.segmentIds
+                     if segmentation.GetSegment(i) is not None}
+            result["suggestions"] = suggestionsFromReports([run.result.get("report") for run in job.runs],
+                                                           painted.segmentIds, names, gridNode, painted.axis)
+            return result
 
         names = [segmentation.GetSegment(i).GetName() for i in painted.segmentIds]
         job = self._startWorker(PROPAGATE, runs, folder, onSuccess, f"Propagating {', '.join(names)}",

@@ -179,9 +179,13 @@ def _commonOptions(model=None, checkpoint=None, device=None, axis=None, cacheDir
 
 
 def propagateArguments(image, labels, out, model="litemedsam", checkpoint=None, device="auto", axis="auto",
-                       cacheDir=None, seed=None, overwrite=False) -> list[str]:
+                       cacheDir=None, seed=None, overwrite=False, report=None) -> list[str]:
+    """report: a .json path for the confidence report (which slice to paint next); its contents also come back
+    in the final "done" line, as WorkerRun.result["report"]."""
     arguments = [str(image), "--labels", str(labels), "--out", str(out)]
     arguments += _commonOptions(model, checkpoint, device, axis, cacheDir, seed)
+    if report:
+        arguments += ["--report", str(report)]
     if overwrite:
         arguments.append("--overwrite")
     return arguments + ["--progress", "json"]
@@ -383,6 +387,7 @@ class WorkerRun:
         self.lastProgress: Progress | None = None
         self.progressReports: list[Progress] = []
         self.stdoutLines: list[str] = []  # stdout lines that were not progress reports
+        self.result: dict = {}  # the engine's final "done" line as sent (outputs, and a propagation's report)
         self._stderrLines: list[str] = []
         self._cancelRequested = False
         self.startedAt: float | None = None
@@ -424,6 +429,8 @@ class WorkerRun:
                     continue
                 self.lastProgress = progress
                 self.progressReports.append(progress)
+                if progress.isDone:
+                    self.result = json.loads(line)
                 if self.progressCallback is not None and not self._cancelRequested:
                     self.progressCallback(progress)
             else:
