@@ -20,9 +20,10 @@ from .models import SamModel, load_model
 from .orientation import slice_axis, to_slices
 from .preprocess import choose_normalisation
 from .progress import NO_PROGRESS, Progress
-from .propagation import PropagationOptions, propagate_volume
+from .propagation import PropagationOptions, finish_labels, predict_classes, propagate_volume
 from .volume import LabelVolume, Volume
 from .volume_io import check_output_path, read_labels, read_volume, write_segmentation
+from .warm_start import RunRecord, load_record, plan, run_key, save_record, slice_checksums, warm_adapt
 
 
 @dataclass
@@ -39,6 +40,9 @@ class EngineOptions:
     encoder: str = "auto"  # how the encoder runs: auto, compiled, onnx, fp32, bf16 (see SamModel.encoder_path)
     adapt: AdaptOptions = field(default_factory=AdaptOptions)
     propagation: PropagationOptions = field(default_factory=PropagationOptions)
+    # Start from the previous run on the same scan and options when only painted slices were added or changed
+    # (warm_start.py); False: always adapt from scratch.
+    warm_start: bool = True
 
 
 def seed_everything(seed: int) -> None:
@@ -74,10 +78,28 @@ class Engine:
             raise FewShotSAMError("no labelled slice: paint at least one slice of a structure")
         encoded = self.encode(volume, progress, only=self.slices_to_encode(labelled, label_slices.shape[0]))
         collection = collect(encoded, labels.array, selected, extra_labelled=self.options.labelled_slices)
+        record = RunRecord(run_key(volume, encoded.axis, self.options, self.model.weights_id,
+                                   [segment.label_value for segment in selected]),
+                           slice_checksums(label_slices, labelled), slice_checksums(encoded.embeddings, labelled),
+                           None, None)
+        warm = None
+        if self.options.warm_start:
+            warm = plan(load_record(self.cache.root, record.key), record.painted, record.embedded, encoded.n_slices)
         seed_everything(self.options.adapt.seed)
-        adapter = adapt(self.model, collection, self.options.adapt, progress)
-        predicted = propagate_volume(self.model, adapter, encoded, labels.array, labelled, self.options.propagation,
-                                     progress)
+        if warm is None:
+            record.adapter = adapt(self.model, collection, self.options.adapt, progress)
+            record.classes = predict_classes(self.model, record.adapter, encoded, label_slices, labelled,
+                                             self.options.propagation, progress)
+        else:
+            record.adapter = warm_adapt(self.model, collection, warm, self.options.adapt, progress)
+            record.classes = warm.record.classes.copy()
+            for first, last in warm.regions:
+                again = predict_classes(self.model, record.adapter, encoded, label_slices, labelled,
+                                        self.options.propagation, progress, region=(first, last))
+                record.classes[first:last + 1] = again[first:last + 1]
+        save_record(self.cache.root, record)
+        predicted = finish_labels(record.classes, record.adapter.label_values, label_slices, labelled,
+                                  self.options.propagation, encoded.axis)
         return LabelVolume(predicted, labels.geometry, list(labels.segments))
 
     def slices_to_encode(self, labelled: list[int], n_slices: int) -> list[int] | None:
