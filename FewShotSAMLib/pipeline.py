@@ -3,6 +3,7 @@ adapt (save a few-shot model from one or more labelled scans) and apply (segment
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass, field
@@ -20,10 +21,18 @@ from .models import SamModel, load_model
 from .orientation import slice_axis, to_slices
 from .preprocess import choose_normalisation
 from .progress import NO_PROGRESS, Progress
-from .propagation import PropagationOptions, finish_labels, predict_classes, propagate_volume
+from .propagation import (
+    REACH_MIN_SLICES,
+    REACH_STRIDE,
+    PropagationOptions,
+    finish_labels,
+    predict_classes,
+    propagate_volume,
+    reachable_range,
+)
 from .volume import LabelVolume, Volume
 from .volume_io import check_output_path, read_labels, read_volume, write_segmentation
-from .warm_start import RunRecord, load_record, plan, run_key, save_record, slice_checksums, warm_adapt
+from .warm_start import RunRecord, WarmStart, load_record, plan, run_key, save_record, slice_checksums, warm_adapt
 
 
 @dataclass
@@ -69,14 +78,16 @@ class Engine:
 
     def propagate(self, volume: Volume, labels: LabelVolume, progress: Progress = NO_PROGRESS) -> LabelVolume:
         """Adapt on the painted slices of `labels` and segment the whole of `volume` (same grid), or only the
-        slices of options.propagation.slice_range: then only those and the labelled slices are encoded."""
+        slices of options.propagation.slice_range: then only those and the labelled slices are encoded. On a long
+        scan, only the slices the structures reach are encoded (PropagationOptions.reachable_only)."""
         check_inputs(self.options, volume, labels)
         selected = select_segments(labels, self.options.segments)
         label_slices = to_slices(labels.array, self.slice_axis(volume))
         labelled = labelled_slice_indices(label_slices, self.options.labelled_slices)
         if not labelled:
             raise FewShotSAMError("no labelled slice: paint at least one slice of a structure")
-        encoded = self.encode(volume, progress, only=self.slices_to_encode(labelled, label_slices.shape[0]))
+        coarse = self.coarse_slices(labelled, label_slices.shape[0])
+        encoded = self.encode(volume, progress, only=coarse or self.slices_to_encode(labelled, label_slices.shape[0]))
         collection = collect(encoded, labels.array, selected, extra_labelled=self.options.labelled_slices)
         record = RunRecord(run_key(volume, encoded.axis, self.options, self.model.weights_id,
                                    [segment.label_value for segment in selected]),
@@ -88,19 +99,39 @@ class Engine:
         seed_everything(self.options.adapt.seed)
         if warm is None:
             record.adapter = adapt(self.model, collection, self.options.adapt, progress)
-            record.classes = predict_classes(self.model, record.adapter, encoded, label_slices, labelled,
-                                             self.options.propagation, progress)
         else:
             record.adapter = warm_adapt(self.model, collection, warm, self.options.adapt, progress)
-            record.classes = warm.record.classes.copy()
-            for first, last in warm.regions:
-                again = predict_classes(self.model, record.adapter, encoded, label_slices, labelled,
-                                        self.options.propagation, progress, region=(first, last))
-                record.classes[first:last + 1] = again[first:last + 1]
+        propagation = self.options.propagation
+        if coarse is not None:
+            reach = reachable_range(record.adapter, encoded, label_slices, labelled, coarse, propagation.batch_size)
+            encoded = self.encode(volume, progress, only=sorted(set(coarse) | set(range(reach[0], reach[1] + 1))))
+            propagation = dataclasses.replace(propagation, slice_range=reach)
+        record.classes = self.predict_classes(record.adapter, encoded, label_slices, labelled, propagation, warm,
+                                              progress)
         save_record(self.cache.root, record)
-        predicted = finish_labels(record.classes, record.adapter.label_values, label_slices, labelled,
-                                  self.options.propagation, encoded.axis)
+        predicted = finish_labels(record.classes, record.adapter.label_values, label_slices, labelled, propagation,
+                                  encoded.axis)
         return LabelVolume(predicted, labels.geometry, list(labels.segments))
+
+    def predict_classes(self, adapter: FewShotAdapter, encoded: EncodedVolume, label_slices: np.ndarray,
+                        labelled: list[int], propagation: PropagationOptions, warm: WarmStart | None,
+                        progress: Progress) -> np.ndarray:
+        """Every slice's classes, or on a warm start the recorded ones with its regions predicted again."""
+        if warm is None:
+            return predict_classes(self.model, adapter, encoded, label_slices, labelled, propagation, progress)
+        classes = warm.record.classes.copy()
+        for first, last in warm.regions:
+            again = predict_classes(self.model, adapter, encoded, label_slices, labelled, propagation, progress,
+                                    region=(first, last))
+            classes[first:last + 1] = again[first:last + 1]
+        return classes
+
+    def coarse_slices(self, labelled: list[int], n_slices: int) -> list[int] | None:
+        """The slices of the coarse pass that finds how far the structures reach (None: no coarse pass)."""
+        propagation = self.options.propagation
+        if propagation.slice_range is not None or not propagation.reachable_only or n_slices < REACH_MIN_SLICES:
+            return None
+        return sorted(set(range(0, n_slices, REACH_STRIDE)) | set(labelled))
 
     def slices_to_encode(self, labelled: list[int], n_slices: int) -> list[int] | None:
         """The labelled slices plus the slice range, when a range is set (None: every slice)."""

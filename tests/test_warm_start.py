@@ -11,10 +11,10 @@ import pytest
 from FewShotSAMLib.metrics import dice
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.progress import Progress
-from FewShotSAMLib.slice_selection import few_shot_labels
+from FewShotSAMLib.slice_selection import few_shot_labels, one_more_slice
 from FewShotSAMLib.volume import Geometry, LabelVolume, Segment, Volume
 from FewShotSAMLib.volume_io import read_labels, read_volume
-from FewShotSAMLib.warm_start import RunRecord, load_record, plan, run_key
+from FewShotSAMLib.warm_start import RunRecord, load_record, plan, record_path, run_key
 
 ORGANS = [Segment("liver", 1), Segment("right kidney", 2), Segment("left kidney", 3), Segment("spleen", 4)]
 WARM_MESSAGE = "starting from the previous run"
@@ -102,27 +102,18 @@ def warm_started(messages: list[str]) -> bool:
     return any(WARM_MESSAGE in message for message in messages)
 
 
-def one_more_slice(painted: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, int]:
-    """The painting plus the reference's labels on the unlabelled slice in the middle of the widest gap."""
-    labelled = np.flatnonzero(painted.any(axis=(1, 2)))
-    gap = int(np.argmax(np.diff(labelled)))
-    added = int((labelled[gap] + labelled[gap + 1]) // 2)
-    more = painted.copy()
-    more[added] = reference[added]
-    return more, added
-
-
-def test_warm_starts_follow_the_painting_and_fall_back_to_full_runs(tmp_path, case2):
+def test_warm_starts_follow_the_painting_and_fall_back_to_full_runs(engine_cache_dir, case2):
     volume, reference = case2
-    engine = Engine(EngineOptions(cache_dir=str(tmp_path / "cache"), device="cpu", encoder="fp32"))
-    painted = few_shot_labels(reference, 0, 1, [1, 2, 3, 4])
-    first, messages = run(engine, volume, painted)
-    assert not warm_started(messages)
+    engine = Engine(EngineOptions(cache_dir=str(engine_cache_dir), device="cpu"))  # embeddings shared with others
     key = run_key(volume, 0, engine.options, engine.model.weights_id, [1, 2, 3, 4])
+    record_path(engine.cache.root, key).unlink(missing_ok=True)  # another test's run on this scan
+    painted = few_shot_labels(reference, 0, 1, [1, 2, 3, 4])
+    _, messages = run(engine, volume, painted)
+    assert not warm_started(messages)
     recorded = load_record(engine.cache.root, key)
 
     # One more painted slice: tuned on, predicted again only between its painted neighbours.
-    more, added = one_more_slice(painted, reference)
+    more, added = one_more_slice(painted, reference, 0)
     warm, messages = run(engine, volume, more)
     assert warm_started(messages)
     assert np.array_equal(warm[added], reference[added])
@@ -159,3 +150,25 @@ def test_warm_starts_follow_the_painting_and_fall_back_to_full_runs(tmp_path, ca
     engine.options.propagation.decoder_weight = 0.4
     _, messages = run(engine, volume, erased)
     assert not warm_started(messages)
+
+
+def test_a_long_scan_encodes_only_the_slices_the_structures_reach(engine_cache_dir, case2):
+    """A 70+ slice scan (case 2 with 40 copies of a slice holding no structure stacked above it): the coarse pass
+    encodes every 4th padding slice only, the result there stays empty, and the organs are still found."""
+    volume, reference = case2
+    empty = int(np.flatnonzero(~reference.any(axis=(1, 2)))[0])
+    pad = 40
+    array = np.concatenate([volume.array, np.repeat(volume.array[empty:empty + 1], pad, axis=0)])
+    long_reference = np.concatenate([reference, np.zeros((pad,) + reference.shape[1:], reference.dtype)])
+    geometry = dataclasses.replace(volume.geometry, shape=array.shape)
+    long_volume = dataclasses.replace(volume, array=array, geometry=geometry)
+    engine = Engine(EngineOptions(cache_dir=str(engine_cache_dir), device="cpu"))
+    painted = few_shot_labels(long_reference, 0, 3, [1, 2, 3, 4])
+    result, _ = run(engine, long_volume, painted)
+    n_slices = array.shape[0]
+    (entry,) = [entry for entry in engine.cache.entries() if entry.n_slices == n_slices]
+    assert entry.n_done < volume.array.shape[0] + pad // 2, f"{entry.n_done} of {n_slices} slices encoded"
+    assert not result[volume.array.shape[0] + 8:].any()
+    for value in (1, 2, 3, 4):
+        score = dice(result == value, long_reference == value)
+        assert score > 0.8, f"structure {value}: Dice {score:.3f} with the coarse pass"
