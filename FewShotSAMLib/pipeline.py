@@ -95,7 +95,7 @@ class Engine:
                            None, None)
         warm = None
         if self.options.warm_start:
-            warm = plan(load_record(self.cache.root, record.key), record.painted, record.embedded, encoded.n_slices)
+            warm = plan(load_record(self.cache.runs_dir, record.key), record.painted, record.embedded, encoded.n_slices)
         seed_everything(self.options.adapt.seed)
         if warm is None:
             record.adapter = adapt(self.model, collection, self.options.adapt, progress)
@@ -108,7 +108,7 @@ class Engine:
             propagation = dataclasses.replace(propagation, slice_range=reach)
         record.classes = self.predict_classes(record.adapter, encoded, label_slices, labelled, propagation, warm,
                                               progress)
-        save_record(self.cache.root, record)
+        save_record(self.cache.runs_dir, record)
         predicted = finish_labels(record.classes, record.adapter.label_values, label_slices, labelled, propagation,
                                   encoded.axis)
         return LabelVolume(predicted, labels.geometry, list(labels.segments))

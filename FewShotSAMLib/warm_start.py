@@ -1,6 +1,6 @@
 """Warm start of a re-run after the user paints one more slice (or repaints one): the interactive loop.
 
-Each propagate leaves a run record on disk, in the embedding cache's .runs folder (so that a new worker process,
+Each propagate leaves a run record on disk, in the embedding cache's runs folder (so that a new worker process,
 as the Slicer module starts for each run, finds it): the tuned adapter (pixel classifier, structure tokens, tuned
 decoder) and the predicted class map before the 3D clean-up. Its name is a key over everything a run depends on
 except the painting: the scan's voxels and geometry, the slice axis, the model, every option and the structures
@@ -38,7 +38,6 @@ from .tuning import tune_decoder
 from .volume import Segment
 
 FORMAT_VERSION = 1
-RUNS_FOLDER = ".runs"
 KEEP_RECORDS = 16  # most recent records kept (a CHAOS record is ~20 MB, mostly the tuned decoder)
 # Warm tuning. The pixel classifier goes on from its recorded weights over every labelled cell; the decoder tunes
 # on the changed slices' structures from the recorded decoder.
@@ -84,13 +83,13 @@ def slice_checksums(stack: np.ndarray, indices: list[int]) -> dict[int, str]:
     return {int(z): hashlib.sha256(np.ascontiguousarray(stack[z]).data).hexdigest() for z in indices}
 
 
-def record_path(cache_root: Path, key: str) -> Path:
-    return Path(cache_root) / RUNS_FOLDER / f"{key}.pt"
+def record_path(runs_dir: Path, key: str) -> Path:
+    return Path(runs_dir) / f"{key}.pt"
 
 
-def load_record(cache_root: Path, key: str) -> RunRecord | None:
+def load_record(runs_dir: Path, key: str) -> RunRecord | None:
     """The run record for `key`, or None when there is none or it does not read (then a full run replaces it)."""
-    path = record_path(cache_root, key)
+    path = record_path(runs_dir, key)
     if not path.is_file():
         return None
     try:
@@ -104,10 +103,10 @@ def load_record(cache_root: Path, key: str) -> RunRecord | None:
         return None
 
 
-def save_record(cache_root: Path, record: RunRecord) -> None:
+def save_record(runs_dir: Path, record: RunRecord) -> None:
     """Write the record atomically, then drop the oldest records beyond KEEP_RECORDS. A full disk or a read-only
     cache only costs the next run its warm start."""
-    path = record_path(cache_root, record.key)
+    path = record_path(runs_dir, record.key)
     adapter = record.adapter
     payload = {
         "format": FORMAT_VERSION, "key": record.key,

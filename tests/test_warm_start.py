@@ -73,9 +73,7 @@ def test_the_run_key_follows_voxels_geometry_options_and_structures_but_not_the_
 
 
 def test_a_damaged_record_is_ignored(tmp_path):
-    folder = tmp_path / ".runs"
-    folder.mkdir()
-    (folder / "abc.pt").write_bytes(b"not a record")
+    (tmp_path / "abc.pt").write_bytes(b"not a record")
     assert load_record(tmp_path, "abc") is None
     assert load_record(tmp_path, "missing") is None
 
@@ -106,11 +104,11 @@ def test_warm_starts_follow_the_painting_and_fall_back_to_full_runs(engine_cache
     volume, reference = case2
     engine = Engine(EngineOptions(cache_dir=str(engine_cache_dir), device="cpu"))  # embeddings shared with others
     key = run_key(volume, 0, engine.options, engine.model.weights_id, [1, 2, 3, 4])
-    record_path(engine.cache.root, key).unlink(missing_ok=True)  # another test's run on this scan
+    record_path(engine.cache.runs_dir, key).unlink(missing_ok=True)  # another test's run on this scan
     painted = few_shot_labels(reference, 0, 1, [1, 2, 3, 4])
     _, messages = run(engine, volume, painted)
     assert not warm_started(messages)
-    recorded = load_record(engine.cache.root, key)
+    recorded = load_record(engine.cache.runs_dir, key)
 
     # One more painted slice: tuned on, predicted again only between its painted neighbours.
     more, added = one_more_slice(painted, reference, 0)
@@ -120,7 +118,7 @@ def test_warm_starts_follow_the_painting_and_fall_back_to_full_runs(engine_cache
     labelled = sorted(recorded.painted)
     below = max(z for z in labelled if z < added)
     above = min(z for z in labelled if z > added)
-    after = load_record(engine.cache.root, key)
+    after = load_record(engine.cache.runs_dir, key)
     outside = [z for z in range(volume.array.shape[0]) if not below <= z <= above]
     assert np.array_equal(after.classes[outside], recorded.classes[outside])
     assert not np.array_equal(after.classes[below:above + 1], recorded.classes[below:above + 1])
