@@ -3,7 +3,6 @@ adapt (save a few-shot model from one or more labelled scans) and apply (segment
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 from dataclasses import dataclass, field
@@ -21,15 +20,7 @@ from .models import SamModel, load_model
 from .orientation import slice_axis, to_slices
 from .preprocess import choose_normalisation
 from .progress import NO_PROGRESS, Progress
-from .propagation import (
-    REACH_MIN_SLICES,
-    REACH_STRIDE,
-    PropagationOptions,
-    finish_labels,
-    predict_classes,
-    propagate_volume,
-    reachable_range,
-)
+from .propagation import PropagationOptions, finish_labels, predict_classes, propagate_volume
 from .volume import LabelVolume, Volume
 from .volume_io import check_output_path, read_labels, read_volume, write_segmentation
 from .warm_start import RunRecord, WarmStart, load_record, plan, run_key, save_record, slice_checksums, warm_adapt
@@ -78,16 +69,14 @@ class Engine:
 
     def propagate(self, volume: Volume, labels: LabelVolume, progress: Progress = NO_PROGRESS) -> LabelVolume:
         """Adapt on the painted slices of `labels` and segment the whole of `volume` (same grid), or only the
-        slices of options.propagation.slice_range: then only those and the labelled slices are encoded. On a long
-        scan, only the slices the structures reach are encoded (PropagationOptions.reachable_only)."""
+        slices of options.propagation.slice_range: then only those and the labelled slices are encoded."""
         check_inputs(self.options, volume, labels)
         selected = select_segments(labels, self.options.segments)
         label_slices = to_slices(labels.array, self.slice_axis(volume))
         labelled = labelled_slice_indices(label_slices, self.options.labelled_slices)
         if not labelled:
             raise FewShotSAMError("no labelled slice: paint at least one slice of a structure")
-        coarse = self.coarse_slices(labelled, label_slices.shape[0])
-        encoded = self.encode(volume, progress, only=coarse or self.slices_to_encode(labelled, label_slices.shape[0]))
+        encoded = self.encode(volume, progress, only=self.slices_to_encode(labelled, label_slices.shape[0]))
         collection = collect(encoded, labels.array, selected, extra_labelled=self.options.labelled_slices)
         record = RunRecord(run_key(volume, encoded.axis, self.options, self.model.weights_id,
                                    [segment.label_value for segment in selected]),
@@ -102,10 +91,6 @@ class Engine:
         else:
             record.adapter = warm_adapt(self.model, collection, warm, self.options.adapt, progress)
         propagation = self.options.propagation
-        if coarse is not None:
-            reach = reachable_range(record.adapter, encoded, label_slices, labelled, coarse, propagation.batch_size)
-            encoded = self.encode(volume, progress, only=sorted(set(coarse) | set(range(reach[0], reach[1] + 1))))
-            propagation = dataclasses.replace(propagation, slice_range=reach)
         record.classes = self.predict_classes(record.adapter, encoded, label_slices, labelled, propagation, warm,
                                               progress)
         save_record(self.cache.runs_dir, record)
@@ -125,13 +110,6 @@ class Engine:
                                     region=(first, last))
             classes[first:last + 1] = again[first:last + 1]
         return classes
-
-    def coarse_slices(self, labelled: list[int], n_slices: int) -> list[int] | None:
-        """The slices of the coarse pass that finds how far the structures reach (None: no coarse pass)."""
-        propagation = self.options.propagation
-        if propagation.slice_range is not None or not propagation.reachable_only or n_slices < REACH_MIN_SLICES:
-            return None
-        return sorted(set(range(0, n_slices, REACH_STRIDE)) | set(labelled))
 
     def slices_to_encode(self, labelled: list[int], n_slices: int) -> list[int] | None:
         """The labelled slices plus the slice range, when a range is set (None: every slice)."""

@@ -36,14 +36,7 @@ class PropagationOptions:
     decoder_weight: float = 0.5  # share of the decoder's probability in the final one; the rest is pixel prompts
     clean_up: bool = True  # 3D: keep components connected to the painting, fill holes in each slice
     slice_range: tuple[int, int] | None = None  # predict only slices first..last (inclusive); others stay empty
-    # On a scan of REACH_MIN_SLICES slices or more, without a slice range: encode every REACH_STRIDE-th slice first,
-    # and then only the slices the structures reach on those (reachable_range); the others stay empty.
-    reachable_only: bool = True
     batch_size: int = 16
-
-
-REACH_MIN_SLICES = 64  # below this, the coarse pass would save a few seconds at most
-REACH_STRIDE = 4
 
 
 def coarse_probabilities(adapter: FewShotAdapter, encoded: EncodedVolume, batch_size: int = 16,
@@ -199,23 +192,6 @@ def painted_cell_map(adapter: FewShotAdapter, encoded: EncodedVolume, painted_sl
     painted_cells = torch.zeros((encoded.n_slices, grid, grid), dtype=torch.uint8)
     painted_cells[labelled] = pool_class_maps(targets, adapter.n_classes, grid)
     return painted_cells.where(painted_cells != IGNORE, torch.zeros_like(painted_cells))
-
-
-def reachable_range(adapter: FewShotAdapter, encoded: EncodedVolume, painted_slices: np.ndarray,
-                    labelled: list[int], coarse: list[int], batch_size: int = 16) -> tuple[int, int]:
-    """First and last slice the painted structures can reach, from a coarse pass: step 2 on the encoded slices
-    `coarse` alone (sorted, the labelled ones among them), each taken as next to the coarse slices on either side,
-    then widened to the next coarse slice beyond (a structure seen on one may go on up to the next)."""
-    probabilities = coarse_probabilities(adapter, encoded, batch_size)[coarse]
-    painted_cells = painted_cell_map(adapter, encoded, painted_slices, labelled)
-    position = {z: index for index, z in enumerate(coarse)}
-    kept = structure_cells(probabilities, painted_cells[coarse], [position[z] for z in labelled], adapter.footprints)
-    present = np.flatnonzero(kept.any(axis=(1, 2, 3)))
-    if present.size == 0:  # only declared-empty slices: nothing to reach beyond them
-        return min(labelled), max(labelled)
-    first = 0 if present[0] == 0 else coarse[present[0] - 1]
-    last = encoded.n_slices - 1 if present[-1] == len(coarse) - 1 else coarse[present[-1] + 1]
-    return first, last
 
 
 def finish_labels(classes: np.ndarray, label_values: list[int], painted_slices: np.ndarray | None,
