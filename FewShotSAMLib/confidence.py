@@ -52,6 +52,18 @@ class ConfidenceRecorder:
         self.union = np.zeros((n_slices, len(segments)))
         self.segments, self.painted, self.slice_axis = list(segments), sorted(painted), slice_axis
 
+    def carry_over(self, recorded: np.ndarray, redone: list[tuple[int, int]]) -> None:
+        """A warm start (warm_start.py) predicts only some slice ranges again: keep the recorded figures of the
+        other slices. recorded: the previous run's state() ([2, n_slices, structures]); redone: inclusive ranges."""
+        self.disagreement, self.union = (np.array(part, dtype=float) for part in recorded)
+        for first, last in redone:
+            self.disagreement[first:last + 1] = 0.0
+            self.union[first:last + 1] = 0.0
+
+    def state(self) -> np.ndarray:
+        """[2, n_slices, structures]: disagreement and union, as a run record keeps them."""
+        return np.stack([self.disagreement, self.union])
+
     def add(self, index: int, structure: int, pixel_prompts: torch.Tensor, decoder: torch.Tensor) -> None:
         """Probabilities [S, S] (model-input pixels) of one structure on one slice from both predictors."""
         prompts_mask = (pixel_prompts > 0.5).numpy()

@@ -7,6 +7,7 @@ One entry per (voxels, slice axis, preprocessing, model) key, laid out under the
     .locks/<key>.lock        per-entry lock; kept outside the entry folder so eviction can hold it while deleting
     .lock                    cache-wide lock, held while evicting or clearing
     .trash/                  entries are renamed here (atomically) before being deleted
+    .runs/                   records of the last runs, to warm start a re-run (warm_start.py)
 
 Integrity. A slice is "done" exactly when the header holds its crc32 (null otherwise): the done bitmap and the
 checksums are one list in one file that is only ever replaced atomically (temp file + os.replace, under the entry
@@ -168,6 +169,12 @@ class EmbeddingCache:
         dot-folder, which no key can name)."""
         return self.root / ".encoders"
 
+    @property
+    def runs_dir(self) -> Path:
+        """Where the records that warm start a re-run are kept (warm_start.py): beside the entries, a dot-folder,
+        removed by clear()."""
+        return self.root / ".runs"
+
     def entries(self) -> list[EntryInfo]:
         """All entries, least recently used first."""
         return [self._describe(key, size, last_used) for key, size, last_used in self._scan()]
@@ -194,18 +201,20 @@ class EmbeddingCache:
             return []  # another process is evicting right now and will bring the cache under its limit
 
     def clear(self) -> int:
-        """Delete every entry not in use, and the built encoders (rebuilt on next use); returns how many entries
-        were deleted."""
+        """Delete every entry not in use, the built encoders (rebuilt on next use) and the run records that warm
+        start a re-run (warm_start.py); returns how many entries were deleted."""
         try:
             with FileLock(self.root / ".lock", timeout=LOCK_TIMEOUT_S):
                 removed = sum(self._remove(key, lock_timeout=5.0) for key, _, _ in self._scan())
-                if self.encoders_dir.is_dir():
+                for folder in (self.encoders_dir, self.runs_dir):
+                    if not folder.is_dir():
+                        continue
                     # One rename: a process loading an encoder sees the whole folder or none. A process that has
                     # one loaded keeps it (open files survive the unlink on POSIX).
-                    trash = self.root / ".trash" / f".encoders-{uuid.uuid4().hex}"
+                    trash = self.root / ".trash" / f"{folder.name}-{uuid.uuid4().hex}"
                     trash.parent.mkdir(exist_ok=True)
                     with contextlib.suppress(OSError):
-                        os.replace(self.encoders_dir, trash)
+                        os.replace(folder, trash)
                 self._empty_trash()
                 return removed
         except Timeout as error:

@@ -21,10 +21,11 @@ from .models import SamModel, load_model
 from .orientation import in_plane_spacing, slice_axis, to_slices
 from .preprocess import choose_normalisation
 from .progress import NO_PROGRESS, Progress
-from .propagation import PropagationOptions, propagate_volume
+from .propagation import PropagationOptions, finish_labels, predict_classes, propagate_volume
 from .small_structures import ShapeBlendOptions, blend_with_painted_shape
 from .volume import LabelVolume, Volume
 from .volume_io import check_output_path, read_labels, read_volume, write_segmentation
+from .warm_start import RunRecord, WarmStart, load_record, plan, run_key, save_record, slice_checksums, warm_adapt
 
 
 @dataclass
@@ -42,6 +43,9 @@ class EngineOptions:
     adapt: AdaptOptions = field(default_factory=AdaptOptions)
     propagation: PropagationOptions = field(default_factory=PropagationOptions)
     small_structures: ShapeBlendOptions = field(default_factory=ShapeBlendOptions)
+    # Start from the previous run on the same scan and options when only painted slices were added or changed
+    # (warm_start.py); False: always adapt from scratch.
+    warm_start: bool = True
 
 
 def seed_everything(seed: int) -> None:
@@ -79,15 +83,49 @@ class Engine:
             raise FewShotSAMError("no labelled slice: paint at least one slice of a structure")
         encoded = self.encode(volume, progress, only=self.slices_to_encode(labelled, label_slices.shape[0]))
         collection = collect(encoded, labels.array, selected, extra_labelled=self.options.labelled_slices)
+        record = RunRecord(run_key(volume, encoded.axis, self.options, self.model.weights_id,
+                                   [segment.label_value for segment in selected]),
+                           slice_checksums(label_slices, labelled), slice_checksums(encoded.embeddings, labelled),
+                           None, None)
+        warm = None
+        if self.options.warm_start:
+            warm = plan(load_record(self.cache.runs_dir, record.key), record.painted, record.embedded, encoded.n_slices)
         seed_everything(self.options.adapt.seed)
-        adapter = adapt(self.model, collection, self.options.adapt, progress)
-        predicted = propagate_volume(self.model, adapter, encoded, labels.array, labelled, self.options.propagation,
-                                     progress, confidence)
+        if warm is None:
+            record.adapter = adapt(self.model, collection, self.options.adapt, progress)
+        else:
+            record.adapter = warm_adapt(self.model, collection, warm, self.options.adapt, progress)
+        propagation = self.options.propagation
+        if confidence is None:  # the run record keeps it, so that a later warm start reports on every slice too
+            confidence = ConfidenceRecorder()
+        confidence.begin(encoded.n_slices, record.adapter.segments, labelled, encoded.axis)
+        if warm is not None:
+            confidence.carry_over(warm.record.confidence, warm.regions)
+        record.classes = self.predict_classes(record.adapter, encoded, label_slices, labelled, propagation, warm,
+                                              progress, confidence)
+        record.confidence = confidence.state()
+        save_record(self.cache.runs_dir, record)
+        predicted = finish_labels(record.classes, record.adapter.label_values, label_slices, labelled, propagation,
+                                  encoded.axis)
         axis = encoded.axis
         predicted = blend_with_painted_shape(predicted, labels.array, labelled, axis, collection.label_values,
                                              in_plane_spacing(volume.geometry, axis), self.options.small_structures,
-                                             self.options.propagation.slice_range)
+                                             propagation.slice_range)
         return LabelVolume(predicted, labels.geometry, list(labels.segments))
+
+    def predict_classes(self, adapter: FewShotAdapter, encoded: EncodedVolume, label_slices: np.ndarray,
+                        labelled: list[int], propagation: PropagationOptions, warm: WarmStart | None,
+                        progress: Progress, confidence: ConfidenceRecorder) -> np.ndarray:
+        """Every slice's classes, or on a warm start the recorded ones with its regions predicted again."""
+        if warm is None:
+            return predict_classes(self.model, adapter, encoded, label_slices, labelled, propagation, progress,
+                                   confidence=confidence)
+        classes = warm.record.classes.copy()
+        for first, last in warm.regions:
+            again = predict_classes(self.model, adapter, encoded, label_slices, labelled, propagation, progress,
+                                    region=(first, last), confidence=confidence)
+            classes[first:last + 1] = again[first:last + 1]
+        return classes
 
     def slices_to_encode(self, labelled: list[int], n_slices: int) -> list[int] | None:
         """The labelled slices plus the slice range, when a range is set (None: every slice)."""

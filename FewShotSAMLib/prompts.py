@@ -14,6 +14,8 @@ Two kinds, both learned from the labelled slices only:
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -53,7 +55,10 @@ class PixelClassifier(nn.Module):
 
 
 def train_pixel_classifier(collection: FewShotCollection, steps: int = 200, learning_rate: float = 3e-3,
-                           batch_cells: int = 2048, seed: int = 0, progress: Progress = NO_PROGRESS) -> PixelClassifier:
+                           batch_cells: int = 2048, seed: int = 0, progress: Progress = NO_PROGRESS,
+                           start: PixelClassifier | None = None) -> PixelClassifier:
+    """A pixel classifier trained on every labelled cell of the collection; start: go on training a copy of this
+    one (a warm start) instead of a new one."""
     generator = torch.Generator().manual_seed(seed)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -62,7 +67,10 @@ def train_pixel_classifier(collection: FewShotCollection, steps: int = 200, lear
     features = embedding_features(collection.embeddings).reshape(targets.shape[0], -1)
     keep = targets != IGNORE
     features, targets = features[keep], targets[keep]
-    classifier = PixelClassifier(features.shape[1], collection.n_classes)
+    if start is None:
+        classifier = PixelClassifier(features.shape[1], collection.n_classes)
+    else:
+        classifier = copy.deepcopy(start).train().requires_grad_(True)
     # Rare classes (a small kidney next to a large background) get more weight, dampened by a square root so
     # that background stays well modelled: false positives outside the structures are the error that matters.
     counts = torch.bincount(targets, minlength=collection.n_classes).float().clamp(min=1)

@@ -40,12 +40,16 @@ class PropagationOptions:
     batch_size: int = 16
 
 
-def coarse_probabilities(adapter: FewShotAdapter, encoded: EncodedVolume, batch_size: int = 16) -> torch.Tensor:
-    """[n, K, H, W] class probabilities on the embedding grid for every slice (slices never encoded: background)."""
+def coarse_probabilities(adapter: FewShotAdapter, encoded: EncodedVolume, batch_size: int = 16,
+                         within: tuple[int, int] | None = None) -> torch.Tensor:
+    """[n, K, H, W] class probabilities on the embedding grid for every slice, or only for slices within
+    first..last (the others, and slices never encoded, read as background)."""
     grid = encoded.embeddings.shape[-2:]
     probabilities = torch.zeros((encoded.n_slices, adapter.n_classes) + tuple(grid))
     probabilities[:, 0] = 1
     available = encoded.encoded if encoded.encoded is not None else list(range(encoded.n_slices))
+    if within is not None:
+        available = [z for z in available if within[0] <= z <= within[1]]
     with torch.inference_mode():
         for start in range(0, len(available), batch_size):
             indices = available[start:start + batch_size]
@@ -137,20 +141,32 @@ def propagate_volume(model: SamModel, adapter: FewShotAdapter, encoded: EncodedV
     """
     options = options or PropagationOptions()
     labelled = sorted(labelled or [])
-    size = encoded.resize.target
-    probabilities = coarse_probabilities(adapter, encoded, options.batch_size)
     painted_slices = None if painted_labels is None else to_slices(painted_labels, encoded.axis)
-    painted_cells = None
-    if painted_slices is not None and labelled:
-        classes = class_maps(painted_slices[labelled], adapter.label_values)
-        targets = class_maps_to_model_space(classes, adapter.n_classes, encoded.resize)
-        painted_cells = torch.zeros((encoded.n_slices,) + probabilities.shape[-2:], dtype=torch.uint8)
-        painted_cells[labelled] = pool_class_maps(targets, adapter.n_classes, probabilities.shape[-1])
-        painted_cells = painted_cells.where(painted_cells != IGNORE, torch.zeros_like(painted_cells))
-    kept = structure_cells(probabilities, painted_cells, labelled, adapter.footprints)
     if confidence is not None:
         confidence.begin(encoded.n_slices, adapter.segments, labelled, encoded.axis)
+    classes = predict_classes(model, adapter, encoded, painted_slices, labelled, options, progress,
+                              confidence=confidence)
+    return finish_labels(classes, adapter.label_values, painted_slices, labelled, options, encoded.axis)
+
+
+def predict_classes(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVolume,
+                    painted_slices: np.ndarray | None, labelled: list[int], options: PropagationOptions,
+                    progress: Progress = NO_PROGRESS, region: tuple[int, int] | None = None,
+                    confidence: ConfidenceRecorder | None = None) -> np.ndarray:
+    """Class indices [n, rows, cols] along the slice axis (steps 1-3 and the competition of step 4, before the
+    clean-up); slices outside options.slice_range, and labelled slices, are 0.
+
+    region: classify and predict only slices first..last (a warm start's re-prediction; see warm_start.py). Its
+    ends must be labelled slices or the volume's ends, so that no component of structure_cells crosses them
+    except through painted cells.
+    confidence: a recorder the caller has begun; it receives both predictions of every predicted (slice, structure)."""
+    size = encoded.resize.target
+    probabilities = coarse_probabilities(adapter, encoded, options.batch_size, within=region)
+    painted_cells = painted_cell_map(adapter, encoded, painted_slices, labelled)
+    kept = structure_cells(probabilities, painted_cells, labelled, adapter.footprints)
     first, last = options.slice_range or (0, encoded.n_slices - 1)
+    if region is not None:
+        first, last = max(first, region[0]), min(last, region[1])
     labelled_set = set(labelled)
     to_predict = [z for z in range(max(0, first), min(encoded.n_slices - 1, last) + 1) if z not in labelled_set]
     decoded = decoder_probabilities(model, adapter, encoded, kept, to_predict, options.batch_size, progress)
@@ -173,16 +189,35 @@ def propagate_volume(model: SamModel, adapter: FewShotAdapter, encoded: EncodedV
         on_slice = mask_logits_to_stack(combined, encoded.resize, (rows, cols))  # [S, rows, cols]
         best, index = on_slice.max(dim=0)
         result[z] = np.where(best.numpy() > 0.5, index.numpy() + 1, 0)
+    return result
 
+
+def painted_cell_map(adapter: FewShotAdapter, encoded: EncodedVolume, painted_slices: np.ndarray | None,
+                     labelled: list[int]) -> torch.Tensor | None:
+    """[n, H, W] class of each embedding-grid cell on the labelled slices (0 elsewhere), or None without painting."""
+    if painted_slices is None or not labelled:
+        return None
+    grid = encoded.embeddings.shape[-1]
+    classes = class_maps(painted_slices[labelled], adapter.label_values)
+    targets = class_maps_to_model_space(classes, adapter.n_classes, encoded.resize)
+    painted_cells = torch.zeros((encoded.n_slices, grid, grid), dtype=torch.uint8)
+    painted_cells[labelled] = pool_class_maps(targets, adapter.n_classes, grid)
+    return painted_cells.where(painted_cells != IGNORE, torch.zeros_like(painted_cells))
+
+
+def finish_labels(classes: np.ndarray, label_values: list[int], painted_slices: np.ndarray | None,
+                  labelled: list[int], options: PropagationOptions, axis: int) -> np.ndarray:
+    """Class indices along the slice axis -> the label array [k, j, i]: 3D clean-up (optional), label values, and
+    the painted slices exactly as painted."""
     if options.clean_up:
-        result = clean_up(result, labelled, painted_slices, adapter.label_values)
-    labels = np.zeros(result.shape, dtype=label_dtype(adapter.label_values, painted_slices))
-    for class_index, value in enumerate(adapter.label_values, start=1):
-        labels[result == class_index] = value
+        classes = clean_up(classes, labelled, painted_slices, label_values)
+    labels = np.zeros(classes.shape, dtype=label_dtype(label_values, painted_slices))
+    for class_index, value in enumerate(label_values, start=1):
+        labels[classes == class_index] = value
     if painted_slices is not None and labelled:
         # Painted slices keep exactly what was painted (values the adapter does not know included).
         labels[labelled] = painted_slices[labelled]
-    return from_slices(labels, encoded.axis)
+    return from_slices(labels, axis)
 
 
 def label_dtype(label_values: list[int], painted_slices: np.ndarray | None) -> np.dtype:

@@ -140,3 +140,23 @@ def few_shot_labels(
     source = ref_labels[index]
     painted[index] = np.where(np.isin(source, values), source, 0).astype(np.int32)
     return painted
+
+
+def one_more_slice(painted: np.ndarray, ref_labels: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
+    """The interactive loop's next step: ``painted`` plus the reference's labels on one more slice, the middle of
+    the widest gap between painted slices (the one a user would paint next); returns it and that slice's index.
+    Only the label values already painted are copied. Needs at least two painted slices."""
+    axis = _check_axis(axis, painted.ndim)
+    moved = np.moveaxis(painted, axis, 0)
+    labelled = np.flatnonzero(moved.reshape(moved.shape[0], -1).any(axis=1))
+    if len(labelled) < 2:
+        raise ValueError("one_more_slice needs at least two painted slices")
+    gap = int(np.argmax(np.diff(labelled)))
+    added = int((labelled[gap] + labelled[gap + 1]) // 2)
+    if added == labelled[gap]:
+        raise ValueError("every slice between the first and last painted ones is painted")
+    more = painted.copy()
+    target = np.moveaxis(more, axis, 0)
+    source = np.moveaxis(ref_labels, axis, 0)[added]
+    target[added] = np.where(np.isin(source, np.unique(painted[painted != 0])), source, 0)
+    return more, added

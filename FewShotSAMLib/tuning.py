@@ -37,12 +37,23 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -
 
 def tune_decoder(model: SamModel, collection: FewShotCollection, tokens: torch.Tensor, steps: int = 16,
                  batch_size: int = 4, learning_rate: float = 1e-4, seed: int = 0,
-                 progress: Progress = NO_PROGRESS) -> dict:
-    """Fine-tune a copy of the mask decoder; returns its state dict (the model itself is left untouched)."""
+                 progress: Progress = NO_PROGRESS, start_state: dict | None = None,
+                 focus: list[int] | None = None) -> dict:
+    """Fine-tune a copy of the mask decoder; returns its state dict (the model itself is left untouched).
+
+    start_state: tune on from these decoder weights (a warm start) instead of the pretrained ones.
+    focus: draw the training queries only from these labelled slices (indices into the collection)."""
     slices, classes, boxes = _training_queries(collection)
+    if focus is not None:
+        chosen = torch.isin(slices, torch.tensor(focus, dtype=slices.dtype))
+        slices, classes, boxes = slices[chosen], classes[chosen], boxes[chosen]
     original = copy.deepcopy(model.mask_decoder.state_dict())
+    if start_state is not None:
+        model.mask_decoder.load_state_dict(start_state)
     if steps <= 0 or len(slices) == 0:
-        return original
+        tuned = copy.deepcopy(model.mask_decoder.state_dict())
+        model.mask_decoder.load_state_dict(original)
+        return tuned
     generator = torch.Generator().manual_seed(seed)
     size = collection.targets.shape[-1]
     decoder = model.mask_decoder

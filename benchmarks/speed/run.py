@@ -9,7 +9,9 @@ The encoder table covers every path (eager, ONNX Runtime, OpenVINO, AOTInductor 
 be built here is listed with the reason), this CPU's model, instruction sets and fp32 roofline, the encoder's FLOPs
 counted by PyTorch, and what `--encoder auto`'s probe picks here.
 
-Cases: a CHAOS MRI (256x256x36) propagated with each encoder path (cold = empty embedding cache, warm = cache hit),
+Cases: a CHAOS MRI (256x256x36) propagated with each encoder path (cold = empty embedding cache, warm = cache hit
+but adapted from scratch, one more slice = the same painting plus one slice after a run, warm-started from it; all
+three also as fractions of the time eager fp32 takes just to encode that scan),
 and a 512x512x300 CT (the real 20-slice TotalSegmentator CT repeated 15 times along z) written to files and run
 through the command line, cold then warm, each in its own process whose peak resident memory is the figure for the
 4 GB target (the CT row gives whole-process times; its stage columns are empty).
@@ -42,11 +44,11 @@ from FewShotSAMLib.metrics import dice
 from FewShotSAMLib.models import BUILT_PATHS, load_model
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.progress import Progress
-from FewShotSAMLib.slice_selection import few_shot_labels
+from FewShotSAMLib.slice_selection import few_shot_labels, one_more_slice
 from FewShotSAMLib.volume import LabelVolume, Segment
 
 REPO = Path(__file__).resolve().parents[2]
-ENCODER_PATHS = ("compiled", "onnx", "fp32", "bf16")  # the default on CPU first
+ENCODER_PATHS = ("compiled", "openvino", "onnx", "fp32", "bf16")  # the fast CPU paths first (--case-paths)
 CT_REPEATS = 15  # 20 real slices x 15 = 300
 
 
@@ -236,22 +238,60 @@ def with_built_encoders(cache_dir: str | Path, encoders: Path) -> None:
     shutil.copytree(encoders, Path(cache_dir) / ".encoders", ignore=shutil.ignore_patterns(".*"), dirs_exist_ok=True)
 
 
-def propagate_case(model, scan, encoder: str, repeats: int, encoders: Path) -> dict:
+def propagate_case(model, scan, encoder: str, repeats: int, encoders: Path, scan_encode_s: float) -> dict:
+    """Cold (empty embedding cache), warm (embeddings cached, adapted from scratch) and one more painted slice after
+    a run (warm start from that run's record), each also as a fraction of `scan_encode_s`, the time eager fp32
+    takes just to encode the same scan (measured in the same run: the issue's targets are these fractions)."""
     labels, values = painted_case(scan)
+    more = LabelVolume(one_more_slice(labels.array, scan.reference, scan.axis)[0], labels.geometry, labels.segments)
     with tempfile.TemporaryDirectory() as cache_dir:
         with_built_encoders(cache_dir, encoders)
-        engine = Engine(EngineOptions(cache_dir=cache_dir, device="cpu", encoder=encoder), model=model)
+        options = EngineOptions(cache_dir=cache_dir, device="cpu", encoder=encoder)
+        engine = Engine(options, model=model)
+        from_scratch = Engine(dataclasses.replace(options, warm_start=False), model=model)
         cold, result = timed_propagate(engine, scan.volume, labels)
-        warm = [timed_propagate(engine, scan.volume, labels)[0] for _ in range(repeats)]
-    return {
+        warm = [timed_propagate(from_scratch, scan.volume, labels)[0] for _ in range(repeats)]
+        one_more, warm_dice = [], []
+        for _ in range(repeats):
+            timed_propagate(from_scratch, scan.volume, labels)  # the run before the new slice (records it)
+            timing, warm_result = timed_propagate(engine, scan.volume, more)
+            one_more.append(timing["total_s"])
+            warm_dice.append(mean_dice(warm_result.array, scan.reference, values))
+        scratch_dice = mean_dice(timed_propagate(from_scratch, scan.volume, more)[1].array, scan.reference, values)
+    row = {
         "encoder": encoder,
         "cold": cold,
         "warm_median_s": statistics.median(w["total_s"] for w in warm),
         "prompts_median_s": statistics.median(w.get("prompts_s", 0) for w in warm),
         "tune_median_s": statistics.median(w.get("tune_s", 0) for w in warm),
         "predict_median_s": statistics.median(w.get("propagate_s", 0) for w in warm),
-        "mean_dice": float(np.mean([dice(result.array == v, scan.reference == v) for v in values])),
+        "one_more_slice_median_s": statistics.median(one_more),
+        "mean_dice": mean_dice(result.array, scan.reference, values),
+        "one_more_slice_dice": {"warm_start": statistics.median(warm_dice), "from_scratch": scratch_dice},
     }
+    row["fraction_of_eager_fp32_encode"] = {
+        name: round(seconds / scan_encode_s, 3) for name, seconds in
+        (("cold", cold["total_s"]), ("warm", row["warm_median_s"]), ("one_more_slice", row["one_more_slice_median_s"]))}
+    return row
+
+
+def mean_dice(result: np.ndarray, reference: np.ndarray, values: list[int]) -> float:
+    return float(np.mean([dice(result == v, reference == v) for v in values]))
+
+
+def eager_scan_encode_seconds(model, scan) -> float:
+    """Seconds eager fp32, one slice at a time, takes to encode every slice of `scan`: the yardstick of the
+    propagate targets (cold <= 0.35x, warm <= 0.08x, one more slice <= 0.06x of it)."""
+    from FewShotSAMLib.orientation import to_slices
+    from FewShotSAMLib.preprocess import apply_normalisation, choose_normalisation, resize_stack_longest_side
+
+    stack = to_slices(apply_normalisation(scan.volume.array, choose_normalisation(scan.volume)), scan.axis)
+    images, _ = resize_stack_longest_side(stack, model.spec.input_size, (1.0, 1.0))
+    model.encode(images[:1], "fp32")  # warm-up: allocations and kernel selection
+    start = time.perf_counter()
+    for index in range(images.shape[0]):
+        model.encode(images[index:index + 1], "fp32")
+    return time.perf_counter() - start
 
 
 def repeated_ct(data_dir: Path):
@@ -321,7 +361,7 @@ def run_ct_case(data_dir: Path, encoders: Path) -> dict:
     values = list(scan.structures)
     return {"encoder": "auto (command line)", "shape": list(shape), "cold": cold, "warm_median_s": warm["total_s"],
             "peak_rss_gib": max(cold["peak_rss_gib"], warm["peak_rss_gib"]),
-            "mean_dice": float(np.mean([dice(result == v, scan.reference == v) for v in values]))}
+            "mean_dice": mean_dice(result, scan.reference, values)}
 
 
 def real_slices(scan, count: int = 8) -> torch.Tensor:
@@ -354,6 +394,8 @@ def main(argv=None) -> int:
     parser.add_argument("--encoders", type=Path, default=None,
                         help="build the encoders in this folder and keep them (default: a temporary folder; the "
                              "build times are then those of a first run)")
+    parser.add_argument("--case-paths", type=lambda text: tuple(text.split(",")), default=ENCODER_PATHS,
+                        help=f"encoder paths of the CHAOS propagate case (default {','.join(ENCODER_PATHS)})")
     parser.add_argument("--name", default="speed",
                         help="results file name, without extension (default speed: --out/speed.json and .md)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -372,11 +414,14 @@ def main(argv=None) -> int:
                                           args.jit, build, eager_variants=args.built_paths == BUILT_PATHS)
         report["roofline"] = roofline(report["cpu"], encoder_gflop_per_slice(model), report["encoder"])
         report["auto"] = probed_auto(model, encoders)
-        row = {"case": f"CHAOS MRI {'x'.join(map(str, chaos.volume.array.shape[::-1]))}", "paths": []}
-        for encoder in ENCODER_PATHS if not args.encoders_only else ():
+        scan_encode_s = None if args.encoders_only else eager_scan_encode_seconds(model, chaos)
+        row = {"case": f"CHAOS MRI {'x'.join(map(str, chaos.volume.array.shape[::-1]))}", "paths": [],
+               "eager_fp32_encode_s": None if scan_encode_s is None else round(scan_encode_s, 2),
+               "load_average": os.getloadavg()[0]}
+        for encoder in args.case_paths if not args.encoders_only else ():
             if encoder in build["failed"]:  # e.g. the compiled bf16 encoder on a CPU without bf16
                 continue
-            row["paths"].append(propagate_case(model, chaos, encoder, args.repeats, encoders))
+            row["paths"].append(propagate_case(model, chaos, encoder, args.repeats, encoders, scan_encode_s))
         report["cases"].append(row)
         if not (args.no_ct or args.encoders_only):
             report["cases"].append(ct_row(args.data_dir, encoders))
@@ -412,15 +457,25 @@ def rerun_ct_only(args) -> int:
 def to_markdown(report: dict) -> str:
     lines = [f"Machine: {report['machine']}.", "", *encoder_markdown(report)]
     lines += ["", "| case | encoder | cold propagate (s) | of which encode (s) | warm propagate, median (s) | "
-              "prompts (s) | tuning (s) | prediction (s) | mean Dice | peak memory (GiB) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "prompts (s) | tuning (s) | prediction (s) | one more slice, median (s) | cold / warm / one more, "
+              "x eager fp32 encode | mean Dice | one more slice: Dice warm-started / from scratch | "
+              "peak memory (GiB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for case in report["cases"]:
         for row in case["paths"]:
+            fractions = row.get("fraction_of_eager_fp32_encode")
+            fractions = "-" if fractions is None else " / ".join(
+                f"{fractions[name]:.2f}" for name in ("cold", "warm", "one_more_slice"))
+            one_more = row.get("one_more_slice_dice")
+            one_more = "-" if one_more is None else f"{one_more['warm_start']:.3f} / {one_more['from_scratch']:.3f}"
             lines.append(f"| {case['case']} | {row['encoder']} | {row['cold']['total_s']} | "
                          f"{row['cold'].get('encode_s', '-')} | {row['warm_median_s']} | "
                          f"{row.get('prompts_median_s', '-')} | {row.get('tune_median_s', '-')} | "
-                         f"{row.get('predict_median_s', '-')} | {row['mean_dice']:.3f} | "
-                         f"{row.get('peak_rss_gib', '-')} |")
+                         f"{row.get('predict_median_s', '-')} | {row.get('one_more_slice_median_s', '-')} | "
+                         f"{fractions} | {row['mean_dice']:.3f} | {one_more} | {row.get('peak_rss_gib', '-')} |")
+    for case in report["cases"]:
+        if "eager_fp32_encode_s" in case:
+            lines += ["", f"{case['case']}: eager fp32 (batch 1) encodes the whole scan in "
+                      f"{case['eager_fp32_encode_s']} s (load average {case['load_average']:.1f} when measured)."]
     lines += ["", f"Peak resident memory of the benchmark's main process: {report['peak_rss_gib_main_process']} GiB."]
     return "\n".join(lines) + "\n"
 
