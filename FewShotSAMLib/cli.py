@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also say how sure each slice is and which slice of each structure to paint next: "
                                 "printed, and written as JSON to PATH (default: beside --out, as "
                                 "<name>.report.json)")
+    propagate.add_argument("--no-warm-start", action="store_true",
+                           help="adapt from scratch even when an earlier run on this scan, with the same options and "
+                                "fewer painted slices, is in the cache (by default a re-run after painting more "
+                                "slices starts from it and predicts only next to the changed slices)")
     _add_engine_options(propagate)
 
     adapt = commands.add_parser("adapt", help="save a few-shot model (.fsam) from one or more labelled scans",
@@ -195,6 +199,7 @@ def engine_options(args):
         window=args.window, preset=args.preset, segments=args.segments, labelled_slices=args.labelled_slices,
         encoder=args.encoder,
         adapt=adapt, propagation=PropagationOptions(clean_up=not args.no_clean_up, slice_range=slice_range),
+        warm_start=not getattr(args, "no_warm_start", False),  # only propagate has the option
     )
 
 

@@ -81,7 +81,8 @@ class GuidedBenchmark:
         self.args = args
         self.started = time.time()
         self.commit = git_commit()
-        self.engine = Engine(EngineOptions(device=args.device, cache_dir=str(args.cache_dir)))
+        # from scratch, as the uniform rows: a warm start from the k - 1 run would mix two effects
+        self.engine = Engine(EngineOptions(device=args.device, cache_dir=str(args.cache_dir), warm_start=False))
         self.records: list[dict] = []
         self.status = "partial: running (or stopped before the end)"
 

@@ -181,8 +181,9 @@ class Benchmark:
         self.started = time.time()
         self.commit = git_commit()  # at start: the FewShotSAMLib code this process imported
         self.engine = Engine(EngineOptions(model=args.model, checkpoint=args.checkpoint, device=args.device,
-                                           encoder=args.encoder,
-                                           cache_dir=str(args.cache_dir)))
+                                           encoder=args.encoder, cache_dir=str(args.cache_dir),
+                                           # every k from scratch: k = 3 must not start from the k = 1 run's record
+                                           warm_start=False))
         self.decoder_steps = self.engine.options.adapt.decoder_steps
         self.records: list[dict] = []
         self.encoding_seconds: dict[str, dict[str, float]] = {}
