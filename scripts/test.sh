@@ -12,7 +12,7 @@ python -m pip install --quiet -e ".[test,slicer,openvino]"
 # keeps text files and child processes' output decoded as UTF-8 after that (sources and outputs hold non-ASCII).
 export PYTHONUTF8=1
 status=0
-python -m pytest -q --ignore=Testing/web "$@" || status=$?
+python -m pytest -q --durations=15 --ignore=Testing/web "$@" || status=$?
 if [ "$#" -gt 0 ]; then
   exit "$status"
 fi

@@ -25,7 +25,9 @@ MAX_FALSE_POSITIVE_SLICES = 3
 
 @pytest.fixture(scope="module")
 def engine(engine_cache_dir):
-    return Engine(EngineOptions(cache_dir=str(engine_cache_dir), device="cpu"))
+    # From scratch: the cache is shared with other test files, and a warm start from one of their runs on the same
+    # scan (tests/test_warm_start.py covers it) would make results depend on which tests ran first.
+    return Engine(EngineOptions(cache_dir=str(engine_cache_dir), device="cpu", warm_start=False))
 
 
 def painted_file(tmp_path, image_path, label_path, k, name="painted.seg.nrrd"):
