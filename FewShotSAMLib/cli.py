@@ -373,7 +373,7 @@ def run_cache(args) -> int:
     cache = EmbeddingCache(args.cache_dir)
     if args.action == "clear":
         removed = cache.clear()
-        print(f"removed {removed} cached volumes and the built encoders from {cache.root}")
+        print(f"removed {removed} cached volumes, the built encoders and the run records from {cache.root}")
     else:
         entries = cache.entries()
         print(f"{cache.root}: {len(entries)} cached volumes, {cache.size_bytes() / 2**20:.1f} MiB "
