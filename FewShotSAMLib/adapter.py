@@ -86,7 +86,15 @@ class FewShotAdapter(HasSegments):
         path = Path(path)
         if path.exists() and not overwrite:
             raise FewShotSAMError(f"{path}: file exists; pass --overwrite to replace it")
-        payload = {
+        payload = self.payload()
+        try:
+            return write_atomically(path, lambda temporary: torch.save(payload, temporary))
+        except (OSError, RuntimeError) as error:  # a full disk surfaces as RuntimeError from torch's zip writer
+            raise FewShotSAMError(f"cannot write {path}: {' '.join(str(error).split())[:200]}") from None
+
+    def payload(self) -> dict:
+        """Everything the adapter holds, as plain tensors and values (what a .fsam file and a run record store)."""
+        return {
             "format": "fewshotsam-adapter",
             "version": FORMAT_VERSION,
             "segments": [asdict(segment) for segment in self.segments],
@@ -101,10 +109,6 @@ class FewShotAdapter(HasSegments):
             "support_modalities": list(self.support_modalities),  # optional: older files lack it
             "footprints": self.footprints,
         }
-        try:
-            return write_atomically(path, lambda temporary: torch.save(payload, temporary))
-        except (OSError, RuntimeError) as error:  # a full disk surfaces as RuntimeError from torch's zip writer
-            raise FewShotSAMError(f"cannot write {path}: {' '.join(str(error).split())[:200]}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "FewShotAdapter":
@@ -125,13 +129,14 @@ class FewShotAdapter(HasSegments):
         if missing:
             raise FewShotSAMError(f"{path}: damaged model file: missing {', '.join(missing)}")
         try:
-            return cls._from_payload(payload)
+            return cls.from_payload(payload)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
             reason = " ".join(str(error).split())[:200]
             raise FewShotSAMError(f"{path}: damaged model file ({type(error).__name__}: {reason})") from None
 
     @classmethod
-    def _from_payload(cls, payload: dict) -> "FewShotAdapter":
+    def from_payload(cls, payload: dict) -> "FewShotAdapter":
+        """The adapter of payload(); raises KeyError, TypeError, ValueError or RuntimeError on a damaged one."""
         n_features, hidden, n_classes = (int(v) for v in payload["classifier_shape"])
         classifier = PixelClassifier(n_features, n_classes, hidden)
         classifier.load_state_dict(payload["classifier"])  # RuntimeError on missing or mis-shaped weights

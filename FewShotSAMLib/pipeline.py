@@ -39,7 +39,7 @@ class EngineOptions:
     preset: str | None = None  # CT window preset
     segments: list[int] | None = None  # label values to propagate (default: every painted one)
     labelled_slices: list[int] | None = None  # extra slices declared fully labelled (may be empty: negatives)
-    encoder: str = "auto"  # how the encoder runs: auto, compiled, onnx, fp32, bf16 (see SamModel.encoder_path)
+    encoder: str = "auto"  # how the encoder runs: one of catalog.ENCODER_PATHS (see SamModel.encoder_path)
     adapt: AdaptOptions = field(default_factory=AdaptOptions)
     propagation: PropagationOptions = field(default_factory=PropagationOptions)
     small_structures: ShapeBlendOptions = field(default_factory=ShapeBlendOptions)

@@ -33,9 +33,8 @@ from .atomic_write import write_atomically
 from .fewshot import FewShotCollection
 from .models import SamModel
 from .progress import NO_PROGRESS, Progress
-from .prompts import PixelClassifier, structure_footprints, structure_tokens, train_pixel_classifier
+from .prompts import structure_footprints, structure_tokens, train_pixel_classifier
 from .tuning import tune_decoder
-from .volume import Segment
 
 FORMAT_VERSION = 2  # 2: the record keeps the confidence state
 KEEP_RECORDS = 16  # most recent records kept (a CHAOS record is ~20 MB, mostly the tuned decoder)
@@ -100,7 +99,7 @@ def load_record(runs_dir: Path, key: str) -> RunRecord | None:
             return None
         return RunRecord(key, {int(z): str(c) for z, c in payload["painted"].items()},
                          {int(z): str(c) for z, c in payload["embedded"].items()},
-                         _adapter_from(payload["adapter"]), payload["classes"].numpy(),
+                         FewShotAdapter.from_payload(payload["adapter"]), payload["classes"].numpy(),
                          payload["confidence"].numpy())
     except Exception:  # noqa: BLE001 - a damaged or foreign file only costs the warm start
         return None
@@ -110,15 +109,11 @@ def save_record(runs_dir: Path, record: RunRecord) -> None:
     """Write the record atomically, then drop the oldest records beyond KEEP_RECORDS. A full disk or a read-only
     cache only costs the next run its warm start."""
     path = record_path(runs_dir, record.key)
-    adapter = record.adapter
     payload = {
         "format": FORMAT_VERSION, "key": record.key,
         "painted": {str(z): c for z, c in record.painted.items()},
         "embedded": {str(z): c for z, c in record.embedded.items()},
-        "adapter": {"classifier": adapter.classifier.state_dict(), "classifier_shape": _classifier_shape(adapter),
-                    "tokens": adapter.tokens, "decoder": adapter.decoder_state, "footprints": adapter.footprints,
-                    "label_values": adapter.label_values, "model_id": adapter.model_id,
-                    "n_labelled_slices": adapter.n_labelled_slices},
+        "adapter": record.adapter.payload(),
         "classes": torch.from_numpy(np.ascontiguousarray(record.classes)),
         "confidence": torch.from_numpy(np.ascontiguousarray(record.confidence)),
     }
@@ -128,22 +123,6 @@ def save_record(runs_dir: Path, record: RunRecord) -> None:
         records = sorted(path.parent.glob("*.pt"), key=lambda file: file.stat().st_mtime, reverse=True)
         for old in records[KEEP_RECORDS:]:
             old.unlink(missing_ok=True)
-
-
-def _classifier_shape(adapter: FewShotAdapter) -> list[int]:
-    net = adapter.classifier.net
-    return [net[0].in_features, net[0].out_features, net[2].out_features]
-
-
-def _adapter_from(stored: dict) -> FewShotAdapter:
-    n_features, hidden, n_classes = (int(v) for v in stored["classifier_shape"])
-    classifier = PixelClassifier(n_features, n_classes, hidden)
-    classifier.load_state_dict(stored["classifier"])
-    # Segments only name the classes here: the run's own segments are what its result carries.
-    segments = [Segment(str(value), int(value)) for value in stored["label_values"]]
-    return FewShotAdapter(segments, classifier.eval().requires_grad_(False), stored["tokens"], stored["decoder"],
-                          str(stored["model_id"]), n_labelled_slices=int(stored["n_labelled_slices"]),
-                          footprints=stored["footprints"])
 
 
 def plan(record: RunRecord | None, painted: dict[int, str], embedded: dict[int, str],
