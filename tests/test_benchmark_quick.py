@@ -12,7 +12,7 @@ import math
 import sys
 
 import pytest
-from benchmark_helpers import REPO_ROOT, require_chaos_cases, require_module, run_benchmark
+from benchmark_helpers import ALL_THREADS, REPO_ROOT, require_chaos_cases, require_module, run_benchmark
 
 FEWSHOTSAM_DICE_FLOOR = 0.85  # measured 0.942
 MARGIN_TO_FILL_BETWEEN_SLICES = 0.02  # FewShotSAM must not be worse than Fill between slices by more than this
@@ -34,8 +34,9 @@ def quick_run(tmp_path_factory, shared_data_dir, engine_cache_dir):
     require_module("slicer", "slicer-core is needed for the Fill between slices baseline (pip install -e '.[slicer]')")
     require_chaos_cases(shared_data_dir, (2, 15))
     out = tmp_path_factory.mktemp("accuracy-quick")
-    completed = run_benchmark("benchmarks.accuracy.run", ["--quick", "--out", str(out), "--cache-dir",
-                                                          str(engine_cache_dir), "--data-dir", str(shared_data_dir)])
+    completed = run_benchmark("benchmarks.accuracy.run", ["--quick", "--threads", ALL_THREADS, "--out", str(out),
+                                                          "--cache-dir", str(engine_cache_dir),
+                                                          "--data-dir", str(shared_data_dir)])
     return out, completed
 
 
@@ -87,8 +88,8 @@ def protocol3_run(tmp_path_factory, shared_data_dir, engine_cache_dir):
     require_chaos_cases(shared_data_dir, (PROTOCOL3_TRAINING_SCAN, PROTOCOL3_QUERY))
     out = tmp_path_factory.mktemp("accuracy-protocol3")
     run_benchmark("benchmarks.accuracy.run", ["--protocols", "3", "--datasets", "chaos", "--train-sizes", "1",
-                                              "--scans", PROTOCOL3_QUERY, "--out", str(out), "--cache-dir",
-                                              str(engine_cache_dir), "--data-dir", str(shared_data_dir)])
+                                              "--threads", ALL_THREADS, "--scans", PROTOCOL3_QUERY, "--out", str(out),
+                                              "--cache-dir", str(engine_cache_dir), "--data-dir", str(shared_data_dir)])
     return json.loads((out / "accuracy.json").read_text()), (out / "accuracy.md").read_text()
 
 
