@@ -39,6 +39,8 @@ def run_demo(out_dir: Path, slices_per_structure: int = 3, options: EngineOption
     overview_path, report_path = out_dir / "overview.png", out_dir / "dice.json"
     for path in (painted_path, result_path):
         check_output_path(path, overwrite)
+    for path in (overview_path, report_path):  # refused before any work, not after the run
+        check_output_path(path, overwrite, (path.suffix,))
     image = read_volume(SAMPLE_IMAGE)
     reference = read_volume(SAMPLE_REFERENCE).array.astype(np.int32)
     axis = slice_axis(image.geometry, options.axis)
@@ -53,7 +55,7 @@ def run_demo(out_dir: Path, slices_per_structure: int = 3, options: EngineOption
     scores["mean"] = round(float(np.mean(list(scores.values()))), 4)
     report = {"sample": SAMPLE_IMAGE.name, "slices_per_structure": slices_per_structure, "dice": scores,
               "painted_slices": sorted(set(np.flatnonzero(to_slices(painted, axis).any(axis=(1, 2))).tolist()))}
-    _write_text(report_path, json.dumps(report, indent=2), overwrite)
+    write_text_atomically(report_path, json.dumps(report, indent=2))
     def shown(array):
         return radiological_slices(array, image.geometry, axis)
 
@@ -62,12 +64,6 @@ def run_demo(out_dir: Path, slices_per_structure: int = 3, options: EngineOption
     write_atomically(overview_path, overview.save)
     print("Dice against the sample's full reference: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     return [result_path, overview_path, report_path]
-
-
-def _write_text(path: Path, text: str, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FewShotSAMError(f"{path} exists; pass --overwrite to replace it")
-    write_text_atomically(path, text)
 
 
 # Where the screen's right and down point in patient space (LPS), per slice plane, as Slicer shows slices
