@@ -291,14 +291,16 @@ class FewShotSAMWebApp(TrameApp):
             if not running:
                 break
             await asyncio.sleep(POLL_SECONDS)
-        with self.state:
-            self.state.fsam_running = False
-            self.state.fsam_runs += 1
         self._renderViews()
         if job.status == SUCCEEDED:
             whenDone(job, f" in {job.elapsedSeconds:.0f} s" if job.elapsedSeconds else "")
         else:
             self._say(job.errorMessage, "warning" if job.status == "cancelled" else "error")
+        # Finished only once its outcome is on the page: a run counted before its message (a busy server takes
+        # seconds to render the views) showed "Propagating ..." beside an enabled button.
+        with self.state:
+            self.state.fsam_running = False
+            self.state.fsam_runs += 1
         self._refreshSceneState()
 
     def _propagated(self, job, seconds: str):
