@@ -23,7 +23,7 @@ from .preprocess import choose_normalisation
 from .progress import NO_PROGRESS, Progress, WithinStage
 from .propagation import PropagationOptions, finish_labels, predict_classes, propagate_volume
 from .second_pass import STAGE as SECOND_PASS_STAGE
-from .second_pass import SecondPassOptions, self_train
+from .second_pass import SecondPassOptions, keep_moved_structures, self_train
 from .small_structures import ShapeBlendOptions, blend_with_painted_shape
 from .volume import LabelVolume, Volume
 from .volume_io import check_output_path, read_labels, read_volume, write_segmentation
@@ -180,7 +180,8 @@ class Engine:
                            self.options.adapt.seed, within)
         if tuned is None:
             return first
-        return propagate_volume(self.model, tuned, encoded, None, [], self.options.propagation, within)
+        second = propagate_volume(self.model, tuned, encoded, None, [], self.options.propagation, within)
+        return keep_moved_structures(first, second, adapter.label_values, self.options.second_pass.min_agreement)
 
 
 def check_inputs(options: EngineOptions, volume: Volume, labels: LabelVolume | None = None) -> None:

@@ -41,7 +41,13 @@ class SecondPassOptions:
     # Candidates lie in the structure's core: cross-sections of at least this share of its largest one (its ends
     # are small, and a few wrong pixels there are a large share).
     core_area: float = 0.5
-    prompt_steps: int = 50  # pixel-classifier steps from the adapter's weights
+    prompt_steps: int = 50  # pixel-classifier steps from the adapter's weights (0: keep its classifier)
+    # Choose each structure's component by where the query's pseudo labels lie (True) or where the support scans
+    # were painted (False, the adapter's footprints)
+    query_footprints: bool = True
+    # A structure whose second-pass result overlaps its first-pass result less than this (Dice) keeps the first:
+    # the second pass refines a structure; when it moves it elsewhere, its pseudo labels taught it something wrong.
+    min_agreement: float = 0.5
     decoder_steps: int = 8  # decoder steps from the adapter's tuned decoder
 
 
@@ -100,16 +106,35 @@ def self_train(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVolume,
         return None
     progress.update(STAGE, 0, 1, f"second pass: tuning on {len(chosen)} confident slices of this scan")
     collection = pseudo_collection(adapter, encoded, classes, chosen)
-    classifier = train_pixel_classifier(collection, steps=options.prompt_steps, seed=seed, progress=progress,
-                                        start=adapter.classifier)
+    classifier = adapter.classifier
+    if options.prompt_steps > 0:
+        classifier = train_pixel_classifier(collection, steps=options.prompt_steps, seed=seed, progress=progress,
+                                            start=adapter.classifier)
     # A structure trusted on no pseudo-labelled slice keeps what the support scans taught about it.
     present = torch.tensor([bool((collection.targets == s + 1).any()) for s in range(adapter.n_classes - 1)])
     tokens = torch.where(present[:, None], structure_tokens(collection), adapter.tokens)
     decoder_state = tune_decoder(model, collection, tokens, steps=options.decoder_steps, seed=seed,
                                  progress=progress, start_state=adapter.decoder_state)
-    footprints = structure_footprints(collection)
-    if adapter.footprints is not None:
-        footprints = torch.where(present[:, None, None], footprints, adapter.footprints)
+    footprints = adapter.footprints
+    if options.query_footprints or footprints is None:
+        footprints = structure_footprints(collection)
+        if adapter.footprints is not None:
+            footprints = torch.where(present[:, None, None], footprints, adapter.footprints)
     return FewShotAdapter(list(adapter.segments), classifier, tokens, decoder_state, adapter.model_id,
                           adapter.options, collection.embeddings.shape[0], list(adapter.support_modalities),
                           footprints)
+
+
+def keep_moved_structures(first: np.ndarray, second: np.ndarray, label_values: list[int],
+                          min_agreement: float) -> np.ndarray:
+    """The second result, except that each structure whose Dice with its first result is below min_agreement is
+    taken from the first result (where the second left those voxels to no other structure)."""
+    result = second.copy()
+    for value in label_values:
+        before, after = first == value, second == value
+        total = int(before.sum()) + int(after.sum())
+        agreement = 2 * int((before & after).sum()) / total if total else 1.0
+        if agreement < min_agreement:
+            result[after] = 0
+            result[before & (result == 0)] = value
+    return result
