@@ -10,6 +10,10 @@ The .fsam file holds no support slices, so the tuning starts from the adapter's 
 support slices back in; the pseudo labels come from that adapter, so they pull it towards the query, not away from
 what it knew. A pseudo-labelled slice is chosen for one structure; the other structures on it keep their predicted
 pixels only where they are confident there too, and are ignored (neither structure nor background) where not.
+
+Confident is not always right: on a scan whose liver is far darker than the support's (CHAOS 15), the first pass
+finds half of it, and tuning on that half teaches the rest to be background until the liver is gone. A structure
+whose second result barely overlaps its first therefore keeps the first (keep_moved_structures).
 """
 
 from __future__ import annotations
@@ -36,19 +40,19 @@ class SecondPassOptions:
     enabled: bool = True
     slices_per_structure: int = 3  # pseudo-labelled slices per structure, one from each part of its core
     # A structure's slice qualifies when both predictors agree on at least this share of its area there; a
-    # structure with no such slice is left as the first pass found it (its pixels are ignored in the tuning).
+    # structure with no such slice gets no pseudo label (its pixels are ignored in the tuning).
     min_confidence: float = 0.8
     # Candidates lie in the structure's core: cross-sections of at least this share of its largest one (its ends
     # are small, and a few wrong pixels there are a large share).
     core_area: float = 0.5
     prompt_steps: int = 50  # pixel-classifier steps from the adapter's weights (0: keep its classifier)
+    decoder_steps: int = 8  # decoder steps from the adapter's tuned decoder
     # Choose each structure's component by where the query's pseudo labels lie (True) or where the support scans
-    # were painted (False, the adapter's footprints)
+    # were painted (False, the adapter's footprints).
     query_footprints: bool = True
     # A structure whose second-pass result overlaps its first-pass result less than this (Dice) keeps the first:
     # the second pass refines a structure; when it moves it elsewhere, its pseudo labels taught it something wrong.
     min_agreement: float = 0.5
-    decoder_steps: int = 8  # decoder steps from the adapter's tuned decoder
 
 
 def slice_confidence(recorder: ConfidenceRecorder) -> np.ndarray:
