@@ -1,12 +1,13 @@
 """Protocol 2 with and without apply's second pass (FewShotSAMLib/second_pass.py), side by side.
 
-    python -m benchmarks.accuracy.second_pass_report --without DIR --with DIR [--out benchmarks/results]
+    python -m benchmarks.accuracy.second_pass_report --without DIR... --with DIR... [--out benchmarks/results]
 
 DIR: the --out folders of two `python -m benchmarks.accuracy.run --protocols 2 --datasets chaos --methods
-fewshotsam` runs, one with --no-second-pass. Writes protocol2_second_pass.json and .md into --out and prints the
-markdown: Dice inside the reference extent per organ over all 12 queries, the held-out queries and the development
-queries (the second pass's settings were chosen on pairs whose query is CHAOS 1, 2, 3 or 5), every pair, the pairs
-that fail (an organ's Dice < FAILURE), and whether the change meets the adoption rule of issue 12.
+fewshotsam` runs, one with --no-second-pass (either may be split into --scans runs over several folders). Writes
+protocol2_second_pass.json and .md into --out and prints the markdown: Dice inside the reference extent per organ
+over all 12 queries, the held-out queries and the development queries (the second pass's settings were chosen on
+pairs whose query is CHAOS 1, 2, 3 or 5), every pair, the pairs that fail (an organ's Dice < FAILURE), and whether
+the change meets the adoption rule of issue 12. Only queries that both runs segmented are compared.
 """
 
 from __future__ import annotations
@@ -30,13 +31,18 @@ MAX_ORGAN_DROP = 0.01  # adoption rule: the 12-query mean rises and no organ's m
 NAME = "protocol2_second_pass"
 
 
-def protocol2_records(folder: Path) -> tuple[dict, dict[str, dict]]:
-    """The run section and {query: record} of FewShotSAM's protocol-2 records in folder/accuracy.json."""
-    result = json.loads((folder / JSON_NAME).read_text())
-    records = {r["scan"]: r for r in result["records"] if r["protocol"] == 2 and r["method"] == FEWSHOTSAM}
-    if not records:
-        raise SystemExit(f"{folder / JSON_NAME}: no FewShotSAM protocol-2 records")
-    return result["run"], records
+def protocol2_records(folders: list[Path]) -> tuple[list[dict], dict[str, dict]]:
+    """The run sections and {query: record} of FewShotSAM's protocol-2 records in each folder/accuracy.json (runs
+    split over several processes with --scans; a later folder's record of a query replaces an earlier one's)."""
+    runs, records = [], {}
+    for folder in folders:
+        result = json.loads((folder / JSON_NAME).read_text())
+        mine = {r["scan"]: r for r in result["records"] if r["protocol"] == 2 and r["method"] == FEWSHOTSAM}
+        if not mine:
+            raise SystemExit(f"{folder / JSON_NAME}: no FewShotSAM protocol-2 records")
+        runs.append(result["run"])
+        records.update(mine)
+    return runs, records
 
 
 def summary(records: dict[str, dict], queries: list[str]) -> dict:
@@ -59,12 +65,14 @@ def failures(records: dict[str, dict]) -> list[str]:
             if s["dice_inside_reference_extent"] < FAILURE]
 
 
-def build(without_dir: Path, with_dir: Path) -> dict:
+def build(without_dirs: list[Path], with_dirs: list[Path]) -> dict:
     runs, tables = {}, {}
-    for label, folder in (("without", without_dir), ("with", with_dir)):
-        run, records = protocol2_records(folder)
-        runs[label] = {key: run.get(key) for key in ("command", "commit", "started", "encoder", "threads",
-                                                       "second_pass", "status")}
+    loaded = {"without": protocol2_records(without_dirs), "with": protocol2_records(with_dirs)}
+    both = set(loaded["without"][1]) & set(loaded["with"][1])
+    for label, (run_sections, records) in loaded.items():
+        records = {q: r for q, r in records.items() if q in both}
+        runs[label] = [{key: run.get(key) for key in ("command", "commit", "started", "encoder", "threads",
+                                                        "second_pass", "status")} for run in run_sections]
         tables[label] = {
             "all": summary(records, DEVELOPMENT + HELD_OUT), "held_out": summary(records, HELD_OUT),
             "development": summary(records, DEVELOPMENT), "failures": failures(records),
@@ -88,11 +96,12 @@ def markdown(result: dict) -> str:
              "query is predicted again. Its settings were chosen on the pairs whose query is CHAOS "
              f"{', '.join(DEVELOPMENT)} (development); queries {', '.join(HELD_OUT)} are held out.", ""]
     for label in ("without", "with"):
-        run = result["runs"][label]
-        lines.append(f"- {label} second pass: `{run['command']}` (commit `{run['commit']}`, started {run['started']}, "
-                     f"encoder {run['encoder']}, {run['threads']} thread(s), status {run['status']})")
+        for run in result["runs"][label]:
+            lines.append(f"- {label} second pass: `{run['command']}` (commit `{run['commit']}`, started "
+                         f"{run['started']}, encoder {run['encoder']}, {run['threads']} thread(s), status "
+                         f"{run['status']})")
     lines += ["", "| queries | second pass | n | " + " | ".join(organs) + " | **mean in extent** | whole-volume | "
-              "apply s/query |", "|---|---|---|" + "---|" * (len(organs) + 3)]
+              "apply s/query (loaded shared CPU) |", "|---|---|---|" + "---|" * (len(organs) + 3)]
     for subset in ("all", "held_out", "development"):
         for label in ("without", "with"):
             row = tables[label][subset]
@@ -122,8 +131,10 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.second_pass_report",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--without", type=Path, required=True, help="--out folder of the --no-second-pass run")
-    parser.add_argument("--with", dest="with_", type=Path, required=True, help="--out folder of the default run")
+    parser.add_argument("--without", type=Path, nargs="+", required=True,
+                        help="--out folder(s) of the --no-second-pass run")
+    parser.add_argument("--with", dest="with_", type=Path, nargs="+", required=True,
+                        help="--out folder(s) of the default run")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     result = build(args.without, args.with_)
