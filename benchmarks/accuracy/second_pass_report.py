@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -125,6 +126,10 @@ def markdown(result: dict) -> str:
     lines += ["", f"Change per organ over the 12 queries: {drops}. Adoption rule (issue 12: the 12-query mean rises "
                   f"and no organ falls by more than {MAX_ORGAN_DROP}): "
                   f"**{'met' if result['meets_adoption_rule'] else 'not met'}**."]
+    if result.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
+    if result.get("command"):
+        lines += ["", f"Made by `{result['command']}`."]
     return "\n".join(lines)
 
 
@@ -136,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with", dest="with_", type=Path, nargs="+", required=True,
                         help="--out folder(s) of the default run")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     args = parser.parse_args(argv)
     result = build(args.without, args.with_)
-    result["command"] = "python -m benchmarks.accuracy.second_pass_report " + " ".join(sys.argv[1:] if argv is None
-                                                                                      else argv)
+    result["command"] = "python -m benchmarks.accuracy.second_pass_report " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    result["notes"] = args.note
     text = markdown(result)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomically(args.out / f"{NAME}.json", json.dumps(result, indent=1) + "\n")
