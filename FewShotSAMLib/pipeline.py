@@ -16,12 +16,14 @@ from .confidence import ConfidenceRecorder
 from .embedding_cache import EmbeddingCache
 from .encoding import EncodedVolume, encode_volume
 from .errors import Cancelled, FewShotSAMError
-from .fewshot import FewShotCollection, collect, labelled_slice_indices
+from .fewshot import FewShotCollection, class_maps, collect, labelled_slice_indices
 from .models import SamModel, load_model
 from .orientation import in_plane_spacing, slice_axis, to_slices
 from .preprocess import choose_normalisation
-from .progress import NO_PROGRESS, Progress
+from .progress import NO_PROGRESS, Progress, WithinStage
 from .propagation import PropagationOptions, finish_labels, predict_classes, propagate_volume
+from .second_pass import STAGE as SECOND_PASS_STAGE
+from .second_pass import SecondPassOptions, keep_moved_structures, self_train
 from .small_structures import ShapeBlendOptions, blend_with_painted_shape
 from .volume import LabelVolume, Volume
 from .volume_io import check_output_path, read_labels, read_volume, write_segmentation
@@ -43,6 +45,8 @@ class EngineOptions:
     adapt: AdaptOptions = field(default_factory=AdaptOptions)
     propagation: PropagationOptions = field(default_factory=PropagationOptions)
     small_structures: ShapeBlendOptions = field(default_factory=ShapeBlendOptions)
+    # apply only: tune on the query's own most confident slices and predict it again (second_pass.py)
+    second_pass: SecondPassOptions = field(default_factory=SecondPassOptions)
     # Start from the previous run on the same scan and options when only painted slices were added or changed
     # (warm_start.py); False: always adapt from scratch.
     warm_start: bool = True
@@ -158,8 +162,26 @@ class Engine:
         adapter.warn_if_unlike_support(volume.modality, scan_name)
         n_slices = volume.array.shape[self.slice_axis(volume)]
         encoded = self.encode(volume, progress, only=self.slices_to_encode([], n_slices))
-        predicted = propagate_volume(self.model, adapter, encoded, None, [], self.options.propagation, progress)
+        recorder = ConfidenceRecorder() if self.options.second_pass.enabled else None
+        predicted = propagate_volume(self.model, adapter, encoded, None, [], self.options.propagation, progress,
+                                     recorder)
+        if recorder is not None:
+            predicted = self.second_pass(adapter, encoded, predicted, recorder, progress)
         return LabelVolume(predicted, volume.geometry, list(adapter.segments))
+
+    def second_pass(self, adapter: FewShotAdapter, encoded: EncodedVolume, first: np.ndarray,
+                    recorder: ConfidenceRecorder, progress: Progress) -> np.ndarray:
+        """The query predicted again by the adapter tuned on its confident slices (second_pass.py), or the first
+        result when no slice is confident enough."""
+        within = WithinStage(progress, SECOND_PASS_STAGE, ("prompts", "tune", "propagate"))
+        classes = class_maps(to_slices(first, encoded.axis), adapter.label_values)
+        seed_everything(self.options.adapt.seed)
+        tuned = self_train(self.model, adapter, encoded, classes, recorder, self.options.second_pass,
+                           self.options.adapt.seed, within)
+        if tuned is None:
+            return first
+        second = propagate_volume(self.model, tuned, encoded, None, [], self.options.propagation, within)
+        return keep_moved_structures(first, second, adapter.label_values, self.options.second_pass.min_agreement)
 
 
 def check_inputs(options: EngineOptions, volume: Volume, labels: LabelVolume | None = None) -> None:

@@ -8,7 +8,9 @@ from typing import Callable
 from .errors import Cancelled
 
 # Share of a whole run each stage takes, so one overall fraction can drive a single progress bar.
-STAGE_WEIGHTS = {"load": 0.02, "encode": 0.55, "prompts": 0.05, "tune": 0.2, "propagate": 0.16, "write": 0.02}
+# "second pass": apply's self-training on the query (second_pass.py), its own prompts, tuning and propagation.
+STAGE_WEIGHTS = {"load": 0.02, "encode": 0.55, "prompts": 0.05, "tune": 0.2, "propagate": 0.16, "second pass": 0.1,
+                 "write": 0.02}
 
 
 @dataclass
@@ -48,6 +50,23 @@ class Progress:
         within = done / total if total else 1.0
         fraction = self._start.get(stage, 0.0) + self._weight.get(stage, 0.0) * within
         self.callback(ProgressEvent(stage, done, total, min(1.0, fraction), message or stage))
+
+
+class WithinStage(Progress):
+    """Reports a nested job's stages (e.g. prompts, tune, propagate) as one stage of the outer progress, so that
+    the overall fraction keeps moving forward while the nested job repeats stages the outer run has passed."""
+
+    STEPS = 1000
+
+    def __init__(self, outer: Progress, stage: str, stages: tuple[str, ...]):
+        super().__init__(callback=self._forward, stages=stages)
+        self.outer, self.stage = outer, stage
+
+    def check_cancel(self) -> None:
+        self.outer.check_cancel()
+
+    def _forward(self, event: ProgressEvent) -> None:
+        self.outer.update(self.stage, round(event.fraction * self.STEPS), self.STEPS, event.message)
 
 
 NO_PROGRESS = Progress()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -40,6 +41,7 @@ from FewShotSAMLib import catalog
 from FewShotSAMLib.atomic_write import write_text_atomically
 from FewShotSAMLib.metrics import score_labels
 from FewShotSAMLib.pipeline import Engine, EngineOptions
+from FewShotSAMLib.second_pass import SecondPassOptions
 from FewShotSAMLib.slice_selection import few_shot_labels, fractions_of_extent
 
 from . import report
@@ -104,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="how the image encoder runs (default auto: the product's default); e.g. onnx gives "
                              "the fp32 embeddings to check that a faster path leaves Dice unchanged")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--no-second-pass", action="store_true",
+                        help="protocols 2 and 3: apply without its second pass on the query's confident slices "
+                             "(FewShotSAMLib/second_pass.py), to measure what the second pass adds")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite accuracy.md and the plot from --out/accuracy.json "
                              "(and --out/supervised.json when present)")
@@ -183,7 +188,8 @@ class Benchmark:
         self.engine = Engine(EngineOptions(model=args.model, checkpoint=args.checkpoint, device=args.device,
                                            encoder=args.encoder, cache_dir=str(args.cache_dir),
                                            # every k from scratch: k = 3 must not start from the k = 1 run's record
-                                           warm_start=False))
+                                           warm_start=False,
+                                           second_pass=SecondPassOptions(enabled=not args.no_second_pass)))
         self.decoder_steps = self.engine.options.adapt.decoder_steps
         self.records: list[dict] = []
         self.encoding_seconds: dict[str, dict[str, float]] = {}
@@ -255,6 +261,7 @@ class Benchmark:
                 "threads": torch.get_num_threads(),
                 "commit": self.commit,
                 "decoder_steps": self.decoder_steps,
+                "second_pass": dataclasses.asdict(self.engine.options.second_pass),  # apply's (protocols 2, 3)
                 "datasets": self.args.datasets,
                 "ks": self.args.ks,
                 "methods": self.args.methods,
