@@ -209,14 +209,17 @@ def engine_options(args):
     )
 
 
-def make_progress(kind: str):
-    from .progress import Progress
+def make_progress(kind: str, second_pass: bool):
+    """second_pass: whether the run has apply's second pass (the other runs' bars end at 100%, not jump there)."""
+    from .progress import APPLY_STAGES, RUN_STAGES, Progress
+
+    stages = APPLY_STAGES if second_pass else RUN_STAGES
 
     if kind == "json":
         def report(event):
             print(json.dumps({"stage": event.stage, "done": event.done, "total": event.total,
                               "fraction": round(event.fraction, 4), "message": event.message}), flush=True)
-        return Progress(report), lambda: None
+        return Progress(report, stages=stages), lambda: None
     if kind == "bar":
         from tqdm import tqdm
 
@@ -230,7 +233,7 @@ def make_progress(kind: str):
                                  bar_format="{l_bar}{bar}| {elapsed}<{remaining}"))
             bars[0].set_description_str(event.message[:40].ljust(40))
             bars[0].update(round(event.fraction * 100) - bars[0].n)
-        return Progress(report), lambda: bars and bars[0].close()
+        return Progress(report, stages=stages), lambda: bars and bars[0].close()
     return Progress(), lambda: None
 
 
@@ -244,7 +247,7 @@ def run(args) -> int:
     options = engine_options(args)
     if args.command == "apply" and wants_cohort(args):
         return run_cohort(args, options)
-    progress, close = make_progress(args.progress)
+    progress, close = make_progress(args.progress, args.command == "apply" and options.second_pass.enabled)
     report = None
     try:
         if args.command == "propagate":

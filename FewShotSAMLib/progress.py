@@ -11,6 +11,8 @@ from .errors import Cancelled
 # "second pass": apply's self-training on the query (second_pass.py), its own prompts, tuning and propagation.
 STAGE_WEIGHTS = {"load": 0.02, "encode": 0.55, "prompts": 0.05, "tune": 0.2, "propagate": 0.16, "second pass": 0.1,
                  "write": 0.02}
+APPLY_STAGES = tuple(STAGE_WEIGHTS)  # the default: a stage missing from the list would report fraction 0
+RUN_STAGES = tuple(stage for stage in STAGE_WEIGHTS if stage != "second pass")  # propagate, adapt, demo
 
 
 @dataclass
@@ -26,7 +28,7 @@ class Progress:
     """Turns per-stage counts into overall fractions, forwards them to a callback and checks for cancel."""
 
     def __init__(self, callback: Callable[[ProgressEvent], None] | None = None,
-                 cancel: Callable[[], bool] | None = None, stages: tuple[str, ...] = tuple(STAGE_WEIGHTS)):
+                 cancel: Callable[[], bool] | None = None, stages: tuple[str, ...] = APPLY_STAGES):
         self.callback = callback
         self.cancel = cancel
         weights = [STAGE_WEIGHTS.get(stage, 0.1) for stage in stages]

@@ -151,6 +151,8 @@ def test_cli_end_to_end_with_json_progress(tmp_path, chaos_scan, engine_cache_di
     events = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
     fractions = [event["fraction"] for event in events]
     assert fractions == sorted(fractions), "overall progress must never go backwards"
+    # propagate has no second pass (apply's): its weight must not leave a jump to 100% at the end
+    assert max(e["fraction"] for e in events if e["stage"] == "propagate") >= 0.95, events[-5:]
     report_path = tmp_path / "result.report.json"  # --report without a path: beside the output
     assert events[-1]["stage"] == "done" and events[-1]["outputs"] == [str(out), str(report_path)]
     assert events[-1]["report"] == json.loads(report_path.read_text())  # what the Slicer module reads
