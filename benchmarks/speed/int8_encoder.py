@@ -4,9 +4,9 @@ slices, timed against eager fp32 and OpenVINO fp32 in one run, with its embeddin
     python -m benchmarks.speed.int8_encoder [--variants onnxruntime-qdq,onnxruntime-qdq-linear,nncf-mixed,...]
         [--calibration-slices 44] [--rounds 6] [--data-dir ../shared/data] [--out DIR] [--name int8-encoder]
 
-No int8 path is in the product: on an AVX2-only Zen 3 (no VNNI) the fully quantised encoders ran at 0.86-0.97x
-OpenVINO fp32 and the linear-layers-only one at 1.16x (the product's bar: 1.3x), moving the embeddings by 14-86 %
-relative (fp32 paths: 3e-6); the most accurate full one (nncf-transformer) lost 0.069 (k=1) and 0.017 (k=3) mean
+No int8 path is in the product: on an AVX2-only Zen 3 (no VNNI), at load average 3-4, the int8 encoders ran at
+0.76-0.93x OpenVINO fp32 (the product's bar: 1.3x; under load 8-11 the linear-layers-only one reached 1.16x),
+moving the embeddings by 14-86 % relative (fp32 paths: 3e-6); the most accurate full one (nncf-transformer) lost 0.069 (k=1) and 0.017 (k=3) mean
 Dice on hippocampus 004 and 019 against OpenVINO fp32 (CHAOS 2 and 15: -0.013 and +0.002).
 Rerun this on a CPU with VNNI or AMX before trying again.
 
