@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .atomic_write import write_atomically
-from .errors import FewShotSAMError, FewShotSAMWarning
+from .errors import FewShotSAMError, FewShotSAMWarning, one_line
 from .fewshot import FewShotCollection
 from .models import SamModel
 from .progress import NO_PROGRESS, Progress
@@ -90,7 +90,7 @@ class FewShotAdapter(HasSegments):
         try:
             return write_atomically(path, lambda temporary: torch.save(payload, temporary))
         except (OSError, RuntimeError) as error:  # a full disk surfaces as RuntimeError from torch's zip writer
-            raise FewShotSAMError(f"cannot write {path}: {' '.join(str(error).split())[:200]}") from None
+            raise FewShotSAMError(f"cannot write {path}: {one_line(error, with_type=False)}") from None
 
     def payload(self) -> dict:
         """Everything the adapter holds, as plain tensors and values (what a .fsam file and a run record store)."""

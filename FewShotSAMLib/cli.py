@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from . import catalog
-from .errors import Cancelled, FewShotSAMError, FewShotSAMWarning
+from .errors import Cancelled, FewShotSAMError, FewShotSAMWarning, one_line
 
 MODEL_NAMES = catalog.values(catalog.MODELS)
 
@@ -445,5 +445,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except FewShotSAMError as error:
         # One line, whatever a library put into the message it passed on.
-        print(f"fewshotsam: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"fewshotsam: error: {one_line(error, None, with_type=False)}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from filelock import FileLock
 from torch import nn
 
 from .atomic_write import write_atomically, write_text_atomically
-from .errors import FewShotSAMError
+from .errors import FewShotSAMError, one_line
 
 
 class _Bf16Encoder(nn.Module):
@@ -136,7 +136,7 @@ def open_compiled_encoder(model, folder: Path, precision: str = "bf16") -> "Comp
     try:
         return CompiledEncoder(path)
     except Exception as error:  # torch raises RuntimeError or zipfile errors, depending on the damage
-        damaged = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+        damaged = one_line(error)
     remove_damaged_file(path, damaged)
     try:
         return CompiledEncoder(build_compiled_encoder(model, folder, precision))
@@ -144,7 +144,7 @@ def open_compiled_encoder(model, folder: Path, precision: str = "bf16") -> "Comp
         raise
     except Exception as error:
         raise FewShotSAMError(f"the compiled encoder {path} cannot be loaded even after building it again "
-                              f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
+                              f"({one_line(error)})") from None
 
 
 class CompiledEncoder:

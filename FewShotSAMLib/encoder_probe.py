@@ -23,6 +23,7 @@ import torch
 from filelock import FileLock
 
 from .atomic_write import write_text_atomically
+from .errors import one_line
 
 PROBE_ROUNDS = 2
 PROBED_LIBRARIES = ("torch", "onnxruntime", "openvino")
@@ -102,7 +103,7 @@ def probe(model, candidates: tuple[str, ...], open_path) -> dict:
             runner(image)  # warm-up: first-call allocations and kernel selection, and proof that it runs
             runners[path] = runner
         except Exception as error:  # any failure to build or run means this path is not for this machine
-            failed[path] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+            failed[path] = one_line(error, 300)
         build_s[path] = round(time.perf_counter() - start, 2)
     best = {path: float("inf") for path in runners}
     for _ in range(PROBE_ROUNDS):

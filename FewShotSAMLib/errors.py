@@ -14,3 +14,10 @@ class Cancelled(FewShotSAMError):
 
 class FewShotSAMWarning(UserWarning):
     """Input that works but will likely give a poor result (e.g. an MR model applied to a CT); shown as one line."""
+
+
+def one_line(error: BaseException, limit: int | None = 200, with_type: bool = True) -> str:
+    """An exception as one line of at most `limit` characters of its text (whitespace runs collapsed, so a
+    library's multi-line message fits the one-line errors above), after its class name when with_type."""
+    text = " ".join(str(error).split())[:limit]
+    return f"{type(error).__name__}: {text}" if with_type else text

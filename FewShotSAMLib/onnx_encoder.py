@@ -19,7 +19,7 @@ import torch
 from filelock import FileLock
 
 from .atomic_write import write_atomically
-from .errors import FewShotSAMError
+from .errors import FewShotSAMError, one_line
 
 OPSET = 17
 
@@ -64,13 +64,13 @@ def open_onnx_encoder(model, folder: Path) -> "OnnxEncoder":
     try:
         return OnnxEncoder(path)
     except Exception as error:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
-        damaged = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+        damaged = one_line(error)
     remove_damaged_file(path, damaged)
     try:
         return OnnxEncoder(exported_encoder_path(model, folder))
     except Exception as error:
         raise FewShotSAMError(f"the ONNX encoder {path} cannot be opened even after exporting it again "
-                              f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
+                              f"({one_line(error)})") from None
 
 
 def remove_damaged_file(path: Path, reason: str) -> None:

@@ -19,7 +19,7 @@ from filelock import FileLock
 
 from .atomic_write import write_atomically
 from .encoder_probe import cpu_fingerprint
-from .errors import FewShotSAMError
+from .errors import FewShotSAMError, one_line
 from .onnx_encoder import exported_encoder_path, remove_damaged_file
 
 
@@ -66,7 +66,7 @@ def compiled_openvino_file(model, folder: Path) -> Path:
             write_atomically(path, compile_to)
         except Exception as error:  # OpenVINO raises RuntimeError with multi-line reports
             raise FewShotSAMError(f"could not compile the {model.spec.name} encoder with OpenVINO in {folder}: "
-                                  f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from None
+                                  f"{one_line(error, 300)}") from None
     return path
 
 
@@ -77,7 +77,7 @@ def open_openvino_encoder(model, folder: Path) -> "OpenVinoEncoder":
     try:
         return OpenVinoEncoder(path)
     except Exception as error:
-        damaged = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+        damaged = one_line(error)
     remove_damaged_file(path, damaged)
     try:
         return OpenVinoEncoder(compiled_openvino_file(model, folder))
@@ -85,7 +85,7 @@ def open_openvino_encoder(model, folder: Path) -> "OpenVinoEncoder":
         raise
     except Exception as error:
         raise FewShotSAMError(f"the OpenVINO encoder {path} cannot be loaded even after compiling it again "
-                              f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
+                              f"({one_line(error)})") from None
 
 
 class OpenVinoEncoder:

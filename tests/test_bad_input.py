@@ -703,3 +703,12 @@ def test_truncated_compiled_encoder_in_the_cache_is_rebuilt(engine, tmp_path):
     model.release_encoder_sessions()
     assert built.stat().st_size > size // 3
     assert (again - reference).norm() / reference.norm() < 1e-3  # rebuilt from the same program: same arithmetic
+
+
+def test_library_errors_become_one_line_with_their_class_name():
+    from FewShotSAMLib.errors import one_line
+
+    error = RuntimeError("Exception from src/core:\n   line two\tand  more " + "x" * 400)
+    assert one_line(error) == ("RuntimeError: Exception from src/core: line two and more " + "x" * 400)[:214]
+    assert one_line(error, None, with_type=False).startswith("Exception from src/core: line two and more xx")
+    assert "\n" not in one_line(error, 300) and len(one_line(error, 300)) == len("RuntimeError: ") + 300

@@ -6,8 +6,9 @@ slices, timed against eager fp32 and OpenVINO fp32 in one run, with its embeddin
 
 No int8 path is in the product: on an AVX2-only Zen 3 (no VNNI), at load average 3-4, the int8 encoders ran at
 0.76-0.93x OpenVINO fp32 (the product's bar: 1.3x; under load 8-11 the linear-layers-only one reached 1.16x),
-moving the embeddings by 14-86 % relative (fp32 paths: 3e-6); the most accurate full one (nncf-transformer) lost 0.069 (k=1) and 0.017 (k=3) mean
-Dice on hippocampus 004 and 019 against OpenVINO fp32 (CHAOS 2 and 15: -0.013 and +0.002).
+moving the embeddings by 14-86 % relative (fp32 paths: 3e-6); the most accurate full one (nncf-transformer) lost
+0.069 (k=1) and 0.017 (k=3) mean Dice on hippocampus 004 and 019 against OpenVINO fp32 (CHAOS 2 and 15: -0.013
+and +0.002).
 Rerun this on a CPU with VNNI or AMX before trying again.
 
 Calibration slices come from scans the accuracy check does not score (CHAOS 1, 3, 5 and hippocampus 001, 003),
