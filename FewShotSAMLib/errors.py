@@ -1,5 +1,7 @@
 """User-facing errors: one clear line naming the file and the problem."""
 
+from __future__ import annotations  # the Slicer module imports this on Python 3.9 (Slicer 5.8)
+
 
 class FewShotSAMError(Exception):
     """An error caused by the user's input or environment, shown as one line without a traceback."""

@@ -27,6 +27,7 @@ from FewShotSAMLib.cohort import apply_cohort
 from FewShotSAMLib.cohort_inputs import find_scans, output_paths
 from FewShotSAMLib.cohort_report import StructureMeasure, read_summary_csv
 from FewShotSAMLib.pipeline import EngineOptions, adapt_files, apply_files
+from FewShotSAMLib.second_pass import SecondPassOptions
 from FewShotSAMLib.slice_selection import few_shot_labels
 from FewShotSAMLib.volume import LabelVolume, Segment
 from FewShotSAMLib.volume_io import read_labels, read_volume, write_segmentation
@@ -59,7 +60,8 @@ def cohort(tmp_path_factory, chaos_scan, engine_cache_dir):
     image = read_volume(adapt_image)
     painted = few_shot_labels(read_labels(adapt_labels, image).array, 0, 2, [1, 2, 3, 4])
     painted_path = write_segmentation(root / "painted.seg.nrrd", LabelVolume(painted, image.geometry, ORGANS))
-    options = EngineOptions(cache_dir=str(engine_cache_dir), device="cpu")
+    # One prediction per scan: these tests are about the cluster, not accuracy (tests/test_second_pass.py).
+    options = EngineOptions(cache_dir=str(engine_cache_dir), device="cpu", second_pass=SecondPassOptions(enabled=False))
     model = adapt_files([(adapt_image, painted_path)], root / "abdomen.fsam", options)
     scans = [crop_copy(*chaos_scan(case), scans_folder, f"case{case}")[0] for case in APPLY_CASES]
     for case in APPLY_CASES:
@@ -165,7 +167,7 @@ def test_cli_apply_with_a_scheduler_and_a_glob(cohort, cluster, tmp_path, capsys
     out = tmp_path / "results"
     code = main(["apply", str(cohort["model"]), str(cohort["folder"] / "case*.nii.gz"), "--out-dir", str(out),
                  "--scheduler", local_cluster.scheduler_address, "--cache-dir", cohort["options"].cache_dir,
-                 "--device", "cpu", "--progress", "none"])
+                 "--device", "cpu", "--progress", "none", "--no-second-pass"])
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "4 scans: 4 ok, 0 skipped, 0 failed" in printed.out
