@@ -123,13 +123,20 @@ class ConfidenceReport:
         return "\n".join(lines)
 
 
+def slice_confidences(disagreement: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """Each slice's confidence, 1 - disagreement / union, where its union is not empty; 0 where it is (the structure
+    was predicted by neither)."""
+    return np.where(union > 0, 1 - disagreement / np.maximum(union, 1), 0.0)
+
+
 def build_report(disagreement: np.ndarray, union: np.ndarray, painted: list[int], segments,
                  slice_axis: int) -> ConfidenceReport:
     """The report from [n_slices, n_structures] disagreement and union areas; segments in structure order."""
     structures = []
+    confidences = slice_confidences(disagreement, union)
     for index, segment in enumerate(segments):
         differ, both = disagreement[:, index], union[:, index]
-        per_slice = {int(z): float(1 - differ[z] / both[z]) for z in np.flatnonzero(both > 0)}
+        per_slice = {int(z): float(confidences[z, index]) for z in np.flatnonzero(both > 0)}
         total = both.sum()
         structures.append(StructureConfidence(
             label_value=segment.label_value, name=segment.name,

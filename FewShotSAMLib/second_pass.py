@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .adapter import FewShotAdapter
-from .confidence import ConfidenceRecorder
+from .confidence import ConfidenceRecorder, slice_confidences
 from .encoding import EncodedVolume
 from .fewshot import IGNORE, FewShotCollection, class_maps_to_model_space
 from .models import SamModel
@@ -53,12 +53,6 @@ class SecondPassOptions:
     # A structure whose second-pass result overlaps its first-pass result less than this (Dice) keeps the first:
     # the second pass refines a structure; when it moves it elsewhere, its pseudo labels taught it something wrong.
     min_agreement: float = 0.5
-
-
-def slice_confidence(recorder: ConfidenceRecorder) -> np.ndarray:
-    """[n_slices, structures]: 1 - disagreement / union where a structure was predicted, else 0."""
-    union = recorder.union
-    return np.where(union > 0, 1 - recorder.disagreement / np.maximum(union, 1), 0.0)
 
 
 def choose_pseudo_slices(classes: np.ndarray, confidence: np.ndarray,
@@ -105,7 +99,7 @@ def self_train(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVolume,
     """The adapter tuned on from its weights on the query's confident slices, or None when no slice qualifies.
 
     classes: the first pass's class indices [n, rows, cols] along encoded.axis (after its clean-up)."""
-    chosen = choose_pseudo_slices(classes, slice_confidence(recorder), options)
+    chosen = choose_pseudo_slices(classes, slice_confidences(recorder.disagreement, recorder.union), options)
     if not chosen:
         return None
     progress.update(STAGE, 0, 1, f"second pass: tuning on {len(chosen)} confident slices of this scan")
