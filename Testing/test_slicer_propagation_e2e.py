@@ -75,8 +75,8 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("fewshotsam-cache")
+def cache_dir(cache_with_shared_encoders):
+    return cache_with_shared_encoders("fewshotsam-cache")
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +313,7 @@ def test_save_adapted_model_and_apply_to_another_volume(propagated, make_logic, 
 
 
 # ---- transforms, cancel, errors ---------------------------------------------------------------------------------
-def test_parent_transform_is_refused_then_hardened_when_asked(engine, chaos, make_logic, tmp_path):
+def test_parent_transform_is_refused_then_hardened_when_asked(engine, chaos, make_logic, cache_with_shared_encoders):
     scene, volume, reference, slices_for = chaos
     node, segmentation, ids, _ = reoriented_case(chaos, "transformed", np.eye(3))
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "table shift")
@@ -323,7 +323,7 @@ def test_parent_transform_is_refused_then_hardened_when_asked(engine, chaos, mak
     for n in (node, segmentation):
         n.SetAndObserveTransformNodeID(transform.GetID())
     before = mc.ijkToRas(node)
-    logic = make_logic(cache=tmp_path / "cache")
+    logic = make_logic(cache=cache_with_shared_encoders("transformed-cache"))
     with pytest.raises(FewShotSAMSlicerError, match=r"under a transform\. .*Harden the transform"):
         logic.startPropagation(node, segmentation)
     assert node.GetParentTransformNode() is not None and segmentation.GetParentTransformNode() is not None

@@ -67,12 +67,6 @@ def shared_data_file(shared_data_dir):
 
 
 @pytest.fixture(scope="session")
-def engine_cache_dir(tmp_path_factory) -> Path:
-    """One embedding cache for the whole test session: each real scan is encoded once, then reused."""
-    return tmp_path_factory.mktemp("embedding-cache")
-
-
-@pytest.fixture(scope="session")
 def chaos_scan(shared_data_dir):
     """A function (case number) -> (image path, full reference label path) of a CHAOS T2 scan."""
 

@@ -120,7 +120,8 @@ def test_compiled_and_onnx_paths_are_refused_off_cpu(tmp_path):
 
 
 def test_bf16_embeddings_stay_close_to_fp32(model, mri_slices):
-    reference = model.encode(mri_slices, "fp32")
-    embeddings = model.encode(mri_slices, "bf16")
+    one_slice = mri_slices[:1]  # without bf16 instructions (AVX2 CPUs) bf16 is emulated, ~10 s a slice
+    reference = model.encode(one_slice, "fp32")
+    embeddings = model.encode(one_slice, "bf16")
     cosine = torch.nn.functional.cosine_similarity(embeddings.flatten(1), reference.flatten(1))
     assert cosine.min() > 0.99

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from FewShotSAMLib.adapter import AdaptOptions, FewShotAdapter
-from FewShotSAMLib.embedding_cache import EmbeddingCache
 from FewShotSAMLib.metrics import dice, false_positive_slices
 from FewShotSAMLib.orientation import to_slices
 from FewShotSAMLib.pipeline import Engine, EngineOptions, adapt_files, apply_files, propagate_files
@@ -36,15 +35,11 @@ def engine(engine_cache_dir):
 
 
 @pytest.fixture(scope="module")
-def exact_engine(tmp_path_factory, engine_cache_dir):
+def exact_engine(cache_with_shared_encoders):
     """An engine whose embeddings all come from one encoder in this module, for tests that compare two runs voxel for
     voxel: the session cache is keyed by model and voxels, not by backend, so another test file may have filled it
     through OpenVINO, whose embeddings agree with ONNX Runtime's to ~1e-3, not bit for bit."""
-    cache_dir = tmp_path_factory.mktemp("exact-engine-cache")
-    shared_encoders = EmbeddingCache(engine_cache_dir).encoders_dir
-    shared_encoders.mkdir(parents=True, exist_ok=True)
-    EmbeddingCache(cache_dir).encoders_dir.symlink_to(shared_encoders, target_is_directory=True)  # no second export
-    return Engine(engine_options(cache_dir))
+    return Engine(engine_options(cache_with_shared_encoders("exact-engine-cache")))
 
 
 def painted_file(tmp_path, image_path, label_path, k, name="painted.seg.nrrd"):
