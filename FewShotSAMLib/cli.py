@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--no-second-pass", action="store_true",
                        help="predict each scan once (by default the model is tuned on for a few steps on the scan's "
                             "own most confident slices and the scan predicted again: better Dice on scans of "
-                            "other patients, about 10 s more per scan)")
+                            "other patients, about 6 s more per scan on a 2-core CPU)")
     _add_engine_options(apply)
     _add_cohort_options(apply)
 
