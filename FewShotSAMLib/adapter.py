@@ -179,3 +179,20 @@ def adapt(model: SamModel, collection: FewShotCollection, options: AdaptOptions 
                                  progress=progress)
     return FewShotAdapter(list(collection.segments), classifier, tokens, decoder_state, model.weights_id, options,
                           collection.embeddings.shape[0], footprints=structure_footprints(collection))
+
+
+def tune_on(model: SamModel, start: FewShotAdapter, collection: FewShotCollection, tokens: torch.Tensor,
+            prompt_steps: int, decoder_steps: int, seed: int, progress: Progress = NO_PROGRESS,
+            focus: list[int] | None = None) -> tuple[PixelClassifier, dict]:
+    """`start`'s pixel prompts and tuned decoder trained on for a few steps on `collection` (a warm start after the
+    user paints a slice, or apply's second pass on a scan's confident slices): (classifier, decoder state).
+
+    prompt_steps 0 keeps start's classifier; focus: indices into the collection that every decoder batch includes."""
+    classifier = start.classifier
+    if prompt_steps > 0:
+        classifier = train_pixel_classifier(collection, steps=prompt_steps, seed=seed, progress=progress,
+                                            start=start.classifier)
+    decoder_state = tune_decoder(model, collection, tokens, steps=decoder_steps, seed=seed, progress=progress,
+                                 start_state=start.decoder_state, focus=focus)
+    return classifier, decoder_state
+

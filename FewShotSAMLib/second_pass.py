@@ -23,14 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .adapter import FewShotAdapter
+from .adapter import FewShotAdapter, tune_on
 from .confidence import ConfidenceRecorder, slice_confidences
 from .encoding import EncodedVolume
 from .fewshot import IGNORE, FewShotCollection, class_maps_to_model_space
 from .models import SamModel
 from .progress import Progress
-from .prompts import structure_footprints, structure_tokens, train_pixel_classifier
-from .tuning import tune_decoder
+from .prompts import structure_footprints, structure_tokens
 
 STAGE = "second pass"
 
@@ -104,15 +103,11 @@ def self_train(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVolume,
         return None
     progress.update(STAGE, 0, 1, f"second pass: tuning on {len(chosen)} confident slices of this scan")
     collection = pseudo_collection(adapter, encoded, classes, chosen)
-    classifier = adapter.classifier
-    if options.prompt_steps > 0:
-        classifier = train_pixel_classifier(collection, steps=options.prompt_steps, seed=seed, progress=progress,
-                                            start=adapter.classifier)
     # A structure trusted on no pseudo-labelled slice keeps what the support scans taught about it.
     present = torch.tensor([bool((collection.targets == s + 1).any()) for s in range(adapter.n_classes - 1)])
     tokens = torch.where(present[:, None], structure_tokens(collection), adapter.tokens)
-    decoder_state = tune_decoder(model, collection, tokens, steps=options.decoder_steps, seed=seed,
-                                 progress=progress, start_state=adapter.decoder_state)
+    classifier, decoder_state = tune_on(model, adapter, collection, tokens, options.prompt_steps,
+                                        options.decoder_steps, seed, progress)
     footprints = adapter.footprints
     if options.query_footprints or footprints is None:
         footprints = structure_footprints(collection)

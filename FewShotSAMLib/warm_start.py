@@ -28,13 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapter import FewShotAdapter
+from .adapter import FewShotAdapter, tune_on
 from .atomic_write import write_atomically
 from .fewshot import FewShotCollection
 from .models import SamModel
 from .progress import NO_PROGRESS, Progress
-from .prompts import structure_footprints, structure_tokens, train_pixel_classifier
-from .tuning import tune_decoder
+from .prompts import structure_footprints, structure_tokens
 
 FORMAT_VERSION = 2  # 2: the record keeps the confidence state
 KEEP_RECORDS = 16  # most recent records kept (a CHAOS record is ~20 MB, mostly the tuned decoder)
@@ -157,11 +156,9 @@ def warm_adapt(model: SamModel, collection: FewShotCollection, warm: WarmStart, 
     progress.update("prompts", 0, 1, f"starting from the previous run: {len(warm.changed)} slice(s) painted since")
     changed = set(warm.changed)
     focus = [index for index, (_, z) in enumerate(collection.sources) if z in changed]
-    classifier = train_pixel_classifier(collection, steps=min(options.prompt_steps, WARM_PROMPT_STEPS),
-                                        seed=options.seed, progress=progress, start=previous.classifier)
     tokens = structure_tokens(collection)
-    decoder_state = tune_decoder(model, collection, tokens, steps=min(options.decoder_steps, WARM_DECODER_STEPS),
-                                 seed=options.seed, progress=progress, start_state=previous.decoder_state,
-                                 focus=focus)
+    classifier, decoder_state = tune_on(model, previous, collection, tokens,
+                                        min(options.prompt_steps, WARM_PROMPT_STEPS),
+                                        min(options.decoder_steps, WARM_DECODER_STEPS), options.seed, progress, focus)
     return FewShotAdapter(list(collection.segments), classifier, tokens, decoder_state, model.weights_id, options,
                           collection.embeddings.shape[0], footprints=structure_footprints(collection))
