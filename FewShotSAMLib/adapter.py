@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .atomic_write import write_atomically
+from .body_frame import BODY_FRAME, IMAGE_FRAME
 from .errors import FewShotSAMError, FewShotSAMWarning, one_line
 from .fewshot import FewShotCollection
 from .models import SamModel
@@ -32,6 +33,9 @@ class AdaptOptions:
     prompt_steps: int = 200  # pixel-prompt classifier training steps
     decoder_steps: int = 16  # mask decoder tuning steps (0: keep the pretrained decoder)
     seed: int = 0
+    # Where the pixel prompts and footprints measure positions: "body" (relative to the body's box on each slice,
+    # so they carry over to other patients) or "image" (the model-input square; every model made before this).
+    position_frame: str = BODY_FRAME
 
 
 @dataclass
@@ -47,6 +51,11 @@ class FewShotAdapter(HasSegments):
     # Empty for models saved before this was recorded.
     support_modalities: list[str] = field(default_factory=list)
     footprints: torch.Tensor | None = None  # [S, H, W] (prompts.structure_footprints); None in older .fsam files
+
+    @property
+    def position_frame(self) -> str:
+        """The frame of the pixel prompts' positions and of the footprints (body_frame.FRAMES)."""
+        return self.classifier.frame
 
     @contextlib.contextmanager
     def tuned_decoder(self, model: SamModel):
@@ -108,6 +117,7 @@ class FewShotAdapter(HasSegments):
             "n_labelled_slices": self.n_labelled_slices,
             "support_modalities": list(self.support_modalities),  # optional: older files lack it
             "footprints": self.footprints,
+            "position_frame": self.position_frame,  # optional: older files lack it (their frame is the image)
         }
 
     @classmethod
@@ -138,7 +148,8 @@ class FewShotAdapter(HasSegments):
     def from_payload(cls, payload: dict) -> "FewShotAdapter":
         """The adapter of payload(); raises KeyError, TypeError, ValueError or RuntimeError on a damaged one."""
         n_features, hidden, n_classes = (int(v) for v in payload["classifier_shape"])
-        classifier = PixelClassifier(n_features, n_classes, hidden)
+        frame = str(payload.get("position_frame", IMAGE_FRAME))
+        classifier = PixelClassifier(n_features, n_classes, hidden, frame)  # ValueError on an unknown frame
         classifier.load_state_dict(payload["classifier"])  # RuntimeError on missing or mis-shaped weights
         segments = [Segment(str(s["name"]), int(s["label_value"]), tuple(float(c) for c in s["color"]))
                     for s in payload["segments"]]
@@ -151,7 +162,7 @@ class FewShotAdapter(HasSegments):
         if not isinstance(payload["decoder"], dict):
             raise TypeError("the tuned decoder is not a set of weights")
         return cls(segments, classifier.eval().requires_grad_(False), tokens, payload["decoder"],
-                   str(payload["model_id"]), AdaptOptions(**payload.get("options", {})),
+                   str(payload["model_id"]), AdaptOptions(**{"position_frame": frame, **payload.get("options", {})}),
                    int(payload.get("n_labelled_slices", 0)), [str(m) for m in payload.get("support_modalities", [])],
                    _footprints(payload.get("footprints"), len(segments)))
 
@@ -173,9 +184,11 @@ def adapt(model: SamModel, collection: FewShotCollection, options: AdaptOptions 
           progress: Progress = NO_PROGRESS) -> FewShotAdapter:
     """Learn the pixel prompts and structure tokens, and tune the decoder, from a few-shot collection."""
     options = options or AdaptOptions()
-    classifier = train_pixel_classifier(collection, steps=options.prompt_steps, seed=options.seed, progress=progress)
+    classifier = train_pixel_classifier(collection, steps=options.prompt_steps, seed=options.seed, progress=progress,
+                                        frame=options.position_frame)
     tokens = structure_tokens(collection)
     decoder_state = tune_decoder(model, collection, tokens, steps=options.decoder_steps, seed=options.seed,
                                  progress=progress)
     return FewShotAdapter(list(collection.segments), classifier, tokens, decoder_state, model.weights_id, options,
-                          collection.embeddings.shape[0], footprints=structure_footprints(collection))
+                          collection.embeddings.shape[0],
+                          footprints=structure_footprints(collection, frame=options.position_frame))

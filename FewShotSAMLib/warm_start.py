@@ -164,4 +164,5 @@ def warm_adapt(model: SamModel, collection: FewShotCollection, warm: WarmStart, 
                                  seed=options.seed, progress=progress, start_state=previous.decoder_state,
                                  focus=focus)
     return FewShotAdapter(list(collection.segments), classifier, tokens, decoder_state, model.weights_id, options,
-                          collection.embeddings.shape[0], footprints=structure_footprints(collection))
+                          collection.embeddings.shape[0],
+                          footprints=structure_footprints(collection, frame=classifier.frame))
