@@ -32,6 +32,9 @@ from .progress import NO_PROGRESS, Progress
 
 FEATURE_SCALE = 16.0  # normalised embeddings scaled so that a linear layer can be sharp from the start
 POSITION_SCALE = 4.0  # position features matter as much as a few embedding channels, not more
+# In the body frame a position means the same place in another patient, so it may weigh more (protocol 2 on the
+# development pairs, benchmarks/results/protocol2_body_frame.md).
+BODY_POSITION_SCALE = 16.0
 # Footprint blur in embedding-grid cells (3/16 of the field of view on the 64-cell grid, ~6 cm on an abdominal MRI):
 # patients lie a few centimetres apart between scans, so a sharper footprint would reject a kidney that moved,
 # while organs that the pixel prompts confuse lie much further apart (measured across CHAOS scan pairs).
@@ -47,10 +50,10 @@ def embedding_features(embeddings: torch.Tensor, body_boxes: torch.Tensor | None
         ys = torch.linspace(-1, 1, height, device=embeddings.device)
         xs = torch.linspace(-1, 1, width, device=embeddings.device)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-        position = torch.stack([grid_x, grid_y], dim=-1).expand(batch, height, width, 2)
+        position = torch.stack([grid_x, grid_y], dim=-1).expand(batch, height, width, 2) * POSITION_SCALE
     else:
-        position = cell_positions(body_boxes, height, width).to(embeddings.device)
-    return torch.cat([cells, position * POSITION_SCALE], dim=-1)
+        position = cell_positions(body_boxes, height, width).to(embeddings.device) * BODY_POSITION_SCALE
+    return torch.cat([cells, position], dim=-1)
 
 
 class PixelClassifier(nn.Module):
