@@ -51,7 +51,8 @@ def body_box(image: np.ndarray) -> tuple[int, int, int, int]:
     # Two classes by Otsu on a T2 MRI are bright fluid against the rest: the body's edge lies between air and
     # soft tissue, which Otsu finds again within the darker class.
     upper = otsu_threshold(image)
-    foreground = image > otsu_threshold(image[image <= upper])
+    darker = image[image <= upper]
+    foreground = image > (otsu_threshold(darker) if darker.max() > darker.min() else upper)
     foreground = ndimage.binary_opening(foreground, iterations=2)  # thin air artefacts would join the body
     components, count = ndimage.label(foreground)
     if count == 0:
