@@ -3,8 +3,8 @@
 An adapter made on one patient's scan and applied to another's meets a body that lies elsewhere in the image and
 has another size: the liver at the left third of one image frame is at the left quarter of another. Measured in the
 body's own bounding box on that slice, the liver stays at about the same place. The box comes from the slice's own
-intensities (an Otsu threshold between air and tissue, then the largest connected region), so it needs no labels and costs a few
-milliseconds per slice.
+intensities (an Otsu threshold between air and tissue, then the largest connected region), so it needs no labels
+and costs a few milliseconds per slice.
 
 Boxes are given in embedding-grid cell units (x0, y0, x1, y1): cell j spans [j, j + 1) along x, so that a box
 maps cell centres (j + 0.5) to body coordinates in -1..1.
@@ -22,6 +22,7 @@ from .preprocess import ResizeInfo
 IMAGE_FRAME = "image"  # positions in the padded model-input square (every adapter made before body frames)
 BODY_FRAME = "body"  # positions relative to the body's bounding box on each slice
 FRAMES = (IMAGE_FRAME, BODY_FRAME)
+AUTO_FRAME = "auto"  # an option's value, never an adapter's: AdaptOptions.resolved makes it one of FRAMES
 HISTOGRAM_BINS = 256
 # A body smaller than this share of the slice is noise or an end slice outside the patient: the box is then the
 # whole image, which is what the image frame would use.

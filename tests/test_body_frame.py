@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from test_second_pass import ORGANS, QUERY, SUPPORT, extent_dice, support_labels
 
 from FewShotSAMLib.adapter import AdaptOptions, FewShotAdapter
 from FewShotSAMLib.body_frame import BODY_FRAME, IMAGE_FRAME, body_box, cell_positions, from_body_frame, to_body_frame
@@ -14,11 +15,9 @@ from FewShotSAMLib.orientation import slice_axis, to_slices
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.preprocess import apply_normalisation, choose_normalisation
 from FewShotSAMLib.propagation import coarse_probabilities, slice_footprints, structure_cells
-from FewShotSAMLib.volume import LabelVolume, Segment
+from FewShotSAMLib.second_pass import SecondPassOptions
+from FewShotSAMLib.volume import LabelVolume
 from FewShotSAMLib.volume_io import read_labels, read_volume
-
-ORGANS = [Segment("liver", 1, (0.87, 0.51, 0.4)), Segment("right kidney", 2, (0.73, 0.4, 0.33)),
-          Segment("left kidney", 3, (0.96, 0.78, 0.35)), Segment("spleen", 4, (0.62, 0.42, 0.64))]
 
 
 def test_the_body_box_holds_every_organ_and_leaves_out_the_air(chaos_scan):
@@ -70,22 +69,41 @@ def old_file_payload(adapter: FewShotAdapter) -> dict:
     return payload
 
 
+# Measured on CHAOS 2 -> 15 (test_second_pass.py's pair, protocol 2's support slices), first pass (no second pass),
+# ONNX Runtime, Dice in extent image / body frame: right kidney 0.874 / 0.950, liver 0.527 / 0.593. With the second
+# pass (OpenVINO): right kidney 0.882 / 0.953. The floors leave room for another encoder path's rounding.
+RIGHT_KIDNEY_GAIN_FLOOR = 0.04
+LIVER_LOSS_CEILING = 0.01
+
+
 @pytest.fixture(scope="module")
-def image_frame_adapter(chaos_scan, engine_cache_dir):
+def adapters_and_query(chaos_scan, engine_cache_dir):
+    """{frame: adapter from the support scan}, the engine (first pass only) and the query with its reference."""
     engine = Engine(EngineOptions(cache_dir=str(engine_cache_dir), device="cpu", warm_start=False, encoder="onnx",
-                                  adapt=AdaptOptions(prompt_steps=50, decoder_steps=2,
-                                                     position_frame=IMAGE_FRAME)))
-    image, labels = chaos_scan(2)
+                                  second_pass=SecondPassOptions(enabled=False)))
+    image, labels = chaos_scan(SUPPORT)
     volume = read_volume(image)
-    reference = read_labels(labels, volume).array
-    painted = np.zeros_like(reference)
-    painted[[10, 15, 20]] = reference[[10, 15, 20]]
-    adapter = engine.adapt([(volume, LabelVolume(painted, volume.geometry, ORGANS))])
-    return engine, adapter, engine.encode(volume)
+    painted = LabelVolume(support_labels(read_labels(labels, volume).array), volume.geometry, ORGANS)
+    adapters = {}
+    for frame in (IMAGE_FRAME, BODY_FRAME):
+        engine.options.adapt = AdaptOptions(position_frame=frame)
+        adapters[frame] = engine.adapt([(volume, painted)])
+    query_image, query_labels = chaos_scan(QUERY)
+    query = read_volume(query_image)
+    return engine, adapters, query, read_labels(query_labels, query).array
 
 
-def test_a_model_file_saved_before_body_frames_loads_and_predicts_as_before(tmp_path, image_frame_adapter):
-    engine, adapter, encoded = image_frame_adapter
+def test_body_positions_find_a_kidney_that_image_positions_half_miss(adapters_and_query):
+    engine, adapters, query, reference = adapters_and_query
+    image, body = (extent_dice(engine.apply(adapters[frame], query).array, reference)
+                   for frame in (IMAGE_FRAME, BODY_FRAME))
+    assert body[2] >= image[2] + RIGHT_KIDNEY_GAIN_FLOOR, f"right kidney {image[2]:.3f} -> {body[2]:.3f}"
+    assert body[1] >= image[1] - LIVER_LOSS_CEILING, f"liver {image[1]:.3f} -> {body[1]:.3f}"
+
+
+def test_a_model_file_saved_before_body_frames_loads_and_predicts_as_before(tmp_path, adapters_and_query):
+    engine, adapters, query, _ = adapters_and_query
+    adapter, encoded = adapters[IMAGE_FRAME], engine.encode(query)
     path = tmp_path / "before.fsam"
     torch.save(old_file_payload(adapter), path)
     loaded = FewShotAdapter.load(path)
@@ -99,15 +117,15 @@ def test_a_model_file_saved_before_body_frames_loads_and_predicts_as_before(tmp_
                           structure_cells(after, None, [], footprints))
 
 
-def test_a_body_frame_model_file_keeps_its_frame(tmp_path, image_frame_adapter):
-    _, adapter, encoded = image_frame_adapter
-    payload = adapter.payload()
-    payload["position_frame"] = BODY_FRAME
-    path = tmp_path / "body.fsam"
-    torch.save(payload, path)
+def test_a_body_frame_model_file_keeps_its_frame(tmp_path, adapters_and_query):
+    engine, adapters, query, _ = adapters_and_query
+    encoded = engine.encode(query)
+    path = adapters[BODY_FRAME].save(tmp_path / "body.fsam")
     loaded = FewShotAdapter.load(path)
     assert loaded.position_frame == BODY_FRAME
+    assert torch.equal(coarse_probabilities(loaded, encoded), coarse_probabilities(adapters[BODY_FRAME], encoded))
     assert slice_footprints(loaded, encoded).shape[1] == encoded.n_slices  # looked up per slice in its body box
+    payload = adapters[BODY_FRAME].payload()
     payload["position_frame"] = "scanner"
     torch.save(payload, path)
     with pytest.raises(Exception, match="unknown position frame 'scanner'"):

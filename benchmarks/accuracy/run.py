@@ -40,7 +40,7 @@ import torch
 from FewShotSAMLib import catalog
 from FewShotSAMLib.adapter import AdaptOptions
 from FewShotSAMLib.atomic_write import write_text_atomically
-from FewShotSAMLib.body_frame import FRAMES
+from FewShotSAMLib.body_frame import AUTO_FRAME, FRAMES
 from FewShotSAMLib.metrics import score_labels
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.second_pass import SecondPassOptions
@@ -111,9 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-second-pass", action="store_true",
                         help="protocols 2 and 3: apply without its second pass on the query's confident slices "
                              "(FewShotSAMLib/second_pass.py), to measure what the second pass adds")
-    parser.add_argument("--position-frame", default=AdaptOptions.position_frame, choices=FRAMES,
-                        help="where new adapters measure positions: body (relative to the body's box on each slice, "
-                             "the default) or image (the model-input square, as before; FewShotSAMLib/body_frame.py)")
+    parser.add_argument("--position-frame", default=AdaptOptions.position_frame, choices=(AUTO_FRAME, *FRAMES),
+                        help="where new adapters measure positions: body (relative to the body's box on each slice; "
+                             "FewShotSAMLib/body_frame.py), image (the model-input square, as before) or auto (the "
+                             "default: body across scans, image within one)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite accuracy.md and the plot from --out/accuracy.json "
                              "(and --out/supervised.json when present)")
