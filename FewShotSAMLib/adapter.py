@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .atomic_write import write_atomically
+from .body_frame import AUTO_FRAME, BODY_FRAME, IMAGE_FRAME
 from .errors import FewShotSAMError, FewShotSAMWarning, one_line
 from .fewshot import FewShotCollection
 from .models import SamModel
@@ -32,6 +34,18 @@ class AdaptOptions:
     prompt_steps: int = 200  # pixel-prompt classifier training steps
     decoder_steps: int = 16  # mask decoder tuning steps (0: keep the pretrained decoder)
     seed: int = 0
+    # Where the pixel prompts and footprints measure positions: "body" (relative to the body's box on each slice,
+    # so they carry over to other patients), "image" (the model-input square; every model made before this) or
+    # "auto": body for a model made to segment other scans (Engine.adapt), image for segmenting the painted scan
+    # itself (Engine.propagate: positions need not carry over there, and the body frame lost 0.009 whole-volume
+    # Dice at k = 3 on CHAOS; benchmarks/results/protocol2_body_frame.md).
+    position_frame: str = AUTO_FRAME
+
+    def resolved(self, across_scans: bool) -> "AdaptOptions":
+        """These options with an "auto" frame made definite: body across scans, image within one."""
+        if self.position_frame != AUTO_FRAME:
+            return self
+        return dataclasses.replace(self, position_frame=BODY_FRAME if across_scans else IMAGE_FRAME)
 
 
 @dataclass
@@ -47,6 +61,11 @@ class FewShotAdapter(HasSegments):
     # Empty for models saved before this was recorded.
     support_modalities: list[str] = field(default_factory=list)
     footprints: torch.Tensor | None = None  # [S, H, W] (prompts.structure_footprints); None in older .fsam files
+
+    @property
+    def position_frame(self) -> str:
+        """The frame of the pixel prompts' positions and of the footprints (body_frame.FRAMES)."""
+        return self.classifier.frame
 
     @contextlib.contextmanager
     def tuned_decoder(self, model: SamModel):
@@ -108,6 +127,7 @@ class FewShotAdapter(HasSegments):
             "n_labelled_slices": self.n_labelled_slices,
             "support_modalities": list(self.support_modalities),  # optional: older files lack it
             "footprints": self.footprints,
+            "position_frame": self.position_frame,  # optional: older files lack it (their frame is the image)
         }
 
     @classmethod
@@ -138,7 +158,8 @@ class FewShotAdapter(HasSegments):
     def from_payload(cls, payload: dict) -> "FewShotAdapter":
         """The adapter of payload(); raises KeyError, TypeError, ValueError or RuntimeError on a damaged one."""
         n_features, hidden, n_classes = (int(v) for v in payload["classifier_shape"])
-        classifier = PixelClassifier(n_features, n_classes, hidden)
+        frame = str(payload.get("position_frame", IMAGE_FRAME))
+        classifier = PixelClassifier(n_features, n_classes, hidden, frame)  # ValueError on an unknown frame
         classifier.load_state_dict(payload["classifier"])  # RuntimeError on missing or mis-shaped weights
         segments = [Segment(str(s["name"]), int(s["label_value"]), tuple(float(c) for c in s["color"]))
                     for s in payload["segments"]]
@@ -151,7 +172,7 @@ class FewShotAdapter(HasSegments):
         if not isinstance(payload["decoder"], dict):
             raise TypeError("the tuned decoder is not a set of weights")
         return cls(segments, classifier.eval().requires_grad_(False), tokens, payload["decoder"],
-                   str(payload["model_id"]), AdaptOptions(**payload.get("options", {})),
+                   str(payload["model_id"]), AdaptOptions(**{"position_frame": frame, **payload.get("options", {})}),
                    int(payload.get("n_labelled_slices", 0)), [str(m) for m in payload.get("support_modalities", [])],
                    _footprints(payload.get("footprints"), len(segments)))
 
@@ -172,13 +193,15 @@ _REQUIRED_KEYS = ("segments", "classifier", "classifier_shape", "tokens", "decod
 def adapt(model: SamModel, collection: FewShotCollection, options: AdaptOptions | None = None,
           progress: Progress = NO_PROGRESS) -> FewShotAdapter:
     """Learn the pixel prompts and structure tokens, and tune the decoder, from a few-shot collection."""
-    options = options or AdaptOptions()
-    classifier = train_pixel_classifier(collection, steps=options.prompt_steps, seed=options.seed, progress=progress)
+    options = (options or AdaptOptions()).resolved(across_scans=True)  # an adapter made alone may meet other scans
+    classifier = train_pixel_classifier(collection, steps=options.prompt_steps, seed=options.seed, progress=progress,
+                                        frame=options.position_frame)
     tokens = structure_tokens(collection)
     decoder_state = tune_decoder(model, collection, tokens, steps=options.decoder_steps, seed=options.seed,
                                  progress=progress)
     return FewShotAdapter(list(collection.segments), classifier, tokens, decoder_state, model.weights_id, options,
-                          collection.embeddings.shape[0], footprints=structure_footprints(collection))
+                          collection.embeddings.shape[0],
+                          footprints=structure_footprints(collection, frame=options.position_frame))
 
 
 def tune_on(model: SamModel, start: FewShotAdapter, collection: FewShotCollection, tokens: torch.Tensor,

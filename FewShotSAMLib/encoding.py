@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .body_frame import body_boxes_on_grid
 from .embedding_cache import EmbeddingCache, cache_key
 from .models import SamModel
 from .orientation import in_plane_spacing, to_slices
@@ -26,10 +27,20 @@ class EncodedVolume:
     resize: ResizeInfo
     pixel_spacing: tuple[float, float]
     encoded: list[int] | None = None  # the slices whose embeddings exist (None: all); the others read as zeros
+    # Body boxes on the embedding grid, computed from the slices when first asked for (body_frame.py)
+    _body_boxes: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_slices(self) -> int:
         return self.slices.shape[0]
+
+    def body_boxes(self, indices) -> torch.Tensor:
+        """[len, 4] each slice's body box in embedding-grid cells (body_frame.body_boxes_on_grid)."""
+        missing = [int(z) for z in indices if int(z) not in self._body_boxes]
+        if missing:
+            boxes = body_boxes_on_grid(self.slices[missing], self.resize, self.embeddings.shape[-1])
+            self._body_boxes.update(zip(missing, boxes))
+        return torch.stack([self._body_boxes[int(z)] for z in indices]) if len(indices) else torch.zeros((0, 4))
 
     def model_images(self, indices) -> torch.Tensor:
         """[len, 3, S, S] model-input images for some slices (recomputed: cheap next to encoding)."""

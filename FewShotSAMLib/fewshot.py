@@ -29,16 +29,19 @@ class FewShotCollection(HasSegments):
     embeddings: torch.Tensor = None  # [N, C, H, W] float32, the labelled slices
     targets: torch.Tensor = None  # [N, S, S] uint8 class maps at model-input resolution (0 bg, c+1, IGNORE)
     sources: list[tuple[int, int]] = field(default_factory=list)  # (scan number, slice index) per labelled slice
+    body_boxes: torch.Tensor = None  # [N, 4] each labelled slice's body box in embedding-grid cells (body_frame.py)
 
 
     def coarse_targets(self, grid: int) -> torch.Tensor:
         """Class maps pooled to the embedding grid [N, grid, grid] (majority by area; IGNORE where mostly padding)."""
         return pool_class_maps(self.targets, self.n_classes, grid)
 
-    def add(self, embeddings: torch.Tensor, targets: torch.Tensor, sources: list[tuple[int, int]]) -> None:
+    def add(self, embeddings: torch.Tensor, targets: torch.Tensor, sources: list[tuple[int, int]],
+            body_boxes: torch.Tensor) -> None:
         self.embeddings = embeddings if self.embeddings is None else torch.cat([self.embeddings, embeddings])
         self.targets = targets if self.targets is None else torch.cat([self.targets, targets])
         self.sources.extend(sources)
+        self.body_boxes = body_boxes if self.body_boxes is None else torch.cat([self.body_boxes, body_boxes])
 
 
 def labelled_slice_indices(label_slices: np.ndarray, extra_labelled: list[int] | None = None) -> list[int]:
@@ -91,5 +94,5 @@ def collect(encoded: EncodedVolume, labels_array: np.ndarray, segments: list[Seg
     classes = class_maps(label_slices[indices], collection.label_values)
     targets = class_maps_to_model_space(classes, collection.n_classes, encoded.resize)
     embeddings = torch.from_numpy(np.asarray(encoded.embeddings[indices], dtype=np.float32))
-    collection.add(embeddings, targets, [(scan_number, index) for index in indices])
+    collection.add(embeddings, targets, [(scan_number, index) for index in indices], encoded.body_boxes(indices))
     return collection

@@ -95,10 +95,11 @@ class Engine:
         if self.options.warm_start:
             warm = plan(load_record(self.cache.runs_dir, record.key), record.painted, record.embedded, encoded.n_slices)
         seed_everything(self.options.adapt.seed)
+        options = self.options.adapt.resolved(across_scans=False)
         if warm is None:
-            record.adapter = adapt(self.model, collection, self.options.adapt, progress)
+            record.adapter = adapt(self.model, collection, options, progress)
         else:
-            record.adapter = warm_adapt(self.model, collection, warm, self.options.adapt, progress)
+            record.adapter = warm_adapt(self.model, collection, warm, options, progress)
         propagation = self.options.propagation
         if confidence is None:  # the run record keeps it, so that a later warm start reports on every slice too
             confidence = ConfidenceRecorder()
@@ -150,7 +151,7 @@ class Engine:
             encoded = self.encode(volume, progress)
             collection = collect(encoded, labels.array, selected, number, collection, self.options.labelled_slices)
         seed_everything(self.options.adapt.seed)
-        adapter = adapt(self.model, collection, self.options.adapt, progress)
+        adapter = adapt(self.model, collection, self.options.adapt.resolved(across_scans=True), progress)
         adapter.support_modalities = [volume.modality for volume, _ in scans]
         return adapter
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .adapter import FewShotAdapter
+from .body_frame import BODY_FRAME
 from .confidence import ConfidenceRecorder
 from .decoder import decode_in_windows
 from .encoding import EncodedVolume
@@ -29,6 +30,7 @@ from .models import SamModel
 from .orientation import from_slices, to_slices
 from .preprocess import mask_logits_to_stack
 from .progress import NO_PROGRESS, Progress
+from .prompts import footprint_weights
 from .queries import cell_boxes, grow_box, query_tokens
 
 
@@ -54,7 +56,8 @@ def coarse_probabilities(adapter: FewShotAdapter, encoded: EncodedVolume, batch_
         for start in range(0, len(available), batch_size):
             indices = available[start:start + batch_size]
             embeddings = torch.from_numpy(np.asarray(encoded.embeddings[indices], dtype=np.float32))
-            probabilities[indices] = adapter.classifier(embeddings)
+            body_boxes = encoded.body_boxes(indices) if adapter.position_frame == BODY_FRAME else None
+            probabilities[indices] = adapter.classifier(embeddings, body_boxes)
     return probabilities
 
 
@@ -67,7 +70,8 @@ def structure_cells(probabilities: torch.Tensor, painted_cells: torch.Tensor | N
                     footprints: torch.Tensor | None = None) -> np.ndarray:
     """[n, K, H, W] probabilities -> [n, S, H, W] boolean cells kept for each structure (see module doc, step 2).
 
-    footprints: [S, H, W] (the adapter's), used on a scan with nothing painted to choose between components."""
+    footprints: [S, H, W] or per slice [S, n, H, W] weights (prompts.footprint_weights of the adapter's), used on a
+    scan with nothing painted to choose between components."""
     classes = probabilities.argmax(1).numpy()
     n_structures = probabilities.shape[1] - 1
     kept = np.zeros((classes.shape[0], n_structures) + classes.shape[1:], dtype=bool)
@@ -98,7 +102,9 @@ def most_likely_component(components: np.ndarray, probability: np.ndarray, footp
     Not the largest component: two candidates of similar size (the liver and a region 10 cm away on a scan of another
     patient) were told apart by a few cells, so the choice flipped with the encoder's precision; their positions
     differ by far more (tests/test_propagation.py)."""
-    weights = probability if footprint is None else probability * (FOOTPRINT_FLOOR + footprint)[None]
+    if footprint is not None and footprint.ndim == 2:  # the same on every slice
+        footprint = footprint[None]
+    weights = probability if footprint is None else probability * (FOOTPRINT_FLOOR + footprint)
     scores = np.bincount(components.ravel(), weights=weights.ravel(), minlength=int(components.max()) + 1)[1:]
     return int(np.argmax(scores)) + 1
 
@@ -163,7 +169,7 @@ def predict_classes(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVo
     size = encoded.resize.target
     probabilities = coarse_probabilities(adapter, encoded, options.batch_size, within=region)
     painted_cells = painted_cell_map(adapter, encoded, painted_slices, labelled)
-    kept = structure_cells(probabilities, painted_cells, labelled, adapter.footprints)
+    kept = structure_cells(probabilities, painted_cells, labelled, slice_footprints(adapter, encoded))
     first, last = options.slice_range or (0, encoded.n_slices - 1)
     if region is not None:
         first, last = max(first, region[0]), min(last, region[1])
@@ -190,6 +196,16 @@ def predict_classes(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVo
         best, index = on_slice.max(dim=0)
         result[z] = np.where(best.numpy() > 0.5, index.numpy() + 1, 0)
     return result
+
+
+def slice_footprints(adapter: FewShotAdapter, encoded: EncodedVolume) -> torch.Tensor | None:
+    """The adapter's footprints as weights on the embedding grid ([S, 1, H, W], or [S, n, H, W] in the body frame),
+    or None when it has none."""
+    if adapter.footprints is None:
+        return None
+    height, width = encoded.embeddings.shape[-2:]
+    boxes = encoded.body_boxes(range(encoded.n_slices)) if adapter.position_frame == BODY_FRAME else None
+    return footprint_weights(adapter.footprints, adapter.position_frame, boxes, height, width)
 
 
 def painted_cell_map(adapter: FewShotAdapter, encoded: EncodedVolume, painted_slices: np.ndarray | None,

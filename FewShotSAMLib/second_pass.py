@@ -88,7 +88,7 @@ def pseudo_collection(adapter: FewShotAdapter, encoded: EncodedVolume, classes: 
                 targets[index][targets[index] == s + 1] = IGNORE
     collection = FewShotCollection(segments=list(adapter.segments))
     embeddings = torch.from_numpy(np.asarray(encoded.embeddings[slices], dtype=np.float32))
-    collection.add(embeddings, targets, [(0, z) for z in slices])
+    collection.add(embeddings, targets, [(0, z) for z in slices], encoded.body_boxes(slices))
     return collection
 
 
@@ -110,7 +110,7 @@ def self_train(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVolume,
                                         options.decoder_steps, seed, progress)
     footprints = adapter.footprints
     if options.query_footprints or footprints is None:
-        footprints = structure_footprints(collection)
+        footprints = structure_footprints(collection, frame=adapter.position_frame)
         if adapter.footprints is not None:
             footprints = torch.where(present[:, None, None], footprints, adapter.footprints)
     return FewShotAdapter(list(adapter.segments), classifier, tokens, decoder_state, adapter.model_id,

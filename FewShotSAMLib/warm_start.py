@@ -161,4 +161,5 @@ def warm_adapt(model: SamModel, collection: FewShotCollection, warm: WarmStart, 
                                         min(options.prompt_steps, WARM_PROMPT_STEPS),
                                         min(options.decoder_steps, WARM_DECODER_STEPS), options.seed, progress, focus)
     return FewShotAdapter(list(collection.segments), classifier, tokens, decoder_state, model.weights_id, options,
-                          collection.embeddings.shape[0], footprints=structure_footprints(collection))
+                          collection.embeddings.shape[0],
+                          footprints=structure_footprints(collection, frame=classifier.frame))

@@ -84,7 +84,8 @@ def test_footprints_are_saved_with_the_model_and_older_files_load_without_them(t
     model = load_model("litemedsam", device="cpu")
     collection = collection_with_liver_at(slice(20, 40), slice(5, 25))
     collection.embeddings = torch.randn(4, 256, GRID, GRID, generator=torch.Generator().manual_seed(1))
-    adapter = adapt(model, collection, AdaptOptions(prompt_steps=5, decoder_steps=0))
+    # The image frame: this collection of made-up slices has no images to find a body in.
+    adapter = adapt(model, collection, AdaptOptions(prompt_steps=5, decoder_steps=0, position_frame="image"))
     assert adapter.footprints.shape == (2, GRID, GRID)
     loaded = FewShotAdapter.load(adapter.save(tmp_path / "liver.fsam"))
     assert torch.equal(loaded.footprints, adapter.footprints)

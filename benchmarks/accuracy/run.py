@@ -38,7 +38,9 @@ import numpy as np
 import torch
 
 from FewShotSAMLib import catalog
+from FewShotSAMLib.adapter import AdaptOptions
 from FewShotSAMLib.atomic_write import write_text_atomically
+from FewShotSAMLib.body_frame import AUTO_FRAME, FRAMES
 from FewShotSAMLib.metrics import score_labels
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.second_pass import SecondPassOptions
@@ -109,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-second-pass", action="store_true",
                         help="protocols 2 and 3: apply without its second pass on the query's confident slices "
                              "(FewShotSAMLib/second_pass.py), to measure what the second pass adds")
+    parser.add_argument("--position-frame", default=AdaptOptions.position_frame, choices=(AUTO_FRAME, *FRAMES),
+                        help="where new adapters measure positions: body (relative to the body's box on each slice; "
+                             "FewShotSAMLib/body_frame.py), image (the model-input square, as before) or auto (the "
+                             "default: body across scans, image within one)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite accuracy.md and the plot from --out/accuracy.json "
                              "(and --out/supervised.json when present)")
@@ -188,7 +194,7 @@ class Benchmark:
         self.engine = Engine(EngineOptions(model=args.model, checkpoint=args.checkpoint, device=args.device,
                                            encoder=args.encoder, cache_dir=str(args.cache_dir),
                                            # every k from scratch: k = 3 must not start from the k = 1 run's record
-                                           warm_start=False,
+                                           warm_start=False, adapt=AdaptOptions(position_frame=args.position_frame),
                                            second_pass=SecondPassOptions(enabled=not args.no_second_pass)))
         self.decoder_steps = self.engine.options.adapt.decoder_steps
         self.records: list[dict] = []
@@ -262,6 +268,7 @@ class Benchmark:
                 "commit": self.commit,
                 "decoder_steps": self.decoder_steps,
                 "second_pass": dataclasses.asdict(self.engine.options.second_pass),  # apply's (protocols 2, 3)
+                "position_frame": self.engine.options.adapt.position_frame,
                 "datasets": self.args.datasets,
                 "ks": self.args.ks,
                 "methods": self.args.methods,

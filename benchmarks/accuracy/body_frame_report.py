@@ -1,0 +1,183 @@
+"""Protocol 2 with positions in the image frame and in the body frame (FewShotSAMLib/body_frame.py), side by side.
+
+    python -m benchmarks.accuracy.body_frame_report --image DIR... --body DIR... \
+        [--p1-image DIR --p1-body DIR] [--out benchmarks/results] [--note TEXT]...
+
+DIR: the --out folders of `python -m benchmarks.accuracy.run --protocols 2 --datasets chaos --methods fewshotsam`
+runs with --position-frame image and body (either may be split into --scans runs over several folders).
+--p1-image/--p1-body: protocol 1 runs (`--protocols 1 --methods fewshotsam`) of both frames, the check that
+segmenting a scan from its own painted slices loses nothing. Writes protocol2_body_frame.json and .md into --out
+and prints the markdown: Dice inside the reference extent per organ over all 12 queries, the held-out and the
+development queries (settings were chosen on pairs whose query is CHAOS 1, 2, 3 or 5), every pair, the failing
+pairs, protocol 1 per scan and k, and whether the change meets issue 12's adoption rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from FewShotSAMLib.atomic_write import write_text_atomically
+
+from .report import FEWSHOTSAM
+from .run import JSON_NAME, REPO_ROOT
+from .second_pass_report import DEVELOPMENT, FAILURE, HELD_OUT, MAX_ORGAN_DROP, failures, protocol2_records, summary
+
+NAME = "protocol2_body_frame"
+FRAMES = ("image", "body")
+MAX_PROTOCOL1_DROP = 0.005  # adoption rule: protocol 1 (k = 1 and 3, development scans) within this of before
+
+
+def run_sections(runs: list[dict]) -> list[dict]:
+    return [{key: run.get(key) for key in ("command", "commit", "started", "encoder", "threads", "position_frame",
+                                           "status")} for run in runs]
+
+
+METRICS = {"in extent": "dice_inside_reference_extent", "whole volume": "dice"}
+
+
+def protocol1_means(folder: Path) -> tuple[dict, dict[str, dict[str, float]]]:
+    """The run section and {"scan k=K": {metric: mean over organs}} of FewShotSAM's protocol-1 records."""
+    result = json.loads((folder / JSON_NAME).read_text())
+    means = {f"{r['scan']} k={r['k']}": {name: float(np.mean([s[key] for s in r["structures"].values()]))
+                                         for name, key in METRICS.items()}
+             for r in result["records"] if r["protocol"] == 1 and r["method"] == FEWSHOTSAM}
+    if not means:
+        raise SystemExit(f"{folder / JSON_NAME}: no FewShotSAM protocol-1 records")
+    return result["run"], means
+
+
+def protocol1(image_dir: Path, body_dir: Path) -> dict:
+    """Protocol 1 per scan and k in both frames, the means per k, and whether the body frame holds (no mean of
+    either metric falls by more than MAX_PROTOCOL1_DROP)."""
+    runs, means = {}, {}
+    for frame, folder in zip(FRAMES, (image_dir, body_dir)):
+        run, means[frame] = protocol1_means(folder)
+        runs[frame] = run_sections([run])
+    cases = sorted(set(means["image"]) & set(means["body"]), key=lambda c: (int(c.split()[0]), c))
+    per_k = {}
+    for k in sorted({case.split("=")[1] for case in cases}):
+        chosen = [c for c in cases if c.endswith(f"k={k}")]
+        per_k[k] = {frame: {name: float(np.mean([means[frame][c][name] for c in chosen])) for name in METRICS}
+                    for frame in FRAMES}
+    holds = all(row["body"][name] >= row["image"][name] - MAX_PROTOCOL1_DROP
+                for row in per_k.values() for name in METRICS)
+    return {"runs": runs, "cases": {c: {f: means[f][c] for f in FRAMES} for c in cases}, "per_k": per_k,
+            "holds": holds}
+
+
+def build(image_dirs: list[Path], body_dirs: list[Path]) -> dict:
+    runs, tables = {}, {}
+    loaded = {"image": protocol2_records(image_dirs), "body": protocol2_records(body_dirs)}
+    both = set(loaded["image"][1]) & set(loaded["body"][1])
+    for frame, (sections, records) in loaded.items():
+        records = {q: r for q, r in records.items() if q in both}
+        runs[frame] = run_sections(sections)
+        tables[frame] = {
+            "all": summary(records, DEVELOPMENT + HELD_OUT), "held_out": summary(records, HELD_OUT),
+            "development": summary(records, DEVELOPMENT), "failures": failures(records),
+            "pairs": {q: {"support": r["support"],
+                          "in_extent": {o: s["dice_inside_reference_extent"] for o, s in r["structures"].items()}}
+                      for q, r in records.items()},
+        }
+    before, after = tables["image"]["all"], tables["body"]["all"]
+    drops = {o: before["organs"][o] - after["organs"][o] for o in before["organs"]}
+    rises = after["mean_in_extent"] > before["mean_in_extent"] and max(drops.values()) <= MAX_ORGAN_DROP
+    return {"runs": runs, "tables": tables, "organ_drop": drops, "protocol2_rule_met": rises}
+
+
+def markdown(result: dict) -> str:
+    tables = result["tables"]
+    organs = list(tables["image"]["all"]["organs"])
+    lines = ["# Protocol 2 (CHAOS, one support scan, 3 slices per organ): positions in the body frame", "",
+             "Dice inside the reference extent (`metrics.dice_inside_reference_extent`), FewShotSAM with apply's "
+             "second pass, folds of `benchmarks.accuracy.run` protocol 2. Image frame: the pixel prompts' (x, y) "
+             "and the footprints are positions in the model-input square. Body frame: relative to the body's "
+             "bounding box on each slice (an Otsu threshold between air and tissue, largest region; "
+             "FewShotSAMLib/body_frame.py), at adapt and apply time (the classifier keeps its frame through the second "
+             "pass). Choices were made on the pairs whose query is CHAOS "
+             f"{', '.join(DEVELOPMENT)} (development); queries {', '.join(HELD_OUT)} are held out.", ""]
+    for frame in FRAMES:
+        for run in result["runs"][frame]:
+            lines.append(f"- {frame} frame: `{run['command']}` (commit `{run['commit']}`, started {run['started']}, "
+                         f"encoder {run['encoder']}, {run['threads']} thread(s), status {run['status']})")
+    lines += ["", "| queries | frame | n | " + " | ".join(organs) + " | **mean in extent** | whole-volume | "
+              "apply s/query (loaded shared CPU) |", "|---|---|---|" + "---|" * (len(organs) + 3)]
+    for subset in ("all", "held_out", "development"):
+        for frame in FRAMES:
+            row = tables[frame][subset]
+            lines.append(f"| {subset.replace('_', '-')} | {frame} | {row['queries']} | "
+                         + " | ".join(f"{row['organs'][o]:.3f}" for o in organs)
+                         + f" | **{row['mean_in_extent']:.3f} ± {row['sd_in_extent']:.3f}** | "
+                           f"{row['mean_whole_volume']:.3f} | {row['apply_seconds']:.1f} |")
+    lines += ["", "Per pair (support -> query), Dice in extent image / body frame:", "",
+              "| pair | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
+    for query in DEVELOPMENT + HELD_OUT:
+        before, after = tables["image"]["pairs"].get(query), tables["body"]["pairs"].get(query)
+        if before is None or after is None:
+            continue
+        cells = [f"{before['in_extent'][o]:.3f} / {after['in_extent'][o]:.3f}" for o in organs]
+        lines.append(f"| {before['support']} -> {query} | " + " | ".join(cells) + " |")
+    lines += ["", f"Failing pairs (an organ's Dice in extent < {FAILURE}):", ""]
+    for frame in FRAMES:
+        lines.append(f"- {frame} frame: {'; '.join(tables[frame]['failures']) or 'none'}")
+    drops = ", ".join(f"{o} {-d:+.3f}" for o, d in result["organ_drop"].items())
+    lines += ["", f"Change per organ over the queries: {drops}. Protocol 2 part of the adoption rule (the mean rises "
+                  f"and no organ falls by more than {MAX_ORGAN_DROP}): "
+                  f"**{'met' if result['protocol2_rule_met'] else 'not met'}**."]
+    check = result.get("protocol1")
+    if check:
+        lines += ["", "Protocol 1 (painted slices of the same scan, `Engine.propagate` with the body frame forced), "
+                      "mean Dice over organs:", ""]
+        for frame in FRAMES:
+            for run in check["runs"][frame]:
+                lines.append(f"- {frame} frame: `{run['command']}` (commit `{run['commit']}`)")
+        lines += ["", "| scan, k | in extent: image | body | whole volume: image | body |", "|---|---|---|---|---|"]
+        for case, row in check["cases"].items():
+            lines.append(f"| {case} | " + " | ".join(f"{row[frame][name]:.3f}" for name in METRICS
+                                                      for frame in FRAMES) + " |")
+        for k, row in check["per_k"].items():
+            lines.append(f"| **mean k={k}** | " + " | ".join(f"**{row[frame][name]:.3f}**" for name in METRICS
+                                                              for frame in FRAMES) + " |")
+        lines += ["", f"Protocol 1 holds in the body frame (every k and metric within {MAX_PROTOCOL1_DROP}): "
+                      f"**{'yes' if check['holds'] else 'no'}**."]
+    if result.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
+    if result.get("command"):
+        lines += ["", f"Made by `{result['command']}`."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.body_frame_report",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--image", type=Path, nargs="+", required=True,
+                        help="--out folder(s) of the protocol-2 run(s) with --position-frame image")
+    parser.add_argument("--body", type=Path, nargs="+", required=True,
+                        help="--out folder(s) of the protocol-2 run(s) with --position-frame body")
+    parser.add_argument("--p1-image", type=Path, default=None, help="--out folder of a protocol-1 image-frame run")
+    parser.add_argument("--p1-body", type=Path, default=None, help="--out folder of a protocol-1 body-frame run")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+    args = parser.parse_args(argv)
+    result = build(args.image, args.body)
+    if args.p1_image and args.p1_body:
+        result["protocol1"] = protocol1(args.p1_image, args.p1_body)
+    result["command"] = "python -m benchmarks.accuracy.body_frame_report " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    result["notes"] = args.note
+    text = markdown(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(args.out / f"{NAME}.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomically(args.out / f"{NAME}.md", text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
