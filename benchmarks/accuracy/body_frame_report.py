@@ -16,28 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from FewShotSAMLib.atomic_write import write_text_atomically
-
+from .comparison import DEVELOPMENT, HELD_OUT, RUN_KEYS, Sides, closing_lines, compare, comparison_lines, write_report
 from .report import FEWSHOTSAM
 from .run import JSON_NAME, REPO_ROOT
-from .second_pass_report import DEVELOPMENT, FAILURE, HELD_OUT, MAX_ORGAN_DROP, failures, protocol2_records, summary
 
 NAME = "protocol2_body_frame"
 FRAMES = ("image", "body")
+SIDES = Sides(FRAMES, "frame", ("image frame", "body frame"), "image / body frame")
 MAX_PROTOCOL1_DROP = 0.005  # adoption rule: protocol 1 (k = 1 and 3, development scans) within this of before
-
-
-def run_sections(runs: list[dict]) -> list[dict]:
-    return [{key: run.get(key) for key in ("command", "commit", "started", "encoder", "threads", "position_frame",
-                                           "status")} for run in runs]
-
-
 METRICS = {"in extent": "dice_inside_reference_extent", "whole volume": "dice"}
 
 
@@ -58,7 +49,7 @@ def protocol1(image_dir: Path, body_dir: Path) -> dict:
     runs, means = {}, {}
     for frame, folder in zip(FRAMES, (image_dir, body_dir)):
         run, means[frame] = protocol1_means(folder)
-        runs[frame] = run_sections([run])
+        runs[frame] = [{key: run.get(key) for key in RUN_KEYS}]
     cases = sorted(set(means["image"]) & set(means["body"]), key=lambda c: (int(c.split()[0]), c))
     per_k = {}
     for k in sorted({case.split("=")[1] for case in cases}):
@@ -71,29 +62,7 @@ def protocol1(image_dir: Path, body_dir: Path) -> dict:
             "holds": holds}
 
 
-def build(image_dirs: list[Path], body_dirs: list[Path]) -> dict:
-    runs, tables = {}, {}
-    loaded = {"image": protocol2_records(image_dirs), "body": protocol2_records(body_dirs)}
-    both = set(loaded["image"][1]) & set(loaded["body"][1])
-    for frame, (sections, records) in loaded.items():
-        records = {q: r for q, r in records.items() if q in both}
-        runs[frame] = run_sections(sections)
-        tables[frame] = {
-            "all": summary(records, DEVELOPMENT + HELD_OUT), "held_out": summary(records, HELD_OUT),
-            "development": summary(records, DEVELOPMENT), "failures": failures(records),
-            "pairs": {q: {"support": r["support"],
-                          "in_extent": {o: s["dice_inside_reference_extent"] for o, s in r["structures"].items()}}
-                      for q, r in records.items()},
-        }
-    before, after = tables["image"]["all"], tables["body"]["all"]
-    drops = {o: before["organs"][o] - after["organs"][o] for o in before["organs"]}
-    rises = after["mean_in_extent"] > before["mean_in_extent"] and max(drops.values()) <= MAX_ORGAN_DROP
-    return {"runs": runs, "tables": tables, "organ_drop": drops, "protocol2_rule_met": rises}
-
-
 def markdown(result: dict) -> str:
-    tables = result["tables"]
-    organs = list(tables["image"]["all"]["organs"])
     lines = ["# Protocol 2 (CHAOS, one support scan, 3 slices per organ): positions in the body frame", "",
              "Dice inside the reference extent (`metrics.dice_inside_reference_extent`), FewShotSAM with apply's "
              "second pass, folds of `benchmarks.accuracy.run` protocol 2. Image frame: the pixel prompts' (x, y) "
@@ -102,34 +71,7 @@ def markdown(result: dict) -> str:
              "FewShotSAMLib/body_frame.py), at adapt and apply time (the classifier keeps its frame through the second "
              "pass). Choices were made on the pairs whose query is CHAOS "
              f"{', '.join(DEVELOPMENT)} (development); queries {', '.join(HELD_OUT)} are held out.", ""]
-    for frame in FRAMES:
-        for run in result["runs"][frame]:
-            lines.append(f"- {frame} frame: `{run['command']}` (commit `{run['commit']}`, started {run['started']}, "
-                         f"encoder {run['encoder']}, {run['threads']} thread(s), status {run['status']})")
-    lines += ["", "| queries | frame | n | " + " | ".join(organs) + " | **mean in extent** | whole-volume | "
-              "apply s/query (loaded shared CPU) |", "|---|---|---|" + "---|" * (len(organs) + 3)]
-    for subset in ("all", "held_out", "development"):
-        for frame in FRAMES:
-            row = tables[frame][subset]
-            lines.append(f"| {subset.replace('_', '-')} | {frame} | {row['queries']} | "
-                         + " | ".join(f"{row['organs'][o]:.3f}" for o in organs)
-                         + f" | **{row['mean_in_extent']:.3f} ± {row['sd_in_extent']:.3f}** | "
-                           f"{row['mean_whole_volume']:.3f} | {row['apply_seconds']:.1f} |")
-    lines += ["", "Per pair (support -> query), Dice in extent image / body frame:", "",
-              "| pair | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
-    for query in DEVELOPMENT + HELD_OUT:
-        before, after = tables["image"]["pairs"].get(query), tables["body"]["pairs"].get(query)
-        if before is None or after is None:
-            continue
-        cells = [f"{before['in_extent'][o]:.3f} / {after['in_extent'][o]:.3f}" for o in organs]
-        lines.append(f"| {before['support']} -> {query} | " + " | ".join(cells) + " |")
-    lines += ["", f"Failing pairs (an organ's Dice in extent < {FAILURE}):", ""]
-    for frame in FRAMES:
-        lines.append(f"- {frame} frame: {'; '.join(tables[frame]['failures']) or 'none'}")
-    drops = ", ".join(f"{o} {-d:+.3f}" for o, d in result["organ_drop"].items())
-    lines += ["", f"Change per organ over the queries: {drops}. Protocol 2 part of the adoption rule (the mean rises "
-                  f"and no organ falls by more than {MAX_ORGAN_DROP}): "
-                  f"**{'met' if result['protocol2_rule_met'] else 'not met'}**."]
+    lines += comparison_lines(result, SIDES)
     check = result.get("protocol1")
     if check:
         lines += ["", "Protocol 1 (painted slices of the same scan, `Engine.propagate` with the body frame forced), "
@@ -146,10 +88,7 @@ def markdown(result: dict) -> str:
                                                               for frame in FRAMES) + " |")
         lines += ["", f"Protocol 1 holds in the body frame (every k and metric within {MAX_PROTOCOL1_DROP}): "
                       f"**{'yes' if check['holds'] else 'no'}**."]
-    if result.get("notes"):
-        lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
-    if result.get("command"):
-        lines += ["", f"Made by `{result['command']}`."]
+    lines += closing_lines(result)
     return "\n".join(lines)
 
 
@@ -165,17 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     args = parser.parse_args(argv)
-    result = build(args.image, args.body)
+    result = compare(args.image, args.body, SIDES, protocol=2)
     if args.p1_image and args.p1_body:
         result["protocol1"] = protocol1(args.p1_image, args.p1_body)
-    result["command"] = "python -m benchmarks.accuracy.body_frame_report " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    result["notes"] = args.note
-    text = markdown(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(args.out / f"{NAME}.json", json.dumps(result, indent=1) + "\n")
-    write_text_atomically(args.out / f"{NAME}.md", text + "\n")
-    print(text)
+    print(write_report(result, markdown, "benchmarks.accuracy.body_frame_report", argv, args.note, args.out, NAME))
     return 0
 
 
