@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="adapt from scratch even when an earlier run on this scan, with the same options and "
                                 "fewer painted slices, is in the cache (by default a re-run after painting more "
                                 "slices starts from it and predicts only next to the changed slices)")
+    propagate.add_argument("--encode-all-slices", action="store_true",
+                           help="encode every slice before adapting (by default only the painted slices are, then "
+                                "the slices the structures reach: the same result, faster when they span part of "
+                                "the scan); for measuring what that saves")
     _add_engine_options(propagate)
 
     adapt = commands.add_parser("adapt", help="save a few-shot model (.fsam) from one or more labelled scans",
@@ -205,6 +209,7 @@ def engine_options(args):
         encoder=args.encoder,
         adapt=adapt, propagation=PropagationOptions(clean_up=not args.no_clean_up, slice_range=slice_range),
         warm_start=not getattr(args, "no_warm_start", False),  # only propagate has the option
+        encode_all_slices=getattr(args, "encode_all_slices", False),  # likewise
         second_pass=SecondPassOptions(enabled=not getattr(args, "no_second_pass", False)),  # only apply has it
     )
 

@@ -53,35 +53,56 @@ def encode_volume(model: SamModel, volume: Volume, axis: int, cache: EmbeddingCa
                   only: list[int] | None = None) -> EncodedVolume:
     """encoder: how the encoder runs, one of catalog.ENCODER_PATHS (see SamModel.encoder_path).
     only: encode just these slice indices (None: all); cached slices are never encoded again."""
-    if model.will_compile_encoder(encoder, cache.encoders_dir):
-        progress.update("encode", 0, 1, "building and measuring the encoder for this computer (once)")
-    path = model.prepare_encoder(encoder, cache.encoders_dir)
-    normalisation = choose_normalisation(volume, window=window, preset=preset)
-    slices = to_slices(apply_normalisation(volume.array, normalisation), axis)
-    pixel_spacing = in_plane_spacing(volume.geometry, axis)
-    target = model.spec.input_size
-    _, resize = resize_stack_longest_side(slices[:1], target, pixel_spacing)
-    # The arithmetic is part of the key: bf16 embeddings differ from fp32 ones by a few percent, and the compiled
-    # encoder's from autocast's by its own rounding. ONNX Runtime and PyTorch fp32 differ by ~1e-6 relative (as much
-    # as two thread counts do), below the cache's fp16 storage, so they share fp32 entries.
-    arithmetic = {"bf16": "bf16", "compiled": "bf16-compiled"}.get(path, "fp32")
-    preprocessing = f"{normalisation.key()};size={target};{arithmetic}"
-    key = cache_key(volume.array, axis, preprocessing, model.weights_id)
+    encoding = VolumeEncoding(model, volume, axis, cache, window, preset, progress, batch_size, encoder)
+    try:
+        return encoding.encode(only, progress)
+    finally:
+        encoding.release()
 
-    def compute(indices):
-        images, _ = resize_stack_longest_side(slices[list(indices)], target, pixel_spacing)
-        return model.encode(images, path, encoders_folder=cache.encoders_dir)
 
-    wanted = sorted(set(only)) if only is not None else list(range(slices.shape[0]))
-    entry = cache.open_entry(key, slices.shape[0], model.spec.embedding_shape, model.weights_id)
-    verified = entry.get_or_compute(  # encodes what is missing, checks every wanted slice's checksum
-        wanted, compute,
-        progress=lambda done, total: progress.update("encode", done, total, f"encoding slice {done}/{total}"),
-        cancel=lambda: progress.cancel is not None and progress.cancel(), batch_size=batch_size,
-    )
-    # Encoding is done for this volume: the encoder's working memory would otherwise sit beside the propagation's
-    # (a 512x512x300 CT run peaked at 3.99 GiB with it kept, 3.27 GiB without).
-    model.release_encoder_sessions()
-    # A partial encoding is indexed by slice like a full one: the slices not wanted read as zeros.
-    embeddings = verified if only is None else entry.embeddings()
-    return EncodedVolume(volume, axis, slices, embeddings, resize, pixel_spacing, None if only is None else wanted)
+class VolumeEncoding:
+    """One volume's encoding, open for more slices: the normalised slices, the cache entry and the encoder are
+    prepared once, so that encoding on demand (a few slices at a time, Engine.propagate) repeats none of it."""
+
+    def __init__(self, model: SamModel, volume: Volume, axis: int, cache: EmbeddingCache, window=None, preset=None,
+                 progress: Progress = NO_PROGRESS, batch_size: int = 8, encoder: str = "auto"):
+        if model.will_compile_encoder(encoder, cache.encoders_dir):
+            progress.update("encode", 0, 1, "building and measuring the encoder for this computer (once)")
+        self.model, self.volume, self.axis, self.cache, self.batch_size = model, volume, axis, cache, batch_size
+        self.path = model.prepare_encoder(encoder, cache.encoders_dir)
+        normalisation = choose_normalisation(volume, window=window, preset=preset)
+        self.slices = to_slices(apply_normalisation(volume.array, normalisation), axis)
+        self.pixel_spacing = in_plane_spacing(volume.geometry, axis)
+        self.target = model.spec.input_size
+        _, self.resize = resize_stack_longest_side(self.slices[:1], self.target, self.pixel_spacing)
+        # The arithmetic is part of the key: bf16 embeddings differ from fp32 ones by a few percent, and the compiled
+        # encoder's from autocast's by its own rounding. ONNX Runtime and PyTorch fp32 differ by ~1e-6 relative (as
+        # much as two thread counts do), below the cache's fp16 storage, so they share fp32 entries.
+        arithmetic = {"bf16": "bf16", "compiled": "bf16-compiled"}.get(self.path, "fp32")
+        preprocessing = f"{normalisation.key()};size={self.target};{arithmetic}"
+        key = cache_key(volume.array, axis, preprocessing, model.weights_id)
+        self.entry = cache.open_entry(key, self.slices.shape[0], model.spec.embedding_shape, model.weights_id)
+        self.done: set[int] = set()  # slices encoded (or found in the cache) through this object
+
+    def encode(self, only: list[int] | None, progress: Progress = NO_PROGRESS) -> EncodedVolume:
+        """The volume with `only` (None: every slice) and every slice this object encoded before."""
+
+        def compute(indices):
+            images, _ = resize_stack_longest_side(self.slices[list(indices)], self.target, self.pixel_spacing)
+            return self.model.encode(images, self.path, encoders_folder=self.cache.encoders_dir)
+
+        wanted = sorted(set(only)) if only is not None else list(range(self.slices.shape[0]))
+        verified = self.entry.get_or_compute(  # encodes what is missing, checks every wanted slice's checksum
+            wanted, compute,
+            progress=lambda done, total: progress.update("encode", done, total, f"encoding slice {done}/{total}"),
+            cancel=lambda: progress.cancel is not None and progress.cancel(), batch_size=self.batch_size,
+        )
+        self.done.update(wanted)
+        # A partial encoding is indexed by slice like a full one: the slices not encoded read as zeros.
+        embeddings, encoded = (verified, None) if only is None else (self.entry.embeddings(), sorted(self.done))
+        return EncodedVolume(self.volume, self.axis, self.slices, embeddings, self.resize, self.pixel_spacing, encoded)
+
+    def release(self) -> None:
+        """Encoding is done for this volume: the encoder's working memory would otherwise sit beside the
+        propagation's (a 512x512x300 CT run peaked at 3.99 GiB with it kept, 3.27 GiB without)."""
+        self.model.release_encoder_sessions()

@@ -14,14 +14,14 @@ import torch
 from .adapter import AdaptOptions, FewShotAdapter, adapt
 from .confidence import ConfidenceRecorder
 from .embedding_cache import EmbeddingCache
-from .encoding import EncodedVolume, encode_volume
+from .encoding import EncodedVolume, VolumeEncoding
 from .errors import Cancelled, FewShotSAMError
 from .fewshot import FewShotCollection, class_maps, collect, labelled_slice_indices
 from .models import SamModel, load_model
 from .orientation import in_plane_spacing, slice_axis, to_slices
 from .preprocess import choose_normalisation
-from .progress import NO_PROGRESS, Progress, WithinStage
-from .propagation import PropagationOptions, finish_labels, predict_classes, propagate_volume
+from .progress import NO_PROGRESS, AsStage, Progress, WithinStage
+from .propagation import PropagationOptions, Reach, finish_labels, predict_classes, propagate_volume
 from .second_pass import STAGE as SECOND_PASS_STAGE
 from .second_pass import SecondPassOptions, keep_moved_structures, self_train
 from .small_structures import ShapeBlendOptions, blend_with_painted_shape
@@ -50,6 +50,14 @@ class EngineOptions:
     # Start from the previous run on the same scan and options when only painted slices were added or changed
     # (warm_start.py); False: always adapt from scratch.
     warm_start: bool = True
+    # propagate encodes every slice first instead of only the slices the structures reach (Engine.encode_reach);
+    # the result is the same voxel for voxel, so this is for measuring what encoding on demand saves.
+    encode_all_slices: bool = False
+
+
+# Slices encoded at a time in each direction a structure goes on beyond the encoded ones: a batch for the encoder,
+# and a structure's end is overshot by at most 3 slices (8 overshot CHAOS kidneys by 6 on each side).
+REACH_BLOCK = 4
 
 
 def seed_everything(seed: int) -> None:
@@ -68,8 +76,15 @@ class Engine:
 
     def encode(self, volume: Volume, progress: Progress = NO_PROGRESS, only: list[int] | None = None) -> EncodedVolume:
         """Embeddings of every slice (or of the slices `only` lists) along the volume's slice axis."""
-        return encode_volume(self.model, volume, self.slice_axis(volume), self.cache, self.options.window,
-                             self.options.preset, progress=progress, encoder=self.options.encoder, only=only)
+        encoding = self.open_encoding(volume, progress)
+        try:
+            return encoding.encode(only, progress)
+        finally:
+            encoding.release()
+
+    def open_encoding(self, volume: Volume, progress: Progress = NO_PROGRESS) -> VolumeEncoding:
+        return VolumeEncoding(self.model, volume, self.slice_axis(volume), self.cache, self.options.window,
+                              self.options.preset, progress, encoder=self.options.encoder)
 
     def slice_axis(self, volume: Volume) -> int:
         return slice_axis(volume.geometry, self.options.axis)
@@ -77,7 +92,9 @@ class Engine:
     def propagate(self, volume: Volume, labels: LabelVolume, progress: Progress = NO_PROGRESS,
                   confidence: ConfidenceRecorder | None = None) -> LabelVolume:
         """Adapt on the painted slices of `labels` and segment the whole of `volume` (same grid), or only the
-        slices of options.propagation.slice_range: then only those and the labelled slices are encoded.
+        slices of options.propagation.slice_range: then only those and the labelled slices are encoded. Without a
+        range, only the labelled slices are encoded before adapting, then the slices the structures reach
+        (encode_reach; options.encode_all_slices: every slice first).
         confidence: records how sure each slice is; its report() then says which slice to paint next."""
         check_inputs(self.options, volume, labels)
         selected = select_segments(labels, self.options.segments)
@@ -85,21 +102,20 @@ class Engine:
         labelled = labelled_slice_indices(label_slices, self.options.labelled_slices)
         if not labelled:
             raise FewShotSAMError("no labelled slice: paint at least one slice of a structure")
-        encoded = self.encode(volume, progress, only=self.slices_to_encode(labelled, label_slices.shape[0]))
-        collection = collect(encoded, labels.array, selected, extra_labelled=self.options.labelled_slices)
-        record = RunRecord(run_key(volume, encoded.axis, self.options, self.model.weights_id,
-                                   [segment.label_value for segment in selected]),
-                           slice_checksums(label_slices, labelled), slice_checksums(encoded.embeddings, labelled),
-                           None, None)
-        warm = None
-        if self.options.warm_start:
-            warm = plan(load_record(self.cache.runs_dir, record.key), record.painted, record.embedded, encoded.n_slices)
-        seed_everything(self.options.adapt.seed)
-        options = self.options.adapt.resolved(across_scans=False)
-        if warm is None:
-            record.adapter = adapt(self.model, collection, options, progress)
-        else:
-            record.adapter = warm_adapt(self.model, collection, warm, options, progress)
+        encoding = self.open_encoding(volume, progress)
+        try:
+            first = labelled if self.encodes_on_demand() else self.slices_to_encode(labelled, label_slices.shape[0])
+            encoded = encoding.encode(first, progress)
+            encoding.release()  # its memory would sit beside the tuning's; encoding more reopens it (~0.1 s)
+            record, warm, collection = self.adapt_on_painting(volume, labels, encoded, label_slices, labelled,
+                                                              selected, progress)
+            if self.encodes_on_demand():
+                # A warm start predicts only its regions again: only they need their reach encoded.
+                windows = [(0, encoded.n_slices - 1)] if warm is None else warm.regions
+                encoded = self.encode_reach(encoding, encoded, record.adapter, label_slices, labelled, windows,
+                                            progress)
+        finally:
+            encoding.release()
         propagation = self.options.propagation
         if confidence is None:  # the run record keeps it, so that a later warm start reports on every slice too
             confidence = ConfidenceRecorder()
@@ -117,6 +133,53 @@ class Engine:
                                              in_plane_spacing(volume.geometry, axis), self.options.small_structures,
                                              propagation.slice_range)
         return LabelVolume(predicted, labels.geometry, list(labels.segments))
+
+    def adapt_on_painting(self, volume: Volume, labels: LabelVolume, encoded: EncodedVolume,
+                          label_slices: np.ndarray, labelled: list[int], selected,
+                          progress: Progress) -> tuple[RunRecord, WarmStart | None, FewShotCollection]:
+        """propagate's adapter, from scratch or warm-started from the run record: the record (its classes still to
+        be predicted), the warm start (None: a full run) and the collection of painted slices."""
+        collection = collect(encoded, labels.array, selected, extra_labelled=self.options.labelled_slices)
+        record = RunRecord(run_key(volume, encoded.axis, self.options, self.model.weights_id,
+                                   [segment.label_value for segment in selected]),
+                           slice_checksums(label_slices, labelled), slice_checksums(encoded.embeddings, labelled),
+                           None, None)
+        warm = None
+        if self.options.warm_start:
+            warm = plan(load_record(self.cache.runs_dir, record.key), record.painted, record.embedded, encoded.n_slices)
+        seed_everything(self.options.adapt.seed)
+        options = self.options.adapt.resolved(across_scans=False)
+        if warm is None:
+            record.adapter = adapt(self.model, collection, options, progress)
+        else:
+            record.adapter = warm_adapt(self.model, collection, warm, options, progress)
+        return record, warm, collection
+
+    def encodes_on_demand(self) -> bool:
+        """Whether propagate encodes the labelled slices, then the slices the structures reach (a user's slice range
+        says exactly what to encode)."""
+        return not self.options.encode_all_slices and self.options.propagation.slice_range is None
+
+    def encode_reach(self, encoding: VolumeEncoding, encoded: EncodedVolume, adapter: FewShotAdapter,
+                     label_slices: np.ndarray, labelled: list[int], windows: list[tuple[int, int]],
+                     progress: Progress) -> EncodedVolume:
+        """Encode, REACH_BLOCK slices at a time in each direction, the slices of `windows` that the structures can
+        reach, until no kept cell lies next to an unencoded slice (propagation.Reach says why the result then
+        equals a full encoding's, voxel for voxel)."""
+        at_most = sum(1 for first, last in windows for z in range(first, last + 1) if z not in encoding.done)
+        reach = Reach(adapter, encoded, label_slices, labelled, self.options.propagation.batch_size)
+        newly = 0
+        while True:
+            progress.check_cancel()
+            block = set()
+            for window in windows:
+                for start, step in reach.unencoded(encoded, window):
+                    block.update(next_unencoded(start, step, window, encoding.done))
+            if not block:
+                return encoded
+            within = AsStage(progress, "reach", newly, at_most, "encoding the slices the structures reach")
+            encoded = encoding.encode(sorted(block), within)
+            newly += len(block)
 
     def predict_classes(self, adapter: FewShotAdapter, encoded: EncodedVolume, label_slices: np.ndarray,
                         labelled: list[int], propagation: PropagationOptions, warm: WarmStart | None,
@@ -183,6 +246,16 @@ class Engine:
             return first
         second = propagate_volume(self.model, tuned, encoded, None, [], self.options.propagation, within)
         return keep_moved_structures(first, second, adapter.label_values, self.options.second_pass.min_agreement)
+
+
+def next_unencoded(start: int, step: int, window: tuple[int, int], done: set[int]) -> list[int]:
+    """Up to REACH_BLOCK slices from `start` on in the direction of `step`, within the window, up to the next
+    slice already encoded."""
+    block, z = [], start
+    while len(block) < REACH_BLOCK and window[0] <= z <= window[1] and z not in done:
+        block.append(z)
+        z += step
+    return block
 
 
 def check_inputs(options: EngineOptions, volume: Volume, labels: LabelVolume | None = None) -> None:

@@ -9,8 +9,9 @@ from .errors import Cancelled
 
 # Share of a whole run each stage takes, so one overall fraction can drive a single progress bar.
 # "second pass": apply's self-training on the query (second_pass.py), its own prompts, tuning and propagation.
-STAGE_WEIGHTS = {"load": 0.02, "encode": 0.55, "prompts": 0.05, "tune": 0.2, "propagate": 0.16, "second pass": 0.1,
-                 "write": 0.02}
+# "reach": propagate's encoding on demand after tuning, of the slices the structures reach (Engine.encode_reach).
+STAGE_WEIGHTS = {"load": 0.02, "encode": 0.3, "prompts": 0.05, "tune": 0.2, "reach": 0.25, "propagate": 0.16,
+                 "second pass": 0.1, "write": 0.02}
 APPLY_STAGES = tuple(STAGE_WEIGHTS)  # the default: a stage missing from the list would report fraction 0
 RUN_STAGES = tuple(stage for stage in STAGE_WEIGHTS if stage != "second pass")  # propagate, adapt, demo
 
@@ -69,6 +70,23 @@ class WithinStage(Progress):
 
     def _forward(self, event: ProgressEvent) -> None:
         self.outer.update(self.stage, round(event.fraction * self.STEPS), self.STEPS, event.message)
+
+
+class AsStage(Progress):
+    """Reports a job's updates (whatever stage it names) as one stage of the outer progress, counted on from
+    `done_before` out of `total`: the slices encoded on demand after tuning report as "reach", so that the bar does
+    not move back to the encode stage."""
+
+    def __init__(self, outer: Progress, stage: str, done_before: int, total: int, message: str):
+        super().__init__(cancel=outer.cancel)
+        self.outer, self.stage, self.done_before, self.total, self.message = outer, stage, done_before, total, message
+
+    def check_cancel(self) -> None:
+        self.outer.check_cancel()
+
+    def update(self, stage: str, done: int, total: int, message: str = "") -> None:
+        done = min(self.done_before + done, self.total)
+        self.outer.update(self.stage, done, self.total, f"{self.message} ({done} of at most {self.total})")
 
 
 NO_PROGRESS = Progress()

@@ -96,6 +96,51 @@ def structure_cells(probabilities: torch.Tensor, painted_cells: torch.Tensor | N
     return kept
 
 
+class Reach:
+    """Where the structures may go on beyond the encoded slices, asked again after each block of slices is encoded
+    (Engine.encode_reach). Each slice's pixel-prompt probabilities are computed once, when it is first seen
+    encoded: the classifier works cell by cell, so they come out bit for bit as coarse_probabilities' batches.
+
+    Why encoding stops when unencoded() is empty: the kept cells are 3D components (6-connected) that touch the
+    painting, and a slice never encoded reads as background. A kept component can only cross into a slice through a
+    cell next to a kept cell, so once no kept cell lies next to an unencoded slice, encoding more slices adds no cell
+    to any kept component, and each encoded slice's cells are classified on their own: structure_cells, and so
+    predict_classes, then come out the same as on a full encoding."""
+
+    def __init__(self, adapter: FewShotAdapter, encoded: EncodedVolume, painted_slices: np.ndarray,
+                 labelled: list[int], batch_size: int = 16):
+        self.adapter, self.labelled, self.batch_size = adapter, labelled, batch_size
+        self.painted_cells = painted_cell_map(adapter, encoded, painted_slices, labelled)
+        grid = encoded.embeddings.shape[-2:]
+        self.probabilities = torch.zeros((encoded.n_slices, adapter.n_classes) + tuple(grid))
+        self.probabilities[:, 0] = 1  # background until encoded
+        self.seen: set[int] = set()
+
+    def unencoded(self, encoded: EncodedVolume, window: tuple[int, int]) -> list[tuple[int, int]]:
+        """(slice, step) for each slice of window first..last (inclusive) that is not encoded but lies next to an
+        encoded one, one step (+1 or -1) away, on which structure_cells keeps cells. Empty: predicting on this
+        encoding equals predicting on a full one. window: the slices predict_classes predicts (a warm start's
+        region, whose ends are painted slices or the volume's ends; whole volume: 0..n-1)."""
+        done = set(range(encoded.n_slices) if encoded.encoded is None else encoded.encoded)
+        self.classify(encoded, sorted(done - self.seen))
+        first, last = window
+        probabilities = self.probabilities.clone()  # what coarse_probabilities(within=window) gives
+        probabilities[:first], probabilities[last + 1:] = 0, 0
+        probabilities[:first, 0], probabilities[last + 1:, 0] = 1, 1
+        kept = structure_cells(probabilities, self.painted_cells, self.labelled, self.adapter.footprints)
+        occupied = kept.any(axis=(1, 2, 3))
+        return [(z + step, step) for z in range(first, last + 1) if occupied[z] for step in (-1, 1)
+                if first <= z + step <= last and z + step not in done]
+
+    def classify(self, encoded: EncodedVolume, indices: list[int]) -> None:
+        with torch.inference_mode():
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start:start + self.batch_size]
+                embeddings = torch.from_numpy(np.asarray(encoded.embeddings[batch], dtype=np.float32))
+                self.probabilities[batch] = self.adapter.classifier(embeddings)
+        self.seen.update(indices)
+
+
 def most_likely_component(components: np.ndarray, probability: np.ndarray, footprint: np.ndarray | None) -> int:
     """The label of the component with the most probability mass, each cell weighted by the structure's footprint.
 

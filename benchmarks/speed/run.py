@@ -15,6 +15,10 @@ three also as fractions of the time eager fp32 takes just to encode that scan),
 and a 512x512x300 CT (the real 20-slice TotalSegmentator CT repeated 15 times along z) written to files and run
 through the command line, cold then warm, each in its own process whose peak resident memory is the figure for the
 4 GB target (the CT row gives whole-process times; its stage columns are empty).
+
+--long-ct: a CT whose structures cover part of the scan (real anatomy on an upsampled grid: TotalSegmentator's
+122x101x112 3 mm CT resampled to 512x512x300, vertebrae L4-L2 painted on 3 slices each), cold through the command
+line with encoding on demand (the default) and with --encode-all-slices: time, slices encoded, Dice of both.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ from FewShotSAMLib.volume import LabelVolume, Segment
 REPO = Path(__file__).resolve().parents[2]
 ENCODER_PATHS = ("compiled", "openvino", "onnx", "fp32", "bf16")  # the fast CPU paths first (--case-paths)
 CT_REPEATS = 15  # 20 real slices x 15 = 300
+LONG_CT_SHAPE = (512, 512, 300)  # x, y, z of the resampled TotalSegmentator CT (--long-ct)
+LONG_CT_PAINTED = {28: "vertebrae_L4", 29: "vertebrae_L3", 30: "vertebrae_L2"}  # TotalSegmentator v1 label ids
+LONG_CT_ENCODER = "openvino"  # what `auto` picks on the Zen 3 (speed-zen3.md), named so that no probe is timed
 
 
 def median_time(function, repeats: int) -> float:
@@ -323,10 +330,10 @@ def write_ct_case(data_dir: Path, folder: Path) -> tuple[Path, Path, tuple[int, 
     return folder / "ct300.nrrd", folder / "painted.seg.nrrd", scan.volume.array.shape
 
 
-def timed_cli_propagate(image: Path, labels: Path, out: Path, cache_dir: Path) -> dict:
+def timed_cli_propagate(image: Path, labels: Path, out: Path, cache_dir: Path, extra: tuple[str, ...] = ()) -> dict:
     """`fewshotsam propagate` in its own process: wall time and that process's peak resident memory."""
     command = [sys.executable, "-m", "FewShotSAMLib", "propagate", str(image), "--labels", str(labels),
-               "--out", str(out), "--cache-dir", str(cache_dir), "--device", "cpu", "--progress", "none"]
+               "--out", str(out), "--cache-dir", str(cache_dir), "--device", "cpu", "--progress", "none", *extra]
     start = time.perf_counter()
     # Through a small intermediate process: Linux carries a parent's peak RSS into a forked child's ru_maxrss,
     # so measured straight from this (large) process the child's peak would read as at least ours.
@@ -364,6 +371,108 @@ def run_ct_case(data_dir: Path, encoders: Path) -> dict:
             "mean_dice": mean_dice(result, scan.reference, values)}
 
 
+def write_long_ct_case(data_dir: Path, folder: Path) -> tuple[Path, Path, Path]:
+    """The TotalSegmentator CT (122x101x112, 3 mm) and its vertebrae labels resampled to LONG_CT_SHAPE (linear and
+    nearest neighbour, same physical extent, origin and direction), and LONG_CT_PAINTED painted on 3 slices each."""
+    import SimpleITK as sitk
+
+    from FewShotSAMLib.orientation import slice_axis
+    from FewShotSAMLib.volume_io import read_labels, read_volume, write_segmentation
+
+    source = data_dir / "totalsegmentator_ct_mr"
+    image = sitk.ReadImage(str(source / "ct_example_full.nii.gz"))
+    labels = sitk.ReadImage(str(source / "ct_example_full_seg_vertebrae_only.nii.gz"))
+    spacing = [size * step / new for size, step, new in zip(image.GetSize(), image.GetSpacing(), LONG_CT_SHAPE)]
+    # Resampled on voxel corners, so that both grids cover the same physical extent.
+    origin = image.TransformContinuousIndexToPhysicalPoint([-0.5 + step / old / 2 for step, old in
+                                                            zip(spacing, image.GetSpacing())])
+
+    def resampled(picture, interpolator, pixel_type):
+        return sitk.Resample(picture, list(LONG_CT_SHAPE), sitk.Transform(), interpolator, origin, spacing,
+                             image.GetDirection(), 0, pixel_type)
+
+    paths = folder / "ct_long.nrrd", folder / "reference.nrrd", folder / "painted.seg.nrrd"
+    sitk.WriteImage(resampled(image, sitk.sitkLinear, sitk.sitkInt16), str(paths[0]))
+    sitk.WriteImage(resampled(labels, sitk.sitkNearestNeighbor, sitk.sitkUInt8), str(paths[1]))
+    volume = read_volume(paths[0])
+    reference = read_labels(paths[1], volume).array
+    reference = np.where(np.isin(reference, list(LONG_CT_PAINTED)), reference, 0)
+    painted = few_shot_labels(reference, slice_axis(volume.geometry, "auto"), 3, list(LONG_CT_PAINTED))
+    segments = [Segment(name, value) for value, name in LONG_CT_PAINTED.items()]
+    write_segmentation(paths[2], LabelVolume(painted, volume.geometry, segments))
+    return paths
+
+
+def run_long_ct_case(data_dir: Path, encoders: Path) -> dict:
+    """Cold runs of the command line on the long CT, encoding on demand and every slice, each with an empty
+    embedding cache (the built encoder kept): time, peak memory, slices encoded, Dice against the (resampled,
+    model-made) reference, and how many voxels the two results differ in."""
+    from FewShotSAMLib.embedding_cache import EmbeddingCache
+    from FewShotSAMLib.orientation import slice_axis
+    from FewShotSAMLib.volume_io import read_labels, read_volume
+
+    row = {"case": f"TotalSegmentator CT {'x'.join(map(str, LONG_CT_SHAPE))} resampled from 122x101x112 at 3 mm "
+                   f"(real anatomy, upsampled grid), {', '.join(LONG_CT_PAINTED.values())} painted on 3 slices each",
+           "encoder": LONG_CT_ENCODER, "load_average_start": os.getloadavg()[0], "runs": {}}
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        image, reference_path, painted = write_long_ct_case(data_dir, folder)
+        volume = read_volume(image)
+        reference = read_labels(reference_path, volume).array
+        painted_array = read_labels(painted, volume).array
+        axis = slice_axis(volume.geometry, "auto")
+        extent = np.flatnonzero(np.isin(reference, list(LONG_CT_PAINTED)).any(
+            axis=tuple(a for a in range(3) if a != axis)))
+        row["slices"] = int(volume.array.shape[axis])
+        row["painted_slices"] = int(np.count_nonzero(painted_array.any(
+            axis=tuple(a for a in range(3) if a != axis))))
+        row["structures_span_slices"] = [int(extent[0]), int(extent[-1])]
+        results = {}
+        for name, extra in (("on_demand", ()), ("encode_all_slices", ("--encode-all-slices",))):
+            cache = folder / f"cache-{name}"
+            with_built_encoders(cache, encoders)
+            out = folder / f"{name}.seg.nrrd"
+            run = timed_cli_propagate(image, painted, out, cache, ("--encoder", LONG_CT_ENCODER, *extra))
+            (entry,) = EmbeddingCache(cache).entries()
+            results[name] = read_labels(out, volume).array
+            row["runs"][name] = {**run, "slices_encoded": entry.n_done,
+                                 "mean_dice": round(mean_dice(results[name], reference, list(LONG_CT_PAINTED)), 4)}
+        row["voxels_differing"] = int(np.count_nonzero(results["on_demand"] != results["encode_all_slices"]))
+    row["load_average_end"] = os.getloadavg()[0]
+    return row
+
+
+def long_ct_markdown(row: dict) -> str:
+    lines = [f"Long CT: {row['case']}; {row['slices']} slices, the painted vertebrae span slices "
+             f"{row['structures_span_slices'][0]}-{row['structures_span_slices'][1]}, {row['painted_slices']} "
+             f"painted; encoder {row['encoder']}; cold = empty embedding cache, encoder built; one command-line "
+             f"process each; load average {row['load_average_start']:.1f} at the start, "
+             f"{row['load_average_end']:.1f} at the end.", "",
+             "| encoding | cold propagate (s) | slices encoded | mean Dice | peak memory (GiB) |",
+             "|---|---|---|---|---|"]
+    for name, label in (("on_demand", "on demand (default)"), ("encode_all_slices", "--encode-all-slices")):
+        run = row["runs"][name]
+        lines.append(f"| {label} | {run['total_s']} | {run['slices_encoded']} | {run['mean_dice']:.4f} | "
+                     f"{run['peak_rss_gib']} |")
+    lines += ["", f"Voxels that differ between the two results: {row['voxels_differing']}."]
+    return "\n".join(lines) + "\n"
+
+
+def long_ct_only(args) -> int:
+    """--long-ct: the long CT case alone, written to --out/<name>.json and .md."""
+    model = load_model("litemedsam", device="cpu")
+    with built_encoders(model, (LONG_CT_ENCODER,)) as (encoders, build):
+        row = run_long_ct_case(args.data_dir, encoders)
+    report = {"machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+              "cpu": cpu_record(), "long_ct": row}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(args.out / f"{args.name}.json", json.dumps(report, indent=2))
+    markdown = f"Machine: {report['machine']}.\n\n" + long_ct_markdown(row)
+    write_text_atomically(args.out / f"{args.name}.md", markdown)
+    print(markdown)
+    return 0
+
+
 def real_slices(scan, count: int = 8) -> torch.Tensor:
     """`count` model-input slices from the middle of a real scan."""
     from FewShotSAMLib.orientation import to_slices
@@ -384,6 +493,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ct", action="store_true", help="skip the 512x512x300 CT case (several minutes)")
     parser.add_argument("--ct-only", action="store_true",
                         help="run only the CT case and replace its row in an existing --out/speed.json")
+    parser.add_argument("--long-ct", action="store_true",
+                        help="run only the long CT case (vertebrae over part of a 512x512x300 CT), on demand against "
+                             "--encode-all-slices, into --out/<name>.json and .md (several minutes)")
     parser.add_argument("--encoders-only", action="store_true",
                         help="run only the encoder table (paths, auto's probe, roofline), not the propagate cases")
     parser.add_argument("--encoder-slices", type=int, default=8,
@@ -402,6 +514,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.ct_only:
         return rerun_ct_only(args)
+    if args.long_ct:
+        return long_ct_only(args)
     torch.manual_seed(0)
     report = {"machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
               "cpu": cpu_record(), "cases": []}
