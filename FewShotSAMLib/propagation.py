@@ -52,13 +52,19 @@ def coarse_probabilities(adapter: FewShotAdapter, encoded: EncodedVolume, batch_
     available = encoded.encoded if encoded.encoded is not None else list(range(encoded.n_slices))
     if within is not None:
         available = [z for z in available if within[0] <= z <= within[1]]
-    with torch.inference_mode():
-        for start in range(0, len(available), batch_size):
-            indices = available[start:start + batch_size]
-            embeddings = torch.from_numpy(np.asarray(encoded.embeddings[indices], dtype=np.float32))
-            body_boxes = encoded.body_boxes(indices) if adapter.position_frame == BODY_FRAME else None
-            probabilities[indices] = adapter.classifier(embeddings, body_boxes)
+    classify_slices(adapter, encoded, available, probabilities, batch_size)
     return probabilities
+
+
+def classify_slices(adapter: FewShotAdapter, encoded: EncodedVolume, indices: list[int], into: torch.Tensor,
+                    batch_size: int = 16) -> None:
+    """Write the pixel prompts' class probabilities of the slices `indices` into `into` [n, K, H, W]."""
+    with torch.inference_mode():
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start:start + batch_size]
+            embeddings = torch.from_numpy(np.asarray(encoded.embeddings[batch], dtype=np.float32))
+            body_boxes = encoded.body_boxes(batch) if adapter.position_frame == BODY_FRAME else None
+            into[batch] = adapter.classifier(embeddings, body_boxes)
 
 
 # Weight of a cell outside every labelled footprint, against 1 at the footprint's centre: a structure found only
@@ -127,17 +133,14 @@ class Reach:
         probabilities = self.probabilities.clone()  # what coarse_probabilities(within=window) gives
         probabilities[:first], probabilities[last + 1:] = 0, 0
         probabilities[:first, 0], probabilities[last + 1:, 0] = 1, 1
-        kept = structure_cells(probabilities, self.painted_cells, self.labelled, self.adapter.footprints)
+        footprints = slice_footprints(self.adapter, encoded)
+        kept = structure_cells(probabilities, self.painted_cells, self.labelled, footprints)
         occupied = kept.any(axis=(1, 2, 3))
         return [(z + step, step) for z in range(first, last + 1) if occupied[z] for step in (-1, 1)
                 if first <= z + step <= last and z + step not in done]
 
     def classify(self, encoded: EncodedVolume, indices: list[int]) -> None:
-        with torch.inference_mode():
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start:start + self.batch_size]
-                embeddings = torch.from_numpy(np.asarray(encoded.embeddings[batch], dtype=np.float32))
-                self.probabilities[batch] = self.adapter.classifier(embeddings)
+        classify_slices(self.adapter, encoded, indices, self.probabilities, self.batch_size)
         self.seen.update(indices)
 
 
