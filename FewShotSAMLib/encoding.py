@@ -48,21 +48,10 @@ class EncodedVolume:
         return images
 
 
-def encode_volume(model: SamModel, volume: Volume, axis: int, cache: EmbeddingCache, window=None, preset=None,
-                  progress: Progress = NO_PROGRESS, batch_size: int = 8, encoder: str = "auto",
-                  only: list[int] | None = None) -> EncodedVolume:
-    """encoder: how the encoder runs, one of catalog.ENCODER_PATHS (see SamModel.encoder_path).
-    only: encode just these slice indices (None: all); cached slices are never encoded again."""
-    encoding = VolumeEncoding(model, volume, axis, cache, window, preset, progress, batch_size, encoder)
-    try:
-        return encoding.encode(only, progress)
-    finally:
-        encoding.release()
-
-
 class VolumeEncoding:
     """One volume's encoding, open for more slices: the normalised slices, the cache entry and the encoder are
-    prepared once, so that encoding on demand (a few slices at a time, Engine.propagate) repeats none of it."""
+    prepared once, so that encoding on demand (a few slices at a time, Engine.propagate) repeats none of it.
+    encoder: how the encoder runs, one of catalog.ENCODER_PATHS (see SamModel.encoder_path)."""
 
     def __init__(self, model: SamModel, volume: Volume, axis: int, cache: EmbeddingCache, window=None, preset=None,
                  progress: Progress = NO_PROGRESS, batch_size: int = 8, encoder: str = "auto"):
@@ -85,7 +74,8 @@ class VolumeEncoding:
         self.done: set[int] = set()  # slices encoded (or found in the cache) through this object
 
     def encode(self, only: list[int] | None, progress: Progress = NO_PROGRESS) -> EncodedVolume:
-        """The volume with `only` (None: every slice) and every slice this object encoded before."""
+        """The volume with `only` (None: every slice) and every slice this object encoded before; cached slices
+        are never encoded again."""
 
         def compute(indices):
             images, _ = resize_stack_longest_side(self.slices[list(indices)], self.target, self.pixel_spacing)
