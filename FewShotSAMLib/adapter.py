@@ -39,7 +39,10 @@ class AdaptOptions:
     # "auto": body for a model made to segment other scans (Engine.adapt), image for segmenting the painted scan
     # itself (Engine.propagate: positions need not carry over there, and the body frame lost 0.009 whole-volume
     # Dice at k = 3 on CHAOS; benchmarks/results/protocol2_body_frame.md).
-    position_frame: str = AUTO_FRAME
+    # The image frame stays the default: "auto" raised protocol 2 (0.802 -> 0.828) but lost the liver of CHAOS 3
+    # from a liver-and-spleen model of CHAOS 2 (0.814 -> 0.620 with the second pass), which the Slicer and web
+    # save-and-apply tests caught.
+    position_frame: str = IMAGE_FRAME
 
     def resolved(self, across_scans: bool) -> "AdaptOptions":
         """These options with an "auto" frame made definite: body across scans, image within one."""
