@@ -46,13 +46,18 @@ def coarse_probabilities(adapter: FewShotAdapter, encoded: EncodedVolume, batch_
                          within: tuple[int, int] | None = None) -> torch.Tensor:
     """[n, K, H, W] class probabilities on the embedding grid for every slice, or only for slices within
     first..last (the others, and slices never encoded, read as background)."""
-    grid = encoded.embeddings.shape[-2:]
-    probabilities = torch.zeros((encoded.n_slices, adapter.n_classes) + tuple(grid))
-    probabilities[:, 0] = 1
+    probabilities = background_probabilities(adapter, encoded)
     available = encoded.encoded if encoded.encoded is not None else list(range(encoded.n_slices))
     if within is not None:
         available = [z for z in available if within[0] <= z <= within[1]]
     classify_slices(adapter, encoded, available, probabilities, batch_size)
+    return probabilities
+
+
+def background_probabilities(adapter: FewShotAdapter, encoded: EncodedVolume) -> torch.Tensor:
+    """[n, K, H, W] class probabilities that say background everywhere (what an unclassified slice reads as)."""
+    probabilities = torch.zeros((encoded.n_slices, adapter.n_classes) + tuple(encoded.embeddings.shape[-2:]))
+    probabilities[:, 0] = 1
     return probabilities
 
 
@@ -117,9 +122,9 @@ class Reach:
                  labelled: list[int], batch_size: int = 16):
         self.adapter, self.labelled, self.batch_size = adapter, labelled, batch_size
         self.painted_cells = painted_cell_map(adapter, encoded, painted_slices, labelled)
-        grid = encoded.embeddings.shape[-2:]
-        self.probabilities = torch.zeros((encoded.n_slices, adapter.n_classes) + tuple(grid))
-        self.probabilities[:, 0] = 1  # background until encoded
+        # Footprints depend on the slices' images only (body boxes), not on which slices are encoded yet.
+        self.footprints = slice_footprints(adapter, encoded)
+        self.probabilities = background_probabilities(adapter, encoded)  # background until encoded
         self.seen: set[int] = set()
 
     def unencoded(self, encoded: EncodedVolume, window: tuple[int, int]) -> list[tuple[int, int]]:
@@ -133,8 +138,7 @@ class Reach:
         probabilities = self.probabilities.clone()  # what coarse_probabilities(within=window) gives
         probabilities[:first], probabilities[last + 1:] = 0, 0
         probabilities[:first, 0], probabilities[last + 1:, 0] = 1, 1
-        footprints = slice_footprints(self.adapter, encoded)
-        kept = structure_cells(probabilities, self.painted_cells, self.labelled, footprints)
+        kept = structure_cells(probabilities, self.painted_cells, self.labelled, self.footprints)
         occupied = kept.any(axis=(1, 2, 3))
         return [(z + step, step) for z in range(first, last + 1) if occupied[z] for step in (-1, 1)
                 if first <= z + step <= last and z + step not in done]
