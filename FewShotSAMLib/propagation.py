@@ -170,18 +170,22 @@ def decoder_probabilities(model: SamModel, adapter: FewShotAdapter, encoded: Enc
     queries = [(z, s) for z in slices for s in range(kept.shape[1]) if kept[z, s].any()]
     if not queries:
         return {}
+    device = model.device  # the decoder runs there; what it returns comes back to the CPU
     boxes = grow_box(torch.from_numpy(np.stack([cell_boxes(kept[z, s], cell_size) for z, s in queries])), size)
-    tokens = query_tokens(model, boxes, adapter.tokens[[s for _, s in queries]])
+    boxes = boxes.to(device)
+    tokens = query_tokens(model, boxes, adapter.tokens[[s for _, s in queries]].to(device))
 
     def embeddings_of(indices):
-        return torch.from_numpy(np.asarray(encoded.embeddings[[queries[i][0] for i in indices]], dtype=np.float32))
+        return torch.from_numpy(np.asarray(encoded.embeddings[[queries[i][0] for i in indices]],
+                                           dtype=np.float32)).to(device)
 
     results, done = {}, 0
     with adapter.tuned_decoder(model), torch.inference_mode():
         for indices, logits in decode_in_windows(model, embeddings_of, tokens, boxes, batch_size):
             logits = F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            for index, probability in zip(indices, torch.sigmoid(logits)):
-                results[queries[index]] = probability.half()  # half the memory: a 300-slice CT holds ~1000
+            # half the memory: a 300-slice CT holds ~1000
+            for index, probability in zip(indices, torch.sigmoid(logits).half().cpu()):
+                results[queries[index]] = probability
             done += len(indices)
             progress.update("propagate", done, len(queries), "propagating")
     return results

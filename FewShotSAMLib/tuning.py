@@ -27,6 +27,12 @@ def _training_queries(collection: FewShotCollection):
     return torch.tensor(slices), torch.tensor(classes), torch.stack(boxes) if boxes else torch.zeros(0, 4)
 
 
+def cpu_state(module: torch.nn.Module) -> dict:
+    """A copy of a module's weights on the CPU, wherever it runs: what adapters keep and save (a .fsam made on a
+    GPU loads anywhere)."""
+    return {name: value.detach().to("cpu", copy=True) for name, value in module.state_dict().items()}
+
+
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     probability = torch.sigmoid(logits) * valid
     target = target * valid
@@ -51,12 +57,12 @@ def tune_decoder(model: SamModel, collection: FewShotCollection, tokens: torch.T
     if start_state is not None:
         model.mask_decoder.load_state_dict(start_state)
     if steps <= 0 or len(slices) == 0:
-        tuned = copy.deepcopy(model.mask_decoder.state_dict())
+        tuned = cpu_state(model.mask_decoder)
         model.mask_decoder.load_state_dict(original)
         return tuned
     generator = torch.Generator().manual_seed(seed)
     size = collection.targets.shape[-1]
-    decoder = model.mask_decoder
+    decoder, device = model.mask_decoder, model.device
     decoder.train().requires_grad_(True)
     optimiser = torch.optim.AdamW(decoder.parameters(), lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=learning_rate, total_steps=steps, pct_start=0.15)
@@ -64,21 +70,22 @@ def tune_decoder(model: SamModel, collection: FewShotCollection, tokens: torch.T
     try:
         for step in range(steps):
             pick = torch.randint(len(slices), (min(batch_size, len(slices)),), generator=generator)
-            query_boxes = jitter_boxes(boxes[pick], size, generator)
-            query = query_tokens(model, query_boxes, tokens[classes[pick] - 1])
-            embeddings = collection.embeddings[slices[pick]]
+            # The collection stays on the CPU; each step's batch goes to the decoder's device.
+            query_boxes = jitter_boxes(boxes[pick], size, generator).to(device)
+            query = query_tokens(model, query_boxes, tokens[classes[pick] - 1].to(device))
+            embeddings = collection.embeddings[slices[pick]].to(device)
             order, parts = [], []
             for indices, window_logits in decode_in_windows(model, embeddings.__getitem__, query, query_boxes,
                                                             len(pick)):
                 order += indices
                 parts.append(window_logits)
-            logits = torch.cat(parts)[torch.argsort(torch.tensor(order))]
+            logits = torch.cat(parts)[torch.argsort(torch.tensor(order, device=device))]
             # The loss is taken at the decoder's native resolution (256 px for every model): subsampling the
             # targets is far cheaper than upsampling logits to SAM's 1024 px input.
             stride = size // logits.shape[-1]
-            targets = collection.targets[slices[pick]][:, ::stride, ::stride]
+            targets = collection.targets[slices[pick]][:, ::stride, ::stride].to(device)
             valid = (targets != IGNORE).float()
-            target = (targets == classes[pick][:, None, None]).float()
+            target = (targets == classes[pick].to(device)[:, None, None]).float()
             bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid).sum() / valid.sum()
             loss = bce + dice_loss(logits, target, valid)
             optimiser.zero_grad()
@@ -86,7 +93,7 @@ def tune_decoder(model: SamModel, collection: FewShotCollection, tokens: torch.T
             optimiser.step()
             schedule.step()
             progress.update("tune", step + 1, steps, f"tuning the mask decoder (step {step + 1}/{steps})")
-        tuned = copy.deepcopy(decoder.state_dict())
+        tuned = cpu_state(decoder)
     finally:
         decoder.load_state_dict(original)
         decoder.eval().requires_grad_(False)

@@ -330,15 +330,17 @@ def write_ct_case(data_dir: Path, folder: Path) -> tuple[Path, Path, tuple[int, 
     return folder / "ct300.nrrd", folder / "painted.seg.nrrd", scan.volume.array.shape
 
 
-def timed_cli_propagate(image: Path, labels: Path, out: Path, cache_dir: Path, extra: tuple[str, ...] = ()) -> dict:
+def timed_cli_propagate(image: Path, labels: Path, out: Path, cache_dir: Path, extra: tuple[str, ...] = (),
+                        device: str = "cpu") -> dict:
     """`fewshotsam propagate` in its own process: wall time and that process's peak resident memory."""
     command = [sys.executable, "-m", "FewShotSAMLib", "propagate", str(image), "--labels", str(labels),
-               "--out", str(out), "--cache-dir", str(cache_dir), "--device", "cpu", "--progress", "none", *extra]
+               "--out", str(out), "--cache-dir", str(cache_dir), "--device", device, "--progress", "none", *extra]
     start = time.perf_counter()
     # Through a small intermediate process: Linux carries a parent's peak RSS into a forked child's ru_maxrss,
     # so measured straight from this (large) process the child's peak would read as at least ours.
     done = subprocess.run([sys.executable, "-c", MEASURE_CHILD, *command], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (exit code {done.returncode}): {done.stderr[-2000:]}")
     peak_kib = int(done.stdout.strip().splitlines()[-1])
