@@ -69,7 +69,8 @@ def classify_slices(adapter: FewShotAdapter, encoded: EncodedVolume, indices: li
             batch = indices[start:start + batch_size]
             embeddings = torch.from_numpy(np.asarray(encoded.embeddings[batch], dtype=np.float32))
             body_boxes = encoded.body_boxes(batch) if adapter.position_frame == BODY_FRAME else None
-            into[batch] = adapter.classifier(embeddings, body_boxes)
+            positions = encoded.positions_for(adapter.position_frame, batch)  # None unless registered
+            into[batch] = adapter.classifier(embeddings, body_boxes, positions)
 
 
 # Weight of a cell outside every labelled footprint, against 1 at the footprint's centre: a structure found only
@@ -251,13 +252,14 @@ def predict_classes(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVo
 
 
 def slice_footprints(adapter: FewShotAdapter, encoded: EncodedVolume) -> torch.Tensor | None:
-    """The adapter's footprints as weights on the embedding grid ([S, 1, H, W], or [S, n, H, W] in the body frame),
-    or None when it has none."""
+    """The adapter's footprints as weights on the embedding grid ([S, 1, H, W], or [S, n, H, W] in the body frame or
+    at registered positions), or None when it has none."""
     if adapter.footprints is None:
         return None
     height, width = encoded.embeddings.shape[-2:]
     boxes = encoded.body_boxes(range(encoded.n_slices)) if adapter.position_frame == BODY_FRAME else None
-    return footprint_weights(adapter.footprints, adapter.position_frame, boxes, height, width)
+    positions = encoded.positions_for(adapter.position_frame, range(encoded.n_slices))
+    return footprint_weights(adapter.footprints, adapter.position_frame, boxes, height, width, positions)
 
 
 def painted_cell_map(adapter: FewShotAdapter, encoded: EncodedVolume, painted_slices: np.ndarray | None,
