@@ -222,7 +222,10 @@ class Engine:
         adapter = adapt(self.model, collection, self.options.adapt.resolved(across_scans=True), progress)
         adapter.support_modalities = [volume.modality for volume, _ in scans]
         if len(scans) == 1:  # the positions of several scans' image frames are no one scan's to register
-            adapter.support_image = support_image(encoded.slices, scans[0][0].geometry, encoded.axis, encoded.resize)
+            painted = [[z for (_, z), target in zip(collection.sources, collection.targets) if (target == c).any()]
+                       for c in range(1, collection.n_classes)]
+            adapter.support_image = support_image(encoded.slices, scans[0][0].geometry, encoded.axis, encoded.resize,
+                                                  painted)
         return adapter
 
     def apply(self, adapter: FewShotAdapter, volume: Volume, progress: Progress = NO_PROGRESS,

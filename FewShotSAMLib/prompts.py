@@ -51,7 +51,7 @@ def embedding_features(embeddings: torch.Tensor, body_boxes: torch.Tensor | None
     batch, _, height, width = embeddings.shape
     cells = F.normalize(embeddings.float().permute(0, 2, 3, 1), dim=-1) * FEATURE_SCALE
     if positions is not None:
-        position = positions.to(embeddings.device, torch.float32) * POSITION_SCALE
+        position = positions[..., :2].to(embeddings.device, torch.float32) * POSITION_SCALE
     elif body_boxes is None:
         ys = torch.linspace(-1, 1, height, device=embeddings.device)
         xs = torch.linspace(-1, 1, width, device=embeddings.device)
@@ -183,7 +183,7 @@ def footprint_weights(footprints: torch.Tensor, frame: str, body_boxes: torch.Te
     if frame == IMAGE_FRAME and positions is not None:
         # Image-frame positions put cell j at -1 + 2 j / (W - 1): grid_sample's align_corners=True convention.
         expanded = footprints.float()[None].expand(positions.shape[0], -1, -1, -1)
-        looked_up = F.grid_sample(expanded, positions.float(), mode="bilinear", padding_mode="zeros",
+        looked_up = F.grid_sample(expanded, positions[..., :2].float(), mode="bilinear", padding_mode="zeros",
                                   align_corners=True)
         return looked_up.permute(1, 0, 2, 3)
     if frame == IMAGE_FRAME:

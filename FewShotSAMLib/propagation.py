@@ -32,6 +32,7 @@ from .preprocess import mask_logits_to_stack
 from .progress import NO_PROGRESS, Progress
 from .prompts import footprint_weights
 from .queries import cell_boxes, grow_box, query_tokens
+from .registration import through_plane_weights
 
 
 @dataclass
@@ -259,7 +260,10 @@ def slice_footprints(adapter: FewShotAdapter, encoded: EncodedVolume) -> torch.T
     height, width = encoded.embeddings.shape[-2:]
     boxes = encoded.body_boxes(range(encoded.n_slices)) if adapter.position_frame == BODY_FRAME else None
     positions = encoded.positions_for(adapter.position_frame, range(encoded.n_slices))
-    return footprint_weights(adapter.footprints, adapter.position_frame, boxes, height, width, positions)
+    weights = footprint_weights(adapter.footprints, adapter.position_frame, boxes, height, width, positions)
+    if positions is not None and adapter.support_image is not None:
+        weights = weights * through_plane_weights(positions[..., 2], adapter.support_image.painted_extents)
+    return weights
 
 
 def painted_cell_map(adapter: FewShotAdapter, encoded: EncodedVolume, painted_slices: np.ndarray | None,
