@@ -32,7 +32,7 @@ from .preprocess import mask_logits_to_stack
 from .progress import NO_PROGRESS, Progress
 from .prompts import footprint_weights
 from .queries import cell_boxes, grow_box, query_tokens
-from .registration import through_plane_weights
+from .registration import through_plane_weights, with_through_plane_prior
 
 
 @dataclass
@@ -71,8 +71,14 @@ def classify_slices(adapter: FewShotAdapter, encoded: EncodedVolume, indices: li
             embeddings = torch.from_numpy(np.asarray(encoded.embeddings[batch], dtype=np.float32))
             body_boxes = encoded.body_boxes(batch) if adapter.position_frame == BODY_FRAME else None
             positions = encoded.positions_for(adapter.position_frame, batch)  # None unless registered
-            into[batch] = adapter.classifier(embeddings, body_boxes, positions)
+            probabilities = adapter.classifier(embeddings, body_boxes, positions)
+            if positions is not None and adapter.support_image is not None and THROUGH_PLANE_PRIOR:
+                probabilities = with_through_plane_prior(probabilities, positions[..., 2],
+                                                         adapter.support_image.painted_extents)
+            into[batch] = probabilities
 
+
+THROUGH_PLANE_PRIOR = True
 
 # Weight of a cell outside every labelled footprint, against 1 at the footprint's centre: a structure found only
 # where it was never painted (a scan framed differently) is still found, but loses to one found where it was painted.

@@ -277,6 +277,17 @@ def through_plane_weights(support_slices: torch.Tensor, extents: torch.Tensor) -
     return torch.where(first >= 0, weights, torch.ones_like(weights))
 
 
+def with_through_plane_prior(probabilities: torch.Tensor, support_slices: torch.Tensor,
+                             extents: torch.Tensor) -> torch.Tensor:
+    """[b, K, H, W] class probabilities of registered query slices -> the same with each structure's share scaled by
+    its through_plane_weights and what it loses given to background: a structure is not where the support scan's
+    slices hold none of it (on CHAOS 5 -> 1 the pixel prompts found spleen over 28 slices, the spleen spans 14)."""
+    weights = through_plane_weights(support_slices, extents).permute(1, 0, 2, 3)  # [b, S, H, W]
+    structures = probabilities[:, 1:] * weights
+    background = probabilities[:, :1] + (probabilities[:, 1:] - structures).sum(1, keepdim=True)
+    return torch.cat([background, structures], dim=1)
+
+
 def positions_in_support(support: SupportImage | None, slices: np.ndarray, geometry: Geometry, axis: int,
                          resize: ResizeInfo, grid: int, progress: Progress = NO_PROGRESS,
                          seed: int = 0) -> torch.Tensor | None:
