@@ -72,13 +72,11 @@ def classify_slices(adapter: FewShotAdapter, encoded: EncodedVolume, indices: li
             body_boxes = encoded.body_boxes(batch) if adapter.position_frame == BODY_FRAME else None
             positions = encoded.positions_for(adapter.position_frame, batch)  # None unless registered
             probabilities = adapter.classifier(embeddings, body_boxes, positions)
-            if positions is not None and adapter.support_image is not None and THROUGH_PLANE_PRIOR:
+            if positions is not None and adapter.support_image is not None:
                 probabilities = with_through_plane_prior(probabilities, positions[..., 2],
                                                          adapter.support_image.painted_extents)
             into[batch] = probabilities
 
-
-THROUGH_PLANE_PRIOR = True
 
 # Weight of a cell outside every labelled footprint, against 1 at the footprint's centre: a structure found only
 # where it was never painted (a scan framed differently) is still found, but loses to one found where it was painted.

@@ -44,7 +44,6 @@ MIN_SCALE, MAX_SCALE = 0.67, 1.5
 # a structure (protocol 2), but cut the liver of CHAOS 3 from a model of CHAOS 2 painted at 1/4-3/4 of the slices
 # holding both liver and spleen (Dice 0.814 -> 0.765); 1/2 gave 0.878 there and the same development mean (0.836).
 THROUGH_PLANE_MARGIN = 0.5
-THROUGH_PLANE_FLOOR = 0.0  # the least a structure's probability is scaled by, however far from its painted slices
 
 
 class RegistrationFailed(Exception):
@@ -286,7 +285,7 @@ def with_through_plane_prior(probabilities: torch.Tensor, support_slices: torch.
     """[b, K, H, W] class probabilities of registered query slices -> the same with each structure's share scaled by
     its through_plane_weights and what it loses given to background: a structure is not where the support scan's
     slices hold none of it (on CHAOS 5 -> 1 the pixel prompts found spleen over 28 slices, the spleen spans 14)."""
-    weights = through_plane_weights(support_slices, extents).permute(1, 0, 2, 3).clamp(min=THROUGH_PLANE_FLOOR)
+    weights = through_plane_weights(support_slices, extents).permute(1, 0, 2, 3)  # [b, S, H, W]
     structures = probabilities[:, 1:] * weights
     background = probabilities[:, :1] + (probabilities[:, 1:] - structures).sum(1, keepdim=True)
     return torch.cat([background, structures], dim=1)
