@@ -96,3 +96,14 @@ def test_a_model_file_without_a_support_copy_applies_as_before(tmp_path, support
     assert np.array_equal(before, after)
     said = [event.message for event in events if event.stage == STAGE]
     assert said and "no support image" in said[-1] and "image frame" in said[-1]
+
+
+def test_the_through_plane_prior_gives_a_structure_far_from_its_painted_slices_to_background():
+    probabilities = torch.tensor([0.2, 0.5, 0.3]).reshape(1, 3, 1, 1).expand(4, 3, 1, 1)  # 4 slices, 1 cell each
+    support_slices = torch.tensor([10.0, 16.0, 30.0, 60.0]).reshape(4, 1, 1)  # where each query slice lies
+    extents = torch.tensor([[8.0, 16.0], [-1.0, -1.0]])  # structure 1 painted on slices 8-16, structure 2 never
+    prior = registration.with_through_plane_prior(probabilities, support_slices, extents)
+    assert torch.allclose(prior.sum(1), torch.ones(4, 1, 1))
+    assert torch.allclose(prior[:2], probabilities[:2]), "within the painted slices nothing changes"
+    assert prior[2, 1] < 0.5 * probabilities[2, 1] and prior[3, 1] < 1e-6, "beyond them the structure fades"
+    assert torch.allclose(prior[:, 2], probabilities[:, 2]), "a structure never painted keeps its probability"
