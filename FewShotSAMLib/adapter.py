@@ -2,7 +2,8 @@
 
 It holds the structures (segment names, colours, label values), the pixel prompts, the structure tokens, the
 structures' footprints and the tuned mask decoder, plus the name and weights checksum of the model it was made with,
-so it can segment new scans of the same anatomy with no labels of their own.
+so it can segment new scans of the same anatomy with no labels of their own; an adapter made on one scan also keeps
+a small copy of it, to register it to each new scan (registration.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .fewshot import FewShotCollection
 from .models import SamModel
 from .progress import NO_PROGRESS, Progress
 from .prompts import PixelClassifier, structure_footprints, structure_tokens, train_pixel_classifier
+from .registration import SupportImage
 from .tuning import tune_decoder
 from .volume import HasSegments, Segment
 
@@ -64,6 +66,9 @@ class FewShotAdapter(HasSegments):
     # Empty for models saved before this was recorded.
     support_modalities: list[str] = field(default_factory=list)
     footprints: torch.Tensor | None = None  # [S, H, W] (prompts.structure_footprints); None in older .fsam files
+    # A small copy of the support scan, to register it to a query (registration.py); None for an adapter made on
+    # several scans and in .fsam files made before registration (those apply in the image frame, as before).
+    support_image: SupportImage | None = None
 
     @property
     def position_frame(self) -> str:
@@ -131,6 +136,8 @@ class FewShotAdapter(HasSegments):
             "support_modalities": list(self.support_modalities),  # optional: older files lack it
             "footprints": self.footprints,
             "position_frame": self.position_frame,  # optional: older files lack it (their frame is the image)
+            # optional: older files lack it (no registration)
+            "support_image": None if self.support_image is None else self.support_image.payload(),
         }
 
     @classmethod
@@ -177,7 +184,8 @@ class FewShotAdapter(HasSegments):
         return cls(segments, classifier.eval().requires_grad_(False), tokens, payload["decoder"],
                    str(payload["model_id"]), AdaptOptions(**{"position_frame": frame, **payload.get("options", {})}),
                    int(payload.get("n_labelled_slices", 0)), [str(m) for m in payload.get("support_modalities", [])],
-                   _footprints(payload.get("footprints"), len(segments)))
+                   _footprints(payload.get("footprints"), len(segments)),
+                   _support_image(payload.get("support_image")))
 
 
 def _footprints(footprints, n_segments: int) -> torch.Tensor | None:
@@ -188,6 +196,15 @@ def _footprints(footprints, n_segments: int) -> torch.Tensor | None:
         raise ValueError(f"footprints of shape {tuple(getattr(footprints, 'shape', ()))} do not match its "
                          f"{n_segments} segments")
     return footprints.float()
+
+
+def _support_image(payload) -> SupportImage | None:
+    """The saved support image copy, or None for a model saved without one."""
+    if payload is None:
+        return None
+    if not isinstance(payload, dict):
+        raise TypeError("the support image copy is not a set of values")
+    return SupportImage.from_payload(payload)
 
 
 _REQUIRED_KEYS = ("segments", "classifier", "classifier_shape", "tokens", "decoder", "model_id")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .body_frame import body_boxes_on_grid
+from .body_frame import IMAGE_FRAME, body_boxes_on_grid
 from .embedding_cache import EmbeddingCache, cache_key
 from .models import SamModel
 from .orientation import in_plane_spacing, to_slices
@@ -27,6 +27,9 @@ class EncodedVolume:
     resize: ResizeInfo
     pixel_spacing: tuple[float, float]
     encoded: list[int] | None = None  # the slices whose embeddings exist (None: all); the others read as zeros
+    # [n, H, W, 2] where each cell lies in an image-frame adapter's support scan (registration.py; set by
+    # Engine.apply), or None: every cell at its own image-frame position
+    registered_positions: torch.Tensor | None = None
     # Body boxes on the embedding grid, computed from the slices when first asked for (body_frame.py)
     _body_boxes: dict = field(default_factory=dict, repr=False)
 
@@ -41,6 +44,13 @@ class EncodedVolume:
             boxes = body_boxes_on_grid(self.slices[missing], self.resize, self.embeddings.shape[-1])
             self._body_boxes.update(zip(missing, boxes))
         return torch.stack([self._body_boxes[int(z)] for z in indices]) if len(indices) else torch.zeros((0, 4))
+
+    def positions_for(self, adapter_frame: str, indices) -> torch.Tensor | None:
+        """The registered positions of some slices for an adapter in `adapter_frame`, or None (its own positions):
+        only image-frame positions are registered, body-frame ones come from each slice's body box."""
+        if self.registered_positions is None or adapter_frame != IMAGE_FRAME:
+            return None
+        return self.registered_positions[list(indices)]
 
     def model_images(self, indices) -> torch.Tensor:
         """[len, 3, S, S] model-input images for some slices (recomputed: cheap next to encoding)."""

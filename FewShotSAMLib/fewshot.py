@@ -30,6 +30,9 @@ class FewShotCollection(HasSegments):
     targets: torch.Tensor = None  # [N, S, S] uint8 class maps at model-input resolution (0 bg, c+1, IGNORE)
     sources: list[tuple[int, int]] = field(default_factory=list)  # (scan number, slice index) per labelled slice
     body_boxes: torch.Tensor = None  # [N, 4] each labelled slice's body box in embedding-grid cells (body_frame.py)
+    # [N, H, W, 2] registered image-frame positions of every cell (registration.py): only a second pass on a
+    # registered query has them; None: each cell's own position
+    positions: torch.Tensor | None = None
 
 
     def coarse_targets(self, grid: int) -> torch.Tensor:
@@ -37,7 +40,10 @@ class FewShotCollection(HasSegments):
         return pool_class_maps(self.targets, self.n_classes, grid)
 
     def add(self, embeddings: torch.Tensor, targets: torch.Tensor, sources: list[tuple[int, int]],
-            body_boxes: torch.Tensor) -> None:
+            body_boxes: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        if (positions is None) != (self.positions is None) and self.embeddings is not None:
+            raise ValueError("slices with registered positions cannot be mixed with slices without")
+        self.positions = positions if self.positions is None else torch.cat([self.positions, positions])
         self.embeddings = embeddings if self.embeddings is None else torch.cat([self.embeddings, embeddings])
         self.targets = targets if self.targets is None else torch.cat([self.targets, targets])
         self.sources.extend(sources)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .adapter import AdaptOptions, FewShotAdapter, adapt
+from .body_frame import IMAGE_FRAME
 from .confidence import ConfidenceRecorder
 from .embedding_cache import EmbeddingCache
 from .encoding import EncodedVolume, VolumeEncoding
@@ -22,6 +23,7 @@ from .orientation import in_plane_spacing, slice_axis, to_slices
 from .preprocess import choose_normalisation
 from .progress import NO_PROGRESS, AsStage, Progress, WithinStage
 from .propagation import PropagationOptions, Reach, finish_labels, predict_classes, propagate_volume
+from .registration import positions_in_support, support_image
 from .second_pass import STAGE as SECOND_PASS_STAGE
 from .second_pass import SecondPassOptions, keep_moved_structures, self_train
 from .small_structures import ShapeBlendOptions, blend_with_painted_shape
@@ -47,6 +49,9 @@ class EngineOptions:
     small_structures: ShapeBlendOptions = field(default_factory=ShapeBlendOptions)
     # apply only: tune on the query's own most confident slices and predict it again (second_pass.py)
     second_pass: SecondPassOptions = field(default_factory=SecondPassOptions)
+    # apply only: register the model's support scan to the query and read the image-frame pixel prompts and
+    # footprints at the registered positions (registration.py); models without a support copy apply as before
+    register: bool = False
     # Start from the previous run on the same scan and options when only painted slices were added or changed
     # (warm_start.py); False: always adapt from scratch.
     warm_start: bool = True
@@ -216,6 +221,11 @@ class Engine:
         seed_everything(self.options.adapt.seed)
         adapter = adapt(self.model, collection, self.options.adapt.resolved(across_scans=True), progress)
         adapter.support_modalities = [volume.modality for volume, _ in scans]
+        if len(scans) == 1:  # the positions of several scans' image frames are no one scan's to register
+            painted = [[z for (_, z), target in zip(collection.sources, collection.targets) if (target == c).any()]
+                       for c in range(1, collection.n_classes)]
+            adapter.support_image = support_image(encoded.slices, scans[0][0].geometry, encoded.axis, encoded.resize,
+                                                  painted)
         return adapter
 
     def apply(self, adapter: FewShotAdapter, volume: Volume, progress: Progress = NO_PROGRESS,
@@ -226,6 +236,10 @@ class Engine:
         adapter.warn_if_unlike_support(volume.modality, scan_name)
         n_slices = volume.array.shape[self.slice_axis(volume)]
         encoded = self.encode(volume, progress, only=self.slices_to_encode([], n_slices))
+        if self.options.register and adapter.position_frame == IMAGE_FRAME:
+            encoded.registered_positions = positions_in_support(
+                adapter.support_image, encoded.slices, volume.geometry, encoded.axis, encoded.resize,
+                encoded.embeddings.shape[-1], progress, self.options.adapt.seed)
         recorder = ConfidenceRecorder() if self.options.second_pass.enabled else None
         predicted = propagate_volume(self.model, adapter, encoded, None, [], self.options.propagation, progress,
                                      recorder)

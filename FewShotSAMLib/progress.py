@@ -9,9 +9,10 @@ from .errors import Cancelled
 
 # Share of a whole run each stage takes, so one overall fraction can drive a single progress bar.
 # "second pass": apply's self-training on the query (second_pass.py), its own prompts, tuning and propagation.
+# "register": apply's registration of the model's support scan to the query (registration.py).
 # "reach": propagate's encoding on demand after tuning, of the slices the structures reach (Engine.encode_reach).
-STAGE_WEIGHTS = {"load": 0.02, "encode": 0.3, "prompts": 0.05, "tune": 0.2, "reach": 0.25, "propagate": 0.16,
-                 "second pass": 0.1, "write": 0.02}
+STAGE_WEIGHTS = {"load": 0.02, "encode": 0.3, "register": 0.02, "prompts": 0.05, "tune": 0.2, "reach": 0.25,
+                 "propagate": 0.16, "second pass": 0.1, "write": 0.02}
 APPLY_STAGES = tuple(STAGE_WEIGHTS)  # the default: a stage missing from the list would report fraction 0
 RUN_STAGES = tuple(stage for stage in STAGE_WEIGHTS if stage != "second pass")  # propagate, adapt, demo
 

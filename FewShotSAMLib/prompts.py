@@ -13,7 +13,9 @@ Two kinds, both learned from the labelled slices only:
 
 Positions (the classifier's and the footprints') are in one of two frames (body_frame.py): the image frame (the
 padded model-input square, every adapter made before body frames) or the body frame (relative to the body's
-bounding box on each slice), which carries over between patients who lie at different places and sizes.
+bounding box on each slice), which carries over between patients who lie at different places and sizes. On a scan
+registered to an image-frame adapter's support scan (registration.py), each cell's position is instead where that
+cell's anatomy lies in the support's image frame: the "registered" positions, given per slice as [n, H, W, 2].
 """
 
 from __future__ import annotations
@@ -41,12 +43,16 @@ BODY_POSITION_SCALE = 16.0
 FOOTPRINT_SIGMA = 12.0
 
 
-def embedding_features(embeddings: torch.Tensor, body_boxes: torch.Tensor | None = None) -> torch.Tensor:
+def embedding_features(embeddings: torch.Tensor, body_boxes: torch.Tensor | None = None,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
     """[B, C, H, W] embeddings -> [B, H, W, C + 2] per-cell features (normalised embedding, x, y): x, y in -1..1
-    across the image (body_boxes None, the image frame) or across each slice's body box ([B, 4], the body frame)."""
+    across the image (body_boxes None, the image frame) or across each slice's body box ([B, 4], the body frame);
+    positions [B, H, W, 2]: the image-frame positions to use instead of each cell's own (registered positions)."""
     batch, _, height, width = embeddings.shape
     cells = F.normalize(embeddings.float().permute(0, 2, 3, 1), dim=-1) * FEATURE_SCALE
-    if body_boxes is None:
+    if positions is not None:
+        position = positions[..., :2].to(embeddings.device, torch.float32) * POSITION_SCALE
+    elif body_boxes is None:
         ys = torch.linspace(-1, 1, height, device=embeddings.device)
         xs = torch.linspace(-1, 1, width, device=embeddings.device)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
@@ -64,14 +70,17 @@ class PixelClassifier(nn.Module):
         self.frame = frame
         self.net = nn.Sequential(nn.Linear(n_features, hidden), nn.GELU(), nn.Linear(hidden, n_classes))
 
-    def forward(self, embeddings: torch.Tensor, body_boxes: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, body_boxes: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """[B, C, H, W] embeddings -> class probabilities [B, n_classes, H, W]; body_boxes [B, 4]: the slices'
-        body boxes in grid cells, needed in the body frame (ignored in the image frame)."""
-        return self.net(self.features(embeddings, body_boxes)).softmax(-1).permute(0, 3, 1, 2)
+        body boxes in grid cells, needed in the body frame (ignored in the image frame); positions [B, H, W, 2]:
+        registered image-frame positions (image frame only; None: each cell's own)."""
+        return self.net(self.features(embeddings, body_boxes, positions)).softmax(-1).permute(0, 3, 1, 2)
 
-    def features(self, embeddings: torch.Tensor, body_boxes: torch.Tensor | None) -> torch.Tensor:
+    def features(self, embeddings: torch.Tensor, body_boxes: torch.Tensor | None,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
         if self.frame == IMAGE_FRAME:
-            return embedding_features(embeddings)
+            return embedding_features(embeddings, positions=positions)
         if body_boxes is None:
             raise ValueError("a body-frame pixel classifier needs each slice's body box")
         return embedding_features(embeddings, body_boxes)
@@ -91,7 +100,8 @@ def train_pixel_classifier(collection: FewShotCollection, steps: int = 200, lear
         classifier = PixelClassifier(collection.embeddings.shape[1] + 2, collection.n_classes, frame=frame)
     else:
         classifier = copy.deepcopy(start).train().requires_grad_(True)
-    features = classifier.features(collection.embeddings, collection.body_boxes).reshape(targets.shape[0], -1)
+    features = classifier.features(collection.embeddings, collection.body_boxes, collection.positions)
+    features = features.reshape(targets.shape[0], -1)
     keep = targets != IGNORE
     features, targets = features[keep], targets[keep]
     # Rare classes (a small kidney next to a large background) get more weight, dampened by a square root so
@@ -130,9 +140,12 @@ def structure_footprints(collection: FewShotCollection, sigma: float = FOOTPRINT
                          frame: str = IMAGE_FRAME) -> torch.Tensor:
     """[S, H, W] in 0..1: the share of a structure's labelled slices on which each embedding-grid cell belongs to
     it, blurred by `sigma` cells and scaled to a maximum of 1 (all zeros for a structure never painted). In the
-    body frame the cells are those of an H x W grid over each slice's body box (see footprint_weights)."""
+    body frame the cells are those of an H x W grid over each slice's body box (see footprint_weights); with
+    registered positions (collection.positions) each cell is moved to the support's image-frame cell it lies on."""
     grid = collection.embeddings.shape[-1]
     coarse = collection.coarse_targets(grid)
+    if frame == IMAGE_FRAME and collection.positions is not None:
+        coarse = to_registered_cells(coarse, collection.positions)
     if frame == BODY_FRAME:
         one_hot = F.one_hot(torch.where(coarse == IGNORE, 0, coarse).long(), collection.n_classes)
         resampled = to_body_frame(one_hot.permute(0, 3, 1, 2), collection.body_boxes, grid)
@@ -148,10 +161,31 @@ def structure_footprints(collection: FewShotCollection, sigma: float = FOOTPRINT
     return torch.from_numpy(np.stack(footprints).astype(np.float32))
 
 
+def to_registered_cells(coarse: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[N, H, W] class maps of query slices -> [N, H, W] on the support's image-frame grid: each query cell's class
+    written at the support cell nearest its registered position [N, H, W, 2] (cells none lands on: background).
+    Gaps where the query is larger than the support vanish in the footprint's blur of FOOTPRINT_SIGMA cells."""
+    n, height, width = coarse.shape
+    column = torch.round((positions[..., 0] + 1) / 2 * (width - 1)).long()
+    row = torch.round((positions[..., 1] + 1) / 2 * (height - 1)).long()
+    inside = (column >= 0) & (column < width) & (row >= 0) & (row < height) & (coarse != IGNORE)
+    moved = torch.zeros_like(coarse)
+    slice_index = torch.arange(n)[:, None, None].expand(n, height, width)
+    moved[slice_index[inside], row[inside], column[inside]] = coarse[inside]
+    return moved
+
+
 def footprint_weights(footprints: torch.Tensor, frame: str, body_boxes: torch.Tensor | None,
-                      height: int, width: int) -> torch.Tensor:
+                      height: int, width: int, positions: torch.Tensor | None = None) -> torch.Tensor:
     """[S, H, W] footprints -> [S, 1, H, W] (image frame: the same on every slice) or [S, n, H, W] (body frame:
-    each slice's cells looked up in the footprint over its body box) weights on the embedding grid."""
+    each slice's cells looked up in the footprint over its body box; registered positions [n, H, W, 2]: each cell
+    looked up at its position in the support's image frame) weights on the embedding grid."""
+    if frame == IMAGE_FRAME and positions is not None:
+        # Image-frame positions put cell j at -1 + 2 j / (W - 1): grid_sample's align_corners=True convention.
+        expanded = footprints.float()[None].expand(positions.shape[0], -1, -1, -1)
+        looked_up = F.grid_sample(expanded, positions[..., :2].float(), mode="bilinear", padding_mode="zeros",
+                                  align_corners=True)
+        return looked_up.permute(1, 0, 2, 3)
     if frame == IMAGE_FRAME:
         return footprints[:, None]
     return from_body_frame(footprints, body_boxes, height, width).permute(1, 0, 2, 3)

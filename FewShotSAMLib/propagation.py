@@ -32,6 +32,7 @@ from .preprocess import mask_logits_to_stack
 from .progress import NO_PROGRESS, Progress
 from .prompts import footprint_weights
 from .queries import cell_boxes, grow_box, query_tokens
+from .registration import through_plane_weights, with_through_plane_prior
 
 
 @dataclass
@@ -69,7 +70,12 @@ def classify_slices(adapter: FewShotAdapter, encoded: EncodedVolume, indices: li
             batch = indices[start:start + batch_size]
             embeddings = torch.from_numpy(np.asarray(encoded.embeddings[batch], dtype=np.float32))
             body_boxes = encoded.body_boxes(batch) if adapter.position_frame == BODY_FRAME else None
-            into[batch] = adapter.classifier(embeddings, body_boxes)
+            positions = encoded.positions_for(adapter.position_frame, batch)  # None unless registered
+            probabilities = adapter.classifier(embeddings, body_boxes, positions)
+            if positions is not None and adapter.support_image is not None:
+                probabilities = with_through_plane_prior(probabilities, positions[..., 2],
+                                                         adapter.support_image.painted_extents)
+            into[batch] = probabilities
 
 
 # Weight of a cell outside every labelled footprint, against 1 at the footprint's centre: a structure found only
@@ -255,13 +261,17 @@ def predict_classes(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVo
 
 
 def slice_footprints(adapter: FewShotAdapter, encoded: EncodedVolume) -> torch.Tensor | None:
-    """The adapter's footprints as weights on the embedding grid ([S, 1, H, W], or [S, n, H, W] in the body frame),
-    or None when it has none."""
+    """The adapter's footprints as weights on the embedding grid ([S, 1, H, W], or [S, n, H, W] in the body frame or
+    at registered positions), or None when it has none."""
     if adapter.footprints is None:
         return None
     height, width = encoded.embeddings.shape[-2:]
     boxes = encoded.body_boxes(range(encoded.n_slices)) if adapter.position_frame == BODY_FRAME else None
-    return footprint_weights(adapter.footprints, adapter.position_frame, boxes, height, width)
+    positions = encoded.positions_for(adapter.position_frame, range(encoded.n_slices))
+    weights = footprint_weights(adapter.footprints, adapter.position_frame, boxes, height, width, positions)
+    if positions is not None and adapter.support_image is not None:
+        weights = weights * through_plane_weights(positions[..., 2], adapter.support_image.painted_extents)
+    return weights
 
 
 def painted_cell_map(adapter: FewShotAdapter, encoded: EncodedVolume, painted_slices: np.ndarray | None,

@@ -88,7 +88,8 @@ def pseudo_collection(adapter: FewShotAdapter, encoded: EncodedVolume, classes: 
                 targets[index][targets[index] == s + 1] = IGNORE
     collection = FewShotCollection(segments=list(adapter.segments))
     embeddings = torch.from_numpy(np.asarray(encoded.embeddings[slices], dtype=np.float32))
-    collection.add(embeddings, targets, [(0, z) for z in slices], encoded.body_boxes(slices))
+    collection.add(embeddings, targets, [(0, z) for z in slices], encoded.body_boxes(slices),
+                   encoded.positions_for(adapter.position_frame, slices))
     return collection
 
 
@@ -115,7 +116,7 @@ def self_train(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVolume,
             footprints = torch.where(present[:, None, None], footprints, adapter.footprints)
     return FewShotAdapter(list(adapter.segments), classifier, tokens, decoder_state, adapter.model_id,
                           adapter.options, collection.embeddings.shape[0], list(adapter.support_modalities),
-                          footprints)
+                          footprints, adapter.support_image)
 
 
 def keep_moved_structures(first: np.ndarray, second: np.ndarray, label_values: list[int],

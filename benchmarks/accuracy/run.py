@@ -43,6 +43,8 @@ from FewShotSAMLib.atomic_write import write_text_atomically
 from FewShotSAMLib.body_frame import AUTO_FRAME, FRAMES
 from FewShotSAMLib.metrics import score_labels
 from FewShotSAMLib.pipeline import Engine, EngineOptions
+from FewShotSAMLib.progress import Progress
+from FewShotSAMLib.registration import STAGE as REGISTER_STAGE
 from FewShotSAMLib.second_pass import SecondPassOptions
 from FewShotSAMLib.slice_selection import few_shot_labels, fractions_of_extent
 
@@ -115,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where new adapters measure positions: body (relative to the body's box on each slice; "
                              "FewShotSAMLib/body_frame.py), image (the model-input square, as before) or auto (the "
                              "default: body across scans, image within one)")
+    parser.add_argument("--register", default="off", choices=("on", "off"),
+                        help="protocols 2 and 3: register the support scan to each query and read the pixel prompts "
+                             "and footprints at the registered positions (FewShotSAMLib/registration.py)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite accuracy.md and the plot from --out/accuracy.json "
                              "(and --out/supervised.json when present)")
@@ -195,7 +200,8 @@ class Benchmark:
                                            encoder=args.encoder, cache_dir=str(args.cache_dir),
                                            # every k from scratch: k = 3 must not start from the k = 1 run's record
                                            warm_start=False, adapt=AdaptOptions(position_frame=args.position_frame),
-                                           second_pass=SecondPassOptions(enabled=not args.no_second_pass)))
+                                           second_pass=SecondPassOptions(enabled=not args.no_second_pass),
+                                           register=args.register == "on"))
         self.decoder_steps = self.engine.options.adapt.decoder_steps
         self.records: list[dict] = []
         self.encoding_seconds: dict[str, dict[str, float]] = {}
@@ -269,6 +275,7 @@ class Benchmark:
                 "decoder_steps": self.decoder_steps,
                 "second_pass": dataclasses.asdict(self.engine.options.second_pass),  # apply's (protocols 2, 3)
                 "position_frame": self.engine.options.adapt.position_frame,
+                "register": self.engine.options.register,
                 "datasets": self.args.datasets,
                 "ks": self.args.ks,
                 "methods": self.args.methods,
@@ -479,8 +486,10 @@ class Benchmark:
                     query_scans[query] = load_scan("chaos", query, self.args.data_dir, self.engine.options.axis)
                 scan = query_scans[query]
                 self.encode(scan)
+                registration = []  # what apply said about registering the support to this query (--register on)
+                said = Progress(registration_listener(registration))
                 start = time.perf_counter()
-                prediction = self.engine.apply(adapter, scan.volume).array
+                prediction = self.engine.apply(adapter, scan.volume, said).array
                 seconds = time.perf_counter() - start
                 record = {
                     "protocol": protocol, "dataset": "chaos", "scan": query, "method": method, **fields,
@@ -489,6 +498,9 @@ class Benchmark:
                     "adapt_seconds": round(adapt_seconds, 3), "apply_seconds": round(seconds, 3),
                     "structures": score(scan, prediction),
                 }
+                if registration:
+                    record["registration"] = registration[-1]
+                    log(f"    {registration[-1]}")
                 self.add(record)
                 extent = np.mean([s["dice_inside_reference_extent"] for s in record["structures"].values()])
                 whole = np.mean([s["dice"] for s in record["structures"].values()])
@@ -509,6 +521,16 @@ class Benchmark:
             self.status = "partial: interrupted"
             log("interrupted: writing partial results")
         return self.write()
+
+
+def registration_listener(messages: list[str]):
+    """A progress callback that keeps the final message of apply's registration stage in `messages`."""
+
+    def listen(event) -> None:
+        if event.stage == REGISTER_STAGE and event.done == event.total:
+            messages.append(event.message)
+
+    return listen
 
 
 def support_labels(scan: Scan) -> np.ndarray:
