@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--image", action="append", required=True, help="a 3D image (repeat for several scans)")
     adapt.add_argument("--labels", action="append", required=True, help="its labels (one --labels per --image)")
     adapt.add_argument("--out", required=True, help="output .fsam file")
+    adapt.add_argument("--register", action="store_true",
+                       help="keep a small copy of the (single) support scan in the model, at most 96 voxels a side "
+                            "(~0.3 MB), so that `apply --register` can register it to each new scan; the copy is a "
+                            "low-resolution image of the patient: share such a model as you would the scan")
     _add_engine_options(adapt)
 
     apply = commands.add_parser("apply", help="segment new scans with a saved .fsam model (no labels needed)")
@@ -216,7 +220,7 @@ def engine_options(args):
         warm_start=not getattr(args, "no_warm_start", False),  # only propagate has the option
         encode_all_slices=getattr(args, "encode_all_slices", False),  # likewise
         second_pass=SecondPassOptions(enabled=not getattr(args, "no_second_pass", False)),  # only apply has it
-        register=getattr(args, "register", False),  # likewise
+        register=getattr(args, "register", False),  # adapt and apply have it
     )
 
 

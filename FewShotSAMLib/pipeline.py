@@ -49,8 +49,9 @@ class EngineOptions:
     small_structures: ShapeBlendOptions = field(default_factory=ShapeBlendOptions)
     # apply only: tune on the query's own most confident slices and predict it again (second_pass.py)
     second_pass: SecondPassOptions = field(default_factory=SecondPassOptions)
-    # apply only: register the model's support scan to the query and read the image-frame pixel prompts and
-    # footprints at the registered positions (registration.py); models without a support copy apply as before
+    # adapt: keep a small copy of the (single) support scan in the adapter, a low-resolution image of the patient,
+    # so it is asked for, not made by default; apply: register that copy to the query and read the image-frame
+    # pixel prompts and footprints at the registered positions (registration.py); models without one apply as before
     register: bool = False
     # Start from the previous run on the same scan and options when only painted slices were added or changed
     # (warm_start.py); False: always adapt from scratch.
@@ -221,7 +222,8 @@ class Engine:
         seed_everything(self.options.adapt.seed)
         adapter = adapt(self.model, collection, self.options.adapt.resolved(across_scans=True), progress)
         adapter.support_modalities = [volume.modality for volume, _ in scans]
-        if len(scans) == 1:  # the positions of several scans' image frames are no one scan's to register
+        # The positions of several scans' image frames are no one scan's to register.
+        if self.options.register and len(scans) == 1:
             painted = [[z for (_, z), target in zip(collection.sources, collection.targets) if (target == c).any()]
                        for c in range(1, collection.n_classes)]
             adapter.support_image = support_image(encoded.slices, scans[0][0].geometry, encoded.axis, encoded.resize,

@@ -6,15 +6,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from test_second_pass import support_and_query  # noqa: F401 (a shared fixture: CHAOS 2 -> 15, image frame)
 
 from FewShotSAMLib import registration
-from FewShotSAMLib.adapter import FewShotAdapter
 from FewShotSAMLib.orientation import in_plane_spacing, slice_axis, to_slices
 from FewShotSAMLib.preprocess import apply_normalisation, choose_normalisation, resize_stack_longest_side
 from FewShotSAMLib.progress import Progress
 from FewShotSAMLib.registration import STAGE, Registration, RegistrationFailed, check_plausible, support_image
-from FewShotSAMLib.second_pass import SecondPassOptions
 from FewShotSAMLib.volume_io import read_volume
 
 
@@ -73,29 +70,15 @@ def test_a_failed_or_implausible_registration_falls_back_to_the_image_frame_and_
         check_plausible(worse)
 
 
-def test_a_model_file_without_a_support_copy_applies_as_before(tmp_path, support_and_query):  # noqa: F811
-    engine, adapter, query, _ = support_and_query
-    assert adapter.support_image is not None, "an adapter made on one scan keeps a copy of it"
-    payload = adapter.payload()
-    del payload["support_image"]  # what FewShotSAM wrote before registration
-    torch.save(payload, tmp_path / "before.fsam")
-    old = FewShotAdapter.load(tmp_path / "before.fsam")
-    assert old.support_image is None
-    saved = FewShotAdapter.load(adapter.save(tmp_path / "now.fsam"))
-    assert np.array_equal(saved.support_image.image, adapter.support_image.image)
-    register_before, second_pass = engine.options.register, engine.options.second_pass
-    engine.options.second_pass = SecondPassOptions(enabled=False)  # the first pass shows it; faster
-    try:
-        engine.options.register = False
-        before = engine.apply(old, query).array
-        engine.options.register = True
-        events = []
-        after = engine.apply(old, query, Progress(events.append)).array
-    finally:
-        engine.options.register, engine.options.second_pass = register_before, second_pass
-    assert np.array_equal(before, after)
-    said = [event.message for event in events if event.stage == STAGE]
-    assert said and "no support image" in said[-1] and "image frame" in said[-1]
+def test_a_model_without_a_support_copy_applies_in_the_image_frame_and_says_so(chaos_2):
+    """Models made before registration, on several scans or without `adapt --register` have no copy: apply reads
+    no registered positions (the image-frame path, unchanged) and the progress says why."""
+    geometry, normalised, axis, resize, _ = chaos_2
+    messages = []
+    slices = to_slices(normalised, axis)
+    said = Progress(messages.append)
+    assert registration.positions_in_support(None, slices, geometry, axis, resize, 64, said) is None
+    assert messages[-1].stage == STAGE and "no support image" in messages[-1].message
 
 
 def test_the_through_plane_prior_gives_a_structure_far_from_its_painted_slices_to_background():

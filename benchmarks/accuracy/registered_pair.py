@@ -51,6 +51,7 @@ def measure(engine: Engine, data: Path) -> dict:
     painted = np.zeros_like(reference)
     for organ in ORGANS:
         painted[chosen] = np.where(reference[chosen] == organ.label_value, organ.label_value, painted[chosen])
+    engine.options.register = True  # adapt keeps the support copy only when asked
     adapter = engine.adapt([(volume, LabelVolume(painted, volume.geometry, ORGANS))])
     query = read_volume(data / f"image_{QUERY}.nii.gz")
     truth = read_labels(data / f"label_{QUERY}.nii.gz", query).array
