@@ -42,8 +42,8 @@ from benchmarks.speed.run import (
     timed_propagate,
     write_ct_case,
     write_long_ct_case,
+    write_results,
 )
-from FewShotSAMLib.atomic_write import write_text_atomically
 from FewShotSAMLib.models import load_model, save_random_checkpoint
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.volume_io import read_labels, read_volume
@@ -192,11 +192,7 @@ def main(argv=None) -> int:
         for name in args.models:
             report["models"].append(run_model(name, cases, folder, args.repeats, args.device))
             print(json.dumps(report["models"][-1]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(args.out / f"{args.name}.json", json.dumps(report, indent=2))
-    markdown = to_markdown(report)
-    write_text_atomically(args.out / f"{args.name}.md", markdown)
-    print(markdown)
+    write_results(args.out, args.name, report, to_markdown(report))
     return 0
 
 

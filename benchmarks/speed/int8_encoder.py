@@ -38,8 +38,7 @@ import numpy as np
 import torch
 
 from benchmarks.accuracy.datasets import load_scan
-from benchmarks.speed.run import cpu_record
-from FewShotSAMLib.atomic_write import write_text_atomically
+from benchmarks.speed.run import cpu_record, write_results
 from FewShotSAMLib.models import load_model
 from FewShotSAMLib.onnx_encoder import OnnxEncoder, exported_encoder_path
 from FewShotSAMLib.openvino_encoder import OpenVinoEncoder, compiled_openvino_file
@@ -206,13 +205,11 @@ def main(argv=None) -> int:
         parser.error(f"unknown variant(s) {sorted(unknown)}; use {', '.join(VARIANTS)}")
     with tempfile.TemporaryDirectory(prefix="fewshotsam-int8-") as folder:
         report = measure(args, Path(folder))
-    markdown = to_markdown(report)
     print(json.dumps(report, indent=2))
-    print(markdown)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(args.out / f"{args.name}.json", json.dumps(report, indent=2))
-        write_text_atomically(args.out / f"{args.name}.md", markdown)
+        write_results(args.out, args.name, report, to_markdown(report))
+    else:
+        print(to_markdown(report))
     return 0
 
 

@@ -282,6 +282,14 @@ def propagate_case(model, scan, encoder: str, repeats: int, encoders: Path, scan
     return row
 
 
+def write_results(out: Path, name: str, report: dict, markdown: str) -> None:
+    """A benchmark's results as out/<name>.json and .md (each written atomically), and the markdown printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out / f"{name}.json", json.dumps(report, indent=2))
+    write_text_atomically(out / f"{name}.md", markdown)
+    print(markdown)
+
+
 def mean_dice(result: np.ndarray, reference: np.ndarray, values: list[int]) -> float:
     return float(np.mean([dice(result == v, reference == v) for v in values]))
 
@@ -467,11 +475,7 @@ def long_ct_only(args) -> int:
         row = run_long_ct_case(args.data_dir, encoders)
     report = {"machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
               "cpu": cpu_record(), "long_ct": row}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(args.out / f"{args.name}.json", json.dumps(report, indent=2))
-    markdown = f"Machine: {report['machine']}.\n\n" + long_ct_markdown(row)
-    write_text_atomically(args.out / f"{args.name}.md", markdown)
-    print(markdown)
+    write_results(args.out, args.name, report, f"Machine: {report['machine']}.\n\n" + long_ct_markdown(row))
     return 0
 
 
@@ -543,11 +547,7 @@ def main(argv=None) -> int:
             report["cases"].append(ct_row(args.data_dir, encoders))
     report["peak_rss_gib_main_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(args.out / f"{args.name}.json", json.dumps(report, indent=2))
-    markdown = to_markdown(report)
-    write_text_atomically(args.out / f"{args.name}.md", markdown)
-    print(markdown)
+    write_results(args.out, args.name, report, to_markdown(report))
     return 0
 
 
@@ -563,10 +563,7 @@ def rerun_ct_only(args) -> int:
     report["cases"] = [case for case in report["cases"] if not case["case"].startswith("TotalSegmentator")]
     with built_encoders(load_model("litemedsam", device="cpu")) as (encoders, _):
         report["cases"].append(ct_row(args.data_dir, encoders))
-    write_text_atomically(path, json.dumps(report, indent=2))
-    markdown = to_markdown(report)
-    write_text_atomically(args.out / "speed.md", markdown)
-    print(markdown)
+    write_results(args.out, "speed", report, to_markdown(report))
     return 0
 
 
