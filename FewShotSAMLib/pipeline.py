@@ -217,7 +217,11 @@ class Engine:
             selected = select_segments(labels, self.options.segments)
             if collection is not None:
                 selected = merge_segments(collection, selected)
-            encoded = self.encode(volume, progress)
+            # Only the labelled slices enter the collection, so only they are encoded (3 slices of a 300-slice CT,
+            # not 300); none labelled: collect says so.
+            labelled = labelled_slice_indices(to_slices(labels.array, self.slice_axis(volume)),
+                                              self.options.labelled_slices)
+            encoded = self.encode(volume, progress, only=labelled)
             collection = collect(encoded, labels.array, selected, number, collection, self.options.labelled_slices)
         seed_everything(self.options.adapt.seed)
         adapter = adapt(self.model, collection, self.options.adapt.resolved(across_scans=True), progress)
