@@ -2,9 +2,11 @@
 
 The pixel prompts and footprints of an adapter made on one scan hold positions in that scan's model-input square
 (the image frame). Another patient lies elsewhere in the image and has another size, so the same position points at
-other anatomy. The adapter therefore keeps a small copy of its support image (normalised intensities, a few mm per
-voxel, with its geometry); at apply time that copy is registered to the query, downsampled the same way (SimpleITK,
-Mattes mutual information, multi-resolution), and every query embedding-grid cell is followed through the transform:
+other anatomy. An adapter made with registration asked for (`adapt --register`: the copy is a low-resolution image
+of the patient) therefore keeps a small copy of its support image (normalised intensities, a few mm per voxel, with
+its geometry); at apply time (`apply --register`) that copy is registered to the query, downsampled the same way
+(SimpleITK, Mattes mutual information, multi-resolution), and every query embedding-grid cell is followed through the
+transform:
 cell centre -> query voxel -> physical point -> support physical point -> support voxel -> the support's normalised
 position in its own model-input square. The pixel prompts and the footprints then read those positions (the
 "registered" frame) instead of the query's own. The transform also says which support slice each query cell lies
