@@ -269,14 +269,28 @@ def dask_client(scheduler, workers: int | None, retries: int):
     workers = workers or default_workers()
     torch_threads = max(1, (os.cpu_count() or 1) // workers)
     # The scheduler runs in this process, so this setting bounds how often a scan moves after its worker died.
-    with dask.config.set({"distributed.scheduler.allowed-failures": retries}):
+    with environment_kept(), dask.config.set({"distributed.scheduler.allowed-failures": retries}):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=":0", silence_logs=logging.ERROR)
+        try:
+            with Client(cluster) as client:
+                yield client, torch_threads
+        finally:
+            cluster.close()
+
+
+@contextlib.contextmanager
+def environment_kept():
+    """Leave this process's environment as it was: Dask's nanny sets OMP_NUM_THREADS=1 (and MKL's, OpenBLAS's) in
+    the process that starts a LocalCluster, so every program started from it afterwards (the Slicer module's worker,
+    a benchmark's command line) would run PyTorch on one thread (measured: the Slicer tests ran 2x slower after the
+    cohort tests)."""
+    saved = dict(os.environ)
     try:
-        with Client(cluster) as client:
-            yield client, torch_threads
+        yield
     finally:
-        cluster.close()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def dashboard_line(client) -> str:

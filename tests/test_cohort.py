@@ -23,7 +23,7 @@ pytest.importorskip("distributed", reason="the cohort extra is not installed: pi
 from distributed import Client, LocalCluster
 
 from FewShotSAMLib.cli import main
-from FewShotSAMLib.cohort import apply_cohort
+from FewShotSAMLib.cohort import apply_cohort, dask_client, environment_kept
 from FewShotSAMLib.cohort_inputs import find_scans, output_paths
 from FewShotSAMLib.cohort_report import StructureMeasure, read_summary_csv
 from FewShotSAMLib.pipeline import EngineOptions, adapt_files, apply_files
@@ -74,8 +74,8 @@ def cohort(tmp_path_factory, chaos_scan, engine_cache_dir):
 @pytest.fixture(scope="module")
 def cluster():
     """Two worker processes of one thread each; Dask replaces a worker that dies."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=40) as local_cluster, Client(local_cluster) as client:
+    with environment_kept(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                          silence_logs=40) as local_cluster, Client(local_cluster) as client:
         yield local_cluster, client
 
 
@@ -245,3 +245,12 @@ def test_flags_name_absent_outlying_and_low_confidence_structures():
     flags = {row["path"]: row["flags"] for row in rows}
     assert flags == {"a": "", "b": "", "c": "", "d": "liver: volume 2.50x the cohort median", "e": "liver: absent",
                      "f": "liver: low confidence 0.30", "g": ""}
+
+
+def test_a_local_cluster_leaves_this_process_environment_as_it_was():
+    """Dask's nanny sets OMP_NUM_THREADS=1 in the process that starts a LocalCluster; programs started from this
+    process afterwards (the Slicer module's worker) must not inherit it (they ran on one thread, 2x slower)."""
+    before = dict(os.environ)
+    with dask_client(None, workers=1, retries=0) as (client, _):
+        assert set(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values()) == {"1"}  # the workers': Dask's
+    assert dict(os.environ) == before
