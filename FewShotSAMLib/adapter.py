@@ -2,8 +2,8 @@
 
 It holds the structures (segment names, colours, label values), the pixel prompts, the structure tokens, the
 structures' footprints and the tuned mask decoder, plus the name and weights checksum of the model it was made with,
-so it can segment new scans of the same anatomy with no labels of their own; an adapter made on one scan also keeps
-a small copy of it, to register it to each new scan (registration.py).
+so it can segment new scans of the same anatomy with no labels of their own; an adapter made on one scan with
+registration asked for also keeps a small copy of it, to register it to each new scan (registration.py).
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ class FewShotAdapter(HasSegments):
     # Empty for models saved before this was recorded.
     support_modalities: list[str] = field(default_factory=list)
     footprints: torch.Tensor | None = None  # [S, H, W] (prompts.structure_footprints); None in older .fsam files
-    # A small copy of the support scan, to register it to a query (registration.py); None for an adapter made on
-    # several scans and in .fsam files made before registration (those apply in the image frame, as before).
+    # A small copy of the support scan, to register it to a query (registration.py); None unless made on one scan
+    # with registration asked for (EngineOptions.register), and in older .fsam files (those apply in the image frame,
+    # as before).
     support_image: SupportImage | None = None
 
     @property
