@@ -11,6 +11,9 @@ extent (``slice_selection.few_shot_labels`` with k = 1).
 - guided k: after the run with k - 1 slices per structure, each structure's suggested slice
   (``FewShotSAMLib.confidence``, computed from the prediction alone, never the reference) is painted fully from the
   reference, as a user would, and FewShotSAM runs again.
+- oracle k: as guided, but the same rule ranks slices by the oracle k - 1 prediction's true error (voxels it gets
+  wrong, per slice and structure, against the reference) instead of the disagreement: the most that any suggestion
+  of one slice per structure can be expected to give, the bound to judge the guided rows against.
 
 Every painted slice is copied fully from the reference (all structures on it), as in protocol 1. Writes
 ``<name>.json`` and ``<name>.md`` into ``--out`` (rewritten after every scan) and prints the markdown.
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 from FewShotSAMLib.atomic_write import write_text_atomically
-from FewShotSAMLib.confidence import MIN_GAP, NEIGHBOURHOOD, ConfidenceRecorder
+from FewShotSAMLib.confidence import MIN_GAP, NEIGHBOURHOOD, ConfidenceRecorder, suggest_slice
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.slice_selection import few_shot_labels
 
@@ -87,32 +90,40 @@ class GuidedBenchmark:
         self.status = "partial: running (or stopped before the end)"
 
     def propagate(self, scan: Scan, painted: np.ndarray, with_confidence: bool):
-        """The prediction, its record fields and (when asked) the confidence report."""
+        """The record fields, the confidence report (when asked, else None) and the prediction."""
         recorder = ConfidenceRecorder() if with_confidence else None
         start = time.perf_counter()
         prediction = self.engine.propagate(scan.volume, scan.label_volume(painted), confidence=recorder).array
         fields = {"seconds": round(time.perf_counter() - start, 3),
                   "labelled_slices": labelled_count(painted, scan.axis), "structures": score(scan, prediction)}
-        return fields, recorder.report() if recorder is not None else None
+        return fields, recorder.report() if recorder is not None else None, prediction
 
     def run_scan(self, scan: Scan) -> None:
         base = {"dataset": scan.dataset, "scan": scan.name}
         for k in KS:
             painted = few_shot_labels(scan.reference, scan.axis, k, list(scan.structures))
-            fields, report = self.propagate(scan, painted, with_confidence=k == 1)
+            fields, report, prediction = self.propagate(scan, painted, with_confidence=k == 1)
             self.records.append({**base, "protocol": "uniform", "k": k, **fields})
             log(f"    uniform k={k}: {mean_dice(self.records[-1]):.3f}")
             if k == 1:
-                guided, suggestions = painted, report.suggestions()
+                start = (painted, report, prediction)
+        self.add_slices(scan, "guided", *start, lambda report, painted, prediction: report.suggestions())
+        self.add_slices(scan, "oracle", *start,
+                        lambda report, painted, prediction: oracle_suggestions(scan, painted, prediction))
+
+    def add_slices(self, scan: Scan, protocol: str, painted: np.ndarray, report, prediction: np.ndarray,
+                   choose) -> None:
+        """From the k = 1 run, k = 2, 3, ...: paint the slices choose(report, painted, prediction) gives
+        ({label value: slice}) for the run before, and run again."""
         for k in KS[1:]:
+            suggestions = choose(report, painted, prediction)
             chosen = {scan.structures.get(value, str(value)): z for value, z in suggestions.items()}
-            guided = paint_slices(guided, scan, suggestions.values())
-            fields, report = self.propagate(scan, guided, with_confidence=k < KS[-1])
+            painted = paint_slices(painted, scan, suggestions.values())
+            fields, report, prediction = self.propagate(scan, painted, with_confidence=protocol == "guided")
             missing = [name for value, name in scan.structures.items() if value not in suggestions]
-            self.records.append({**base, "protocol": "guided", "k": k, "added_slices": chosen,
-                                 "no_suggestion": missing, **fields})
-            log(f"    guided k={k}: {mean_dice(self.records[-1]):.3f} (added {chosen})")
-            suggestions = report.suggestions() if report is not None else {}
+            self.records.append({"dataset": scan.dataset, "scan": scan.name, "protocol": protocol, "k": k,
+                                 "added_slices": chosen, "no_suggestion": missing, **fields})
+            log(f"    {protocol} k={k}: {mean_dice(self.records[-1]):.3f} (added {chosen})")
 
     def run(self) -> str:
         try:
@@ -148,11 +159,29 @@ class GuidedBenchmark:
         return text
 
 
+def true_error(scan: Scan, prediction: np.ndarray) -> np.ndarray:
+    """[slices, structures]: the voxels of each slice that the prediction gets wrong, per structure."""
+    other = tuple(axis for axis in range(3) if axis != scan.axis)
+    return np.stack([((prediction == value) != (scan.reference == value)).sum(axis=other)
+                     for value in scan.structures], axis=1)
+
+
+def oracle_suggestions(scan: Scan, painted: np.ndarray, prediction: np.ndarray) -> dict[int, int]:
+    """{label value: slice to paint next} by the suggestion rule (``confidence.suggest_slice``: neighbourhood, gap
+    to the painting) run on the prediction's true error instead of the two predictors' disagreement."""
+    other = tuple(axis for axis in range(3) if axis != scan.axis)
+    labelled = np.flatnonzero(np.asarray(painted).any(axis=other)).tolist()
+    error = true_error(scan, prediction)
+    picks = {value: suggest_slice(error[:, index], labelled) for index, value in enumerate(scan.structures)}
+    return {value: z for value, z in picks.items() if z is not None}
+
+
 def summaries(records: list[dict]) -> list[dict]:
     """Mean Dice (over scans, of the mean over structures) and per structure, per dataset, protocol and k."""
     rows = []
     for dataset in dict.fromkeys(r["dataset"] for r in records):
-        for protocol, k in [("uniform", k) for k in KS] + [("guided", k) for k in KS[1:]]:
+        runs = [("uniform", k) for k in KS] + [(protocol, k) for protocol in ("guided", "oracle") for k in KS[1:]]
+        for protocol, k in runs:
             mine = [r for r in records if r["dataset"] == dataset and r["protocol"] == protocol and r["k"] == k]
             if not mine:
                 continue
@@ -172,7 +201,9 @@ def markdown(result: dict) -> str:
              f"Command: `{run['command']}`; status: {run['status']}; commit {run['commit']}; "
              f"{run['wall_seconds'] / 60:.1f} min on {run['threads']} thread(s).", "",
              "Mean Dice over scans (each scan: the mean over its structures); `slices` = mean number of labelled "
-             "slices per scan (painted slices are shared by the structures on them).", ""]
+             "slices per scan (painted slices are shared by the structures on them). *oracle*: the suggestion rule on "
+             "the true error of the run before (it reads the reference), the bound for any one-slice suggestion.",
+             ""]
     for dataset in dict.fromkeys(row["dataset"] for row in result["summaries"]):
         rows = [row for row in result["summaries"] if row["dataset"] == dataset]
         scans = sorted({r["scan"] for r in result["records"] if r["dataset"] == dataset},
