@@ -14,16 +14,25 @@ pairs, protocol 1 per scan and k, and whether the change meets issue 12's adopti
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .comparison import DEVELOPMENT, HELD_OUT, RUN_KEYS, Sides, closing_lines, compare, comparison_lines, write_report
+from .comparison import (
+    DEVELOPMENT,
+    HELD_OUT,
+    RUN_KEYS,
+    Sides,
+    closing_lines,
+    compare,
+    comparison_lines,
+    report_parser,
+    write_report,
+)
 from .report import FEWSHOTSAM
-from .run import JSON_NAME, REPO_ROOT
+from .run import JSON_NAME
 
 NAME = "protocol2_body_frame"
 FRAMES = ("image", "body")
@@ -93,18 +102,13 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.body_frame_report",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--image", type=Path, nargs="+", required=True,
-                        help="--out folder(s) of the protocol-2 run(s) with --position-frame image")
-    parser.add_argument("--body", type=Path, nargs="+", required=True,
-                        help="--out folder(s) of the protocol-2 run(s) with --position-frame body")
+    parser = report_parser("benchmarks.accuracy.body_frame_report", __doc__.splitlines()[0],
+                           ("--image", "--out folder(s) of the protocol-2 run(s) with --position-frame image"),
+                           ("--body", "--out folder(s) of the protocol-2 run(s) with --position-frame body"))
     parser.add_argument("--p1-image", type=Path, default=None, help="--out folder of a protocol-1 image-frame run")
     parser.add_argument("--p1-body", type=Path, default=None, help="--out folder of a protocol-1 body-frame run")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     args = parser.parse_args(argv)
-    result = compare(args.image, args.body, SIDES, protocol=2)
+    result = compare(args.before, args.after, SIDES, protocol=2)
     if args.p1_image and args.p1_body:
         result["protocol1"] = protocol1(args.p1_image, args.p1_body)
     print(write_report(result, markdown, "benchmarks.accuracy.body_frame_report", argv, args.note, args.out, NAME))

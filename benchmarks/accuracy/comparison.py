@@ -5,6 +5,7 @@ issue 12's adoption rule. second_pass_report.py and body_frame_report.py say wha
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 from FewShotSAMLib.atomic_write import write_text_atomically
 
 from .report import FEWSHOTSAM
-from .run import JSON_NAME
+from .run import JSON_NAME, REPO_ROOT
 
 DEVELOPMENT = ["1", "2", "3", "5"]  # queries on which the across-scan settings were chosen
 HELD_OUT = ["8", "10", "13", "15", "19", "20", "21", "22"]
@@ -33,6 +34,18 @@ class Sides:
     column: str
     run_names: tuple[str, str]
     pair_caption: str
+
+
+def report_parser(module: str, description: str, before: tuple[str, str],
+                  after: tuple[str, str]) -> argparse.ArgumentParser:
+    """The command line every before/after report shares: the --out folders of the accuracy runs of each side
+    (before, after: (flag, help); parsed as args.before and args.after), --out for the report, repeatable --note."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    for dest, (flag, text) in (("before", before), ("after", after)):
+        parser.add_argument(flag, dest=dest, type=Path, nargs="+", required=True, metavar="FOLDER", help=text)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+    return parser
 
 
 def protocol_records(folders: list[Path], protocol: int) -> tuple[list[dict], dict[str, dict]]:

@@ -13,14 +13,22 @@ all 12 queries, the held-out and the development queries (settings were chosen o
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from .comparison import DEVELOPMENT, HELD_OUT, Sides, closing_lines, compare, comparison_lines, write_report
+from .comparison import (
+    DEVELOPMENT,
+    HELD_OUT,
+    Sides,
+    closing_lines,
+    compare,
+    comparison_lines,
+    report_parser,
+    write_report,
+)
 from .registered_pair import markdown as pair_markdown
-from .run import JSON_NAME, REPO_ROOT
+from .run import JSON_NAME
 
 NAME = "protocol2_registered"
 SIDES = Sides(("image", "registered"), "positions", ("image frame", "registered"), "image frame / registered")
@@ -62,18 +70,13 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.registered_report",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--image", type=Path, nargs="+", required=True,
-                        help="--out folder(s) of the protocol-2 run(s) with --register off")
-    parser.add_argument("--registered", type=Path, nargs="+", required=True,
-                        help="--out folder(s) of the protocol-2 run(s) with --register on")
+    parser = report_parser("benchmarks.accuracy.registered_report", __doc__.splitlines()[0],
+                           ("--image", "--out folder(s) of the protocol-2 run(s) with --register off"),
+                           ("--registered", "--out folder(s) of the protocol-2 run(s) with --register on"))
     parser.add_argument("--pair", type=Path, default=None, help="JSON written by benchmarks.accuracy.registered_pair")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     args = parser.parse_args(argv)
-    result = compare(args.image, args.registered, SIDES, protocol=2)
-    said = registrations(args.registered)
+    result = compare(args.before, args.after, SIDES, protocol=2)
+    said = registrations(args.after)
     result["registrations"] = [said[q] for q in DEVELOPMENT + HELD_OUT if q in said]
     if args.pair:
         result["pair"] = json.loads(args.pair.read_text())

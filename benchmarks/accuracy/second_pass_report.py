@@ -13,12 +13,18 @@ the change meets the adoption rule of issue 12. Only queries that both runs segm
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from .comparison import DEVELOPMENT, HELD_OUT, Sides, closing_lines, compare, comparison_lines, write_report
-from .run import REPO_ROOT
+from .comparison import (
+    DEVELOPMENT,
+    HELD_OUT,
+    Sides,
+    closing_lines,
+    compare,
+    comparison_lines,
+    report_parser,
+    write_report,
+)
 
 TITLES = {2: "Protocol 2 (CHAOS, one support scan, 3 slices per organ)",
           3: "Protocol 3 (CHAOS, every labelled slice of the training scans of a fold)"}
@@ -38,17 +44,12 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.second_pass_report",
-                                     description=__doc__.splitlines()[0])
+    parser = report_parser("benchmarks.accuracy.second_pass_report", __doc__.splitlines()[0],
+                           ("--without", "--out folder(s) of the --no-second-pass run"),
+                           ("--with", "--out folder(s) of the default run"))
     parser.add_argument("--protocol", type=int, choices=sorted(TITLES), default=2)
-    parser.add_argument("--without", type=Path, nargs="+", required=True,
-                        help="--out folder(s) of the --no-second-pass run")
-    parser.add_argument("--with", dest="with_", type=Path, nargs="+", required=True,
-                        help="--out folder(s) of the default run")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     args = parser.parse_args(argv)
-    result = compare(args.without, args.with_, SIDES, args.protocol)
+    result = compare(args.before, args.after, SIDES, args.protocol)
     print(write_report(result, markdown, "benchmarks.accuracy.second_pass_report", argv, args.note, args.out,
                        f"protocol{args.protocol}_second_pass"))
     return 0
