@@ -137,7 +137,7 @@ class Engine:
         axis = encoded.axis
         predicted = blend_with_painted_shape(predicted, labels.array, labelled, axis, collection.label_values,
                                              in_plane_spacing(volume.geometry, axis), self.options.small_structures,
-                                             propagation.slice_range)
+                                             propagation.slice_range, image=volume.array)
         return LabelVolume(predicted, labels.geometry, list(labels.segments))
 
     def adapt_on_painting(self, volume: Volume, labels: LabelVolume, encoded: EncodedVolume,

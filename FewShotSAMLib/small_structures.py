@@ -1,35 +1,41 @@
-"""Small structures: the engine's outline averaged with the outline of the painted slices.
+"""Small structures: the engine's outline averaged with an outline drawn from the painting itself.
 
 A structure a few voxels across (an MSD hippocampus crop: ~15x20 voxels in plane, 1 mm) reaches the image encoder
 as a 5x blurred upsampling, and the outline the model draws there is worse than the painted outlines carried over
-to the next slices: on such scans Slicer's "Fill between slices" beat the engine at k = 3 and 5. This module adds
-that knowledge without giving up the model: on every slice that was not painted, each small structure's outline is
-the weighted average of two signed distance maps (positive inside, in mm):
+to the next slices: on such scans Slicer's "Fill between slices" beat the engine at k = 3 and 5, "Grow from seeds"
+at k = 1. This module adds that knowledge without giving up the model: on every slice that was not painted, each
+small structure's outline is the weighted average of two signed distance maps (positive inside, in mm):
 
 * the engine's result on that slice, and
-* the painted shape: between two painted slices the linear blend of their distance maps (shape-based
-  interpolation); beyond the outermost painted slice that slice's map, narrowing towards the structure's end
-  (painted_shape says how fast).
+* for a structure painted on at least `min_painted_slices` slices, the painted shape: between two painted slices
+  the linear blend of their distance maps (shape-based interpolation); beyond the outermost painted slice that
+  slice's map, narrowing towards the structure's end (painted_shape says how fast);
+* for one painted on fewer slices (one or two say little about how the shape changes along the slices), the
+  painting grown through the image along its intensities (intensity_growth.py), every other voxel of the painted
+  slices seeding the background.
 
 Distances are clipped to `clip` mm, so a slice where either source is empty counts as "far outside" without the
 empty source wiping out the other. Structures compete per voxel by the larger average. Large structures (every
 CHAOS organ) are left exactly as they were: only structures whose largest painted cross-section spans fewer than
-SMALL_STRUCTURE_VOXELS voxels, and that were painted on at least `min_painted_slices` slices, are changed.
+SMALL_STRUCTURE_VOXELS voxels are changed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
+from .intensity_growth import grown_labels
 from .orientation import from_slices, to_slices
 
 # The longest side, in voxels, of a structure's largest painted cross-section below which it counts as small.
 # Hippocampus parts measure 13-27 voxels at their largest; on the benchmark's painted slices every CHAOS organ
 # reaches 32 or more (tests/test_small_structures.py checks all 12 scans at k = 1, 3, 5, 10).
 SMALL_STRUCTURE_VOXELS = 32
+BACKGROUND_SEED = -1  # the seed label of a painted slice's other voxels in the intensity growth
 
 
 @dataclass
@@ -40,9 +46,13 @@ class ShapeBlendOptions:
     model_weight_beyond: float = 0.3  # the same beyond the outermost painted slices
     taper: float = 1.0  # how fast the painted shape narrows beyond the outermost painted slice (painted_shape)
     clip: float = 4.0  # mm: distance maps are clipped to +-clip
-    # A structure painted on fewer slices keeps the engine's outline: one or two painted slices say little about how
-    # the shape changes along the slices, and carrying them over lost Dice at k = 1 (README, Accuracy).
+    # A structure painted on fewer slices is not given the painted shape: one or two painted slices say little about
+    # how the shape changes along the slices, and carrying them over lost Dice at k = 1 (README, Accuracy).
     min_painted_slices: int = 3
+    # Such a structure is re-outlined with its painting grown along the intensities instead (when the image is
+    # given); the engine's share of the average, chosen on the development scans as above.
+    grow_few_painted: bool = True
+    model_weight_grown: float = 0.3
 
 
 def is_small(painted_slices: np.ndarray, value: int) -> bool:
@@ -105,50 +115,82 @@ def painted_shape(anchors: dict[int, np.ndarray], z: int, engine_present: np.nda
 
 def blend_with_painted_shape(labels: np.ndarray, painted: np.ndarray, labelled: list[int], axis: int,
                              label_values: list[int], pixel_spacing: tuple[float, float], options: ShapeBlendOptions,
-                             slice_range: tuple[int, int] | None = None) -> np.ndarray:
+                             slice_range: tuple[int, int] | None = None,
+                             image: np.ndarray | None = None) -> np.ndarray:
     """The engine's label map [k, j, i] with its small structures re-outlined on every unpainted slice (of
-    slice_range, first..last inclusive, when given: the engine leaves the others empty, and so does this)."""
+    slice_range, first..last inclusive, when given: the engine leaves the others empty, and so does this).
+
+    image: the intensities [k, j, i], for the structures painted on fewer than options.min_painted_slices slices
+    (without it they keep the engine's outline)."""
     if not options.enabled or not labelled:
         return labels
     painted_slices = to_slices(painted, axis)
-    small = [value for value in label_values
-             if is_small(painted_slices, value) and painted_count(painted_slices, value) >= options.min_painted_slices]
-    if not small:
+    small = [value for value in label_values if is_small(painted_slices, value)]
+    shaped = [value for value in small if painted_count(painted_slices, value) >= options.min_painted_slices]
+    few = [value for value in small if value not in shaped] if image is not None and options.grow_few_painted else []
+    if not shaped and not few:
         return labels
     engine = to_slices(labels, axis)
+    blends = [StructureBlend(value, engine, painted_slices, labelled, pixel_spacing, options) for value in shaped]
+    if few:
+        grown = grow_from_painting(to_slices(image, axis), painted_slices, labelled, few, engine, pixel_spacing,
+                                   options)
+        blends += [GrownBlend(value, engine, painted_slices, labelled, pixel_spacing, options, grown) for value in few]
+    values = [blend.value for blend in blends]
     result = np.array(engine)
     first, last = slice_range or (0, result.shape[0] - 1)
-    blends = [StructureBlend(value, engine, painted_slices, labelled, pixel_spacing, options) for value in small]
     labelled_set = set(labelled)
     for z in range(max(0, first), min(result.shape[0] - 1, last) + 1):
         if z in labelled_set:
             continue
-        scores = np.full((len(small),) + result.shape[1:], -np.inf, dtype=np.float32)
+        scores = np.full((len(blends),) + result.shape[1:], -np.inf, dtype=np.float32)
         for index, blend in enumerate(blends):
             if blend.changes(z):
                 rows, cols = blend.box
                 scores[index, rows, cols] = blend.score(engine[z], z)
                 result[z][(engine[z] == blend.value) & np.isfinite(scores[index])] = 0  # re-outlined below
         best = scores.max(axis=0)
-        winner = np.asarray(small, dtype=result.dtype)[scores.argmax(axis=0)]
+        winner = np.asarray(values, dtype=result.dtype)[scores.argmax(axis=0)]
         claim = (best > 0) & (result[z] == 0)  # never over a large structure
         result[z][claim] = winner[claim]
     return from_slices(result, axis)
 
 
+def outline_box(values: list[int], engine: np.ndarray, painted_slices: np.ndarray, pixel_spacing: tuple[float, float],
+                clip: float) -> tuple[slice, slice]:
+    """The in-plane box (rows, cols) around the structures' painting and the engine's result, plus the clip distance:
+    beyond it their distance maps are -clip anyway, and a 512x512 CT slice would cost 30 times more."""
+    footprint = (np.isin(painted_slices, values) | np.isin(engine, values)).any(axis=0)
+    margin = int(np.ceil(clip / min(pixel_spacing))) + 2
+    rows, cols = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
+    return (slice(max(0, rows[0] - margin), rows[-1] + margin + 1),
+            slice(max(0, cols[0] - margin), cols[-1] + margin + 1))
+
+
+def grow_from_painting(image_slices: np.ndarray, painted_slices: np.ndarray, labelled: list[int], values: list[int],
+                       engine: np.ndarray, pixel_spacing: tuple[float, float],
+                       options: ShapeBlendOptions) -> np.ndarray:
+    """[n_slices, rows, cols]: the structures `values` grown along the intensities from their painting, inside the
+    box around them on every slice (0 elsewhere). Every other voxel of a labelled slice seeds the background."""
+    rows, cols = outline_box(values, engine, painted_slices, pixel_spacing, options.clip)
+    box_image = image_slices[:, rows, cols]
+    painting = painted_slices[:, rows, cols][labelled]
+    seeds = np.zeros(box_image.shape, dtype=np.int64)
+    seeds[labelled] = np.where(np.isin(painting, values), painting, BACKGROUND_SEED)
+    box_labels = grown_labels(box_image, seeds)
+    grown = np.zeros(painted_slices.shape, dtype=painted_slices.dtype)
+    grown[:, rows, cols] = np.where(box_labels == BACKGROUND_SEED, 0, box_labels)
+    return grown
+
+
 class StructureBlend:
-    """One small structure's painted shape and what it needs to re-outline a slice. Distance maps are taken on a
-    box around the structure (its painting and the engine's result, plus the clip distance): beyond it they are
-    -clip anyway, and a 512x512 CT slice would cost 30 times more."""
+    """One small structure's painted shape and what it needs to re-outline a slice. Distance maps are taken on the
+    box around the structure (outline_box)."""
 
     def __init__(self, value: int, engine: np.ndarray, painted_slices: np.ndarray, labelled: list[int],
                  pixel_spacing: tuple[float, float], options: ShapeBlendOptions):
         self.value, self.spacing, self.options = value, pixel_spacing, options
-        footprint = ((painted_slices == value) | (engine == value)).any(axis=0)
-        margin = int(np.ceil(options.clip / min(pixel_spacing))) + 2
-        rows, cols = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
-        self.box = (slice(max(0, rows[0] - margin), rows[-1] + margin + 1),
-                    slice(max(0, cols[0] - margin), cols[-1] + margin + 1))
+        self.box = outline_box([value], engine, painted_slices, pixel_spacing, options.clip)
         self.anchors = {z: self.distance(painted_slices[z]) for z in labelled if (painted_slices[z] == value).any()}
         self.absent = [z for z in labelled if z not in self.anchors]
         self.engine_present = (engine == value).any(axis=(1, 2))
@@ -166,7 +208,21 @@ class StructureBlend:
         return weight * self.distance(engine_slice) + (1 - weight) * np.maximum(prior, -self.options.clip)
 
 
-def _beyond_absent(z: int, anchors: dict[int, np.ndarray], absent: list[int]) -> bool:
+class GrownBlend(StructureBlend):
+    """A small structure painted on too few slices for a painted shape: its outline grown along the intensities
+    (grow_from_painting's map) stands in for it."""
+
+    def __init__(self, value: int, engine: np.ndarray, painted_slices: np.ndarray, labelled: list[int],
+                 pixel_spacing: tuple[float, float], options: ShapeBlendOptions, grown: np.ndarray):
+        super().__init__(value, engine, painted_slices, labelled, pixel_spacing, options)
+        self.grown = grown
+
+    def score(self, engine_slice: np.ndarray, z: int) -> np.ndarray:
+        weight = self.options.model_weight_grown
+        return weight * self.distance(engine_slice) + (1 - weight) * self.distance(self.grown[z])
+
+
+def _beyond_absent(z: int, anchors: Collection[int], absent: list[int]) -> bool:
     """True when a labelled slice without the structure lies between z and every painted slice of it: the user
     said it ends there, so the painted shape must not be carried past it (the engine's result is kept)."""
     if not anchors:
