@@ -36,6 +36,9 @@ from .orientation import from_slices, to_slices
 # reaches 32 or more (tests/test_small_structures.py checks all 12 scans at k = 1, 3, 5, 10).
 SMALL_STRUCTURE_VOXELS = 32
 BACKGROUND_SEED = -1  # the seed label of a painted slice's other voxels in the intensity growth
+# The most voxels the growth searches (its graph takes ~100 bytes a voxel): a hippocampus crop holds 63,000, a
+# small CT organ's box a few 100,000; beyond this the structure keeps the engine's outline.
+MAX_GROWTH_VOXELS = 4_000_000
 
 
 @dataclass
@@ -132,10 +135,12 @@ def blend_with_painted_shape(labels: np.ndarray, painted: np.ndarray, labelled: 
         return labels
     engine = to_slices(labels, axis)
     blends = [StructureBlend(value, engine, painted_slices, labelled, pixel_spacing, options) for value in shaped]
-    if few:
-        grown = grow_from_painting(to_slices(image, axis), painted_slices, labelled, few, engine, pixel_spacing,
-                                   options)
+    grown = grow_from_painting(to_slices(image, axis), painted_slices, labelled, few, engine, pixel_spacing,
+                               options) if few else None
+    if grown is not None:
         blends += [GrownBlend(value, engine, painted_slices, labelled, pixel_spacing, options, grown) for value in few]
+    if not blends:
+        return labels
     values = [blend.value for blend in blends]
     result = np.array(engine)
     first, last = slice_range or (0, result.shape[0] - 1)
@@ -168,18 +173,27 @@ def outline_box(values: list[int], engine: np.ndarray, painted_slices: np.ndarra
 
 
 def grow_from_painting(image_slices: np.ndarray, painted_slices: np.ndarray, labelled: list[int], values: list[int],
-                       engine: np.ndarray, pixel_spacing: tuple[float, float],
-                       options: ShapeBlendOptions) -> np.ndarray:
+                       engine: np.ndarray, pixel_spacing: tuple[float, float], options: ShapeBlendOptions,
+                       max_voxels: int = MAX_GROWTH_VOXELS) -> np.ndarray | None:
     """[n_slices, rows, cols]: the structures `values` grown along the intensities from their painting, inside the
-    box around them on every slice (0 elsewhere). Every other voxel of a labelled slice seeds the background."""
+    box around them (0 elsewhere), or None when that box holds more than max_voxels voxels. Every other voxel of a
+    labelled slice seeds the background. The box spans the slices where the engine or the painting has them, plus
+    as many again (the growth can find an end the engine missed), and outline_box in plane."""
     rows, cols = outline_box(values, engine, painted_slices, pixel_spacing, options.clip)
-    box_image = image_slices[:, rows, cols]
-    painting = painted_slices[:, rows, cols][labelled]
+    present = np.flatnonzero((np.isin(painted_slices, values) | np.isin(engine, values)).any(axis=(1, 2)))
+    reach = present[-1] - present[0] + 1
+    first, last = max(0, present[0] - reach), min(painted_slices.shape[0] - 1, present[-1] + reach)
+    box = (slice(first, last + 1), rows, cols)
+    box_image = image_slices[box]
+    if box_image.size > max_voxels:
+        return None
+    inside = [z for z in labelled if first <= z <= last]
     seeds = np.zeros(box_image.shape, dtype=np.int64)
-    seeds[labelled] = np.where(np.isin(painting, values), painting, BACKGROUND_SEED)
+    painting = painted_slices[inside][:, rows, cols].astype(np.int64)
+    seeds[[z - first for z in inside]] = np.where(np.isin(painting, values), painting, BACKGROUND_SEED)
     box_labels = grown_labels(box_image, seeds)
     grown = np.zeros(painted_slices.shape, dtype=painted_slices.dtype)
-    grown[:, rows, cols] = np.where(box_labels == BACKGROUND_SEED, 0, box_labels)
+    grown[box] = np.where(box_labels == BACKGROUND_SEED, 0, box_labels)
     return grown
 
 

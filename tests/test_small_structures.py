@@ -16,6 +16,7 @@ from FewShotSAMLib.small_structures import (
     SMALL_STRUCTURE_VOXELS,
     ShapeBlendOptions,
     blend_with_painted_shape,
+    grow_from_painting,
     is_small,
     signed_distance,
 )
@@ -179,6 +180,17 @@ def test_a_structure_painted_on_one_slice_is_pulled_to_its_edges_in_the_image():
     assert after > before + 0.1, (before, after)
     off = ShapeBlendOptions(grow_few_painted=False)
     assert blend(engine, painted, [4], options=off, image=image_of(truth)) is engine
+
+
+def test_the_growth_declines_a_box_over_its_voxel_limit():
+    """A large box (e.g. a vessel the engine spread over a CT) is not searched: the structure keeps the engine's
+    outline instead of the growth taking gigabytes."""
+    truth = moving_disc()
+    painted = np.zeros_like(truth)
+    painted[4] = truth[4]
+    arguments = (to_slices(image_of(truth), 0), painted, [4], [1], truth, (1.0, 1.0), ShapeBlendOptions())
+    assert grow_from_painting(*arguments, max_voxels=100) is None
+    assert grow_from_painting(*arguments)[4].sum() == truth[4].sum()
 
 
 HIPPOCAMPUS_CASE = "hippocampus_001"  # a development scan (benchmarks/accuracy/datasets.py)
