@@ -177,12 +177,12 @@ def grow_from_painting(image_slices: np.ndarray, painted_slices: np.ndarray, lab
                        max_voxels: int = MAX_GROWTH_VOXELS) -> np.ndarray | None:
     """[n_slices, rows, cols]: the structures `values` grown along the intensities from their painting, inside the
     box around them (0 elsewhere), or None when that box holds more than max_voxels voxels. Every other voxel of a
-    labelled slice seeds the background. The box spans the slices where the engine or the painting has them, plus
-    as many again (the growth can find an end the engine missed), and outline_box in plane."""
+    labelled slice seeds the background. The box spans the slices where the engine or the painting has them (the
+    engine decides where a structure ends: grown further, a gallbladder on a 3 mm CT leaked into the slices beyond
+    it) and outline_box in plane."""
     rows, cols = outline_box(values, engine, painted_slices, pixel_spacing, options.clip)
     present = np.flatnonzero((np.isin(painted_slices, values) | np.isin(engine, values)).any(axis=(1, 2)))
-    reach = present[-1] - present[0] + 1
-    first, last = max(0, present[0] - reach), min(painted_slices.shape[0] - 1, present[-1] + reach)
+    first, last = present[0], present[-1]
     box = (slice(first, last + 1), rows, cols)
     box_image = image_slices[box]
     if box_image.size > max_voxels:
