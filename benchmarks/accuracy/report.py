@@ -438,6 +438,9 @@ def markdown(result: dict, supervised: dict | None = None) -> str:
         f"- Model: `{run['model']}` ({run['weights_id']}); FewShotSAMLib commit `{run.get('commit') or 'unknown'}`.",
         f"- Command: `{run['command']}`",
     ]
+    for part in run.get("merged_from", []):
+        lines.append(f"- Merged from `{part['folder']}`: `{part['command']}`, commit `{part['commit']}`, "
+                     f"status: {part['status']}, {(part.get('wall_seconds') or 0) / 60:.1f} min.")
     for earlier in run.get("history", []):
         lines.append(f"- Resumed (`--resume`) from an earlier invocation: started {earlier.get('started')}, "
                      f"{(earlier.get('wall_seconds') or 0) / 60:.1f} min, commit `{earlier.get('commit')}`, "
