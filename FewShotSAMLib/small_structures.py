@@ -52,10 +52,12 @@ class ShapeBlendOptions:
     # A structure painted on fewer slices is not given the painted shape: one or two painted slices say little about
     # how the shape changes along the slices, and carrying them over lost Dice at k = 1 (README, Accuracy).
     min_painted_slices: int = 3
-    # Such a structure is re-outlined with its painting grown along the intensities instead (when the image is
-    # given); the engine's share of the average, chosen on the development scans as above.
-    grow_few_painted: bool = True
+    # The painting grown along the intensities (when the image is given): for a structure painted on fewer slices
+    # the second outline, the engine's share of that average being model_weight_grown; for one painted on more, a
+    # third, with grown_share of the average. Both chosen on the development scans as above.
+    grow: bool = True
     model_weight_grown: float = 0.3
+    grown_share: float = 0.3
 
 
 def is_small(painted_slices: np.ndarray, value: int) -> bool:
@@ -130,17 +132,17 @@ def blend_with_painted_shape(labels: np.ndarray, painted: np.ndarray, labelled: 
     painted_slices = to_slices(painted, axis)
     small = [value for value in label_values if is_small(painted_slices, value)]
     shaped = [value for value in small if painted_count(painted_slices, value) >= options.min_painted_slices]
-    few = [value for value in small if value not in shaped] if image is not None and options.grow_few_painted else []
+    grow = image is not None and options.grow
+    few = [value for value in small if value not in shaped] if grow else []
     if not shaped and not few:
         return labels
     engine = to_slices(labels, axis)
-    blends = [StructureBlend(value, engine, painted_slices, labelled, pixel_spacing, options) for value in shaped]
-    grown = grow_from_painting(to_slices(image, axis), painted_slices, labelled, few, engine, pixel_spacing,
-                               options) if few else None
+    grown = grow_from_painting(to_slices(image, axis), painted_slices, labelled, small, engine, pixel_spacing,
+                               options) if grow else None
+    blends = [StructureBlend(value, engine, painted_slices, labelled, pixel_spacing, options, grown)
+              for value in shaped]
     if grown is not None:
         blends += [GrownBlend(value, engine, painted_slices, labelled, pixel_spacing, options, grown) for value in few]
-    if not blends:
-        return labels
     values = [blend.value for blend in blends]
     result = np.array(engine)
     first, last = slice_range or (0, result.shape[0] - 1)
@@ -202,8 +204,8 @@ class StructureBlend:
     box around the structure (outline_box)."""
 
     def __init__(self, value: int, engine: np.ndarray, painted_slices: np.ndarray, labelled: list[int],
-                 pixel_spacing: tuple[float, float], options: ShapeBlendOptions):
-        self.value, self.spacing, self.options = value, pixel_spacing, options
+                 pixel_spacing: tuple[float, float], options: ShapeBlendOptions, grown: np.ndarray | None = None):
+        self.value, self.spacing, self.options, self.grown = value, pixel_spacing, options, grown
         self.box = outline_box([value], engine, painted_slices, pixel_spacing, options.clip)
         self.anchors = {z: self.distance(painted_slices[z]) for z in labelled if (painted_slices[z] == value).any()}
         self.absent = [z for z in labelled if z not in self.anchors]
@@ -219,17 +221,16 @@ class StructureBlend:
         """The weighted average of the engine's and the painted shape's distance maps on slice z (inside box)."""
         prior, between = painted_shape(self.anchors, z, self.engine_present, self.options.taper)
         weight = self.options.model_weight if between else self.options.model_weight_beyond
-        return weight * self.distance(engine_slice) + (1 - weight) * np.maximum(prior, -self.options.clip)
+        score = weight * self.distance(engine_slice) + (1 - weight) * np.maximum(prior, -self.options.clip)
+        if self.grown is None:
+            return score
+        share = self.options.grown_share
+        return (1 - share) * score + share * self.distance(self.grown[z])
 
 
 class GrownBlend(StructureBlend):
     """A small structure painted on too few slices for a painted shape: its outline grown along the intensities
     (grow_from_painting's map) stands in for it."""
-
-    def __init__(self, value: int, engine: np.ndarray, painted_slices: np.ndarray, labelled: list[int],
-                 pixel_spacing: tuple[float, float], options: ShapeBlendOptions, grown: np.ndarray):
-        super().__init__(value, engine, painted_slices, labelled, pixel_spacing, options)
-        self.grown = grown
 
     def score(self, engine_slice: np.ndarray, z: int) -> np.ndarray:
         weight = self.options.model_weight_grown
