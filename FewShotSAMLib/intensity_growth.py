@@ -3,8 +3,8 @@
 A path between neighbouring voxels (6-neighbourhood) costs the absolute difference of their intensities, so a label
 spreads freely through tissue that looks like its seed and stops at edges: the idea of Slicer's "Grow from seeds"
 (a grow-cut whose path cost is the summed intensity difference), written as a shortest-path search. The small
-structure blend (small_structures.py) uses it where the painting says too little about the shape: a structure
-painted on one or two slices.
+structure blend (small_structures.py) averages the grown outline into its result: in place of the painted shape
+for a structure painted on one or two slices, beside it for one painted on more.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import dijkstra
 
-# Added to every step so that no edge costs exactly 0 (scipy's graph search drops zero-weight edges), as a
-# fraction of the intensity range: small enough never to outweigh a real intensity difference.
+# Added to every step, as a fraction of the intensity range, so that through tissue of even intensity the nearer
+# seed wins instead of a tie going to whichever label comes first; small enough never to outweigh a real
+# intensity difference.
 STEP_COST = 1e-6
 
 

@@ -12,7 +12,7 @@ small structure's outline is the weighted average of two signed distance maps (p
   slice's map, narrowing towards the structure's end (painted_shape says how fast);
 * for one painted on fewer slices (one or two say little about how the shape changes along the slices), the
   painting grown through the image along its intensities (intensity_growth.py), every other voxel of the painted
-  slices seeding the background.
+  slices seeding the background; for one painted on more, that grown outline joins the average as a third map.
 
 Distances are clipped to `clip` mm, so a slice where either source is empty counts as "far outside" without the
 empty source wiping out the other. Structures compete per voxel by the larger average. Large structures (every
@@ -125,8 +125,8 @@ def blend_with_painted_shape(labels: np.ndarray, painted: np.ndarray, labelled: 
     """The engine's label map [k, j, i] with its small structures re-outlined on every unpainted slice (of
     slice_range, first..last inclusive, when given: the engine leaves the others empty, and so does this).
 
-    image: the intensities [k, j, i], for the structures painted on fewer than options.min_painted_slices slices
-    (without it they keep the engine's outline)."""
+    image: the intensities [k, j, i], for the intensity growth (without it a structure painted on fewer than
+    options.min_painted_slices slices keeps the engine's outline, and the others get no grown outline)."""
     if not options.enabled or not labelled:
         return labels
     painted_slices = to_slices(painted, axis)
@@ -200,8 +200,8 @@ def grow_from_painting(image_slices: np.ndarray, painted_slices: np.ndarray, lab
 
 
 class StructureBlend:
-    """One small structure's painted shape and what it needs to re-outline a slice. Distance maps are taken on the
-    box around the structure (outline_box)."""
+    """One small structure's painted shape (and grown outline, when given) and what it needs to re-outline a slice.
+    Distance maps are taken on the box around the structure (outline_box)."""
 
     def __init__(self, value: int, engine: np.ndarray, painted_slices: np.ndarray, labelled: list[int],
                  pixel_spacing: tuple[float, float], options: ShapeBlendOptions, grown: np.ndarray | None = None):
@@ -218,7 +218,8 @@ class StructureBlend:
         return not _beyond_absent(z, self.anchors, self.absent)
 
     def score(self, engine_slice: np.ndarray, z: int) -> np.ndarray:
-        """The weighted average of the engine's and the painted shape's distance maps on slice z (inside box)."""
+        """The weighted average of the engine's and the painted shape's distance maps on slice z (inside box), and
+        of that with the grown outline's."""
         prior, between = painted_shape(self.anchors, z, self.engine_present, self.options.taper)
         weight = self.options.model_weight if between else self.options.model_weight_beyond
         score = weight * self.distance(engine_slice) + (1 - weight) * np.maximum(prior, -self.options.clip)
