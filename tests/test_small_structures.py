@@ -212,13 +212,12 @@ def test_the_growth_declines_a_box_over_its_voxel_limit():
 HIPPOCAMPUS_CASE = "hippocampus_001"  # a development scan (benchmarks/accuracy/datasets.py)
 
 
-@pytest.fixture(scope="module")
-def hippocampus_case(shared_data_dir):
-    folder = shared_data_dir / "msd_hippocampus_mri"
-    image_path = folder / "images" / f"{HIPPOCAMPUS_CASE}.nii.gz"
-    labels_path = folder / "labels" / f"{HIPPOCAMPUS_CASE}.nii.gz"
-    if not (image_path.exists() and labels_path.exists()):
-        pytest.fail(f"{HIPPOCAMPUS_CASE} missing from {folder}", pytrace=False)
+@pytest.fixture
+def hippocampus_case(shared_data_file):
+    """(volume, reference labels, slice axis, the middle slice of each structure painted) of a real hippocampus crop;
+    skipped where the shared data is absent, failed under CI."""
+    image_path = shared_data_file(f"msd_hippocampus_mri/images/{HIPPOCAMPUS_CASE}.nii.gz")
+    labels_path = shared_data_file(f"msd_hippocampus_mri/labels/{HIPPOCAMPUS_CASE}.nii.gz")
     volume = read_volume(image_path)
     reference = read_labels(labels_path, volume, reference_path=image_path).array
     axis = slice_axis(volume.geometry)
@@ -227,7 +226,7 @@ def hippocampus_case(shared_data_dir):
 
 def test_growth_from_one_painted_slice_on_a_real_hippocampus_scan(hippocampus_case):
     """The growth alone, from the middle slice of each structure (both hippocampus parts are painted on it):
-    measured Dice 0.64 / 0.70 (anterior / posterior), a floor 0.1 below."""
+    measured Dice 0.77 / 0.57 (anterior / posterior), a floor below both."""
     volume, reference, axis, painted = hippocampus_case
     seeds = to_slices(np.where(painted > 0, painted, -1).astype(np.int64), axis).copy()
     labelled = np.flatnonzero(to_slices(painted, axis).any(axis=(1, 2)))
