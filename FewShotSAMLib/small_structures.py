@@ -163,11 +163,15 @@ def blend_with_painted_shape(labels: np.ndarray, painted: np.ndarray, labelled: 
     return from_slices(result, axis)
 
 
-def outline_box(values: list[int], engine: np.ndarray, painted_slices: np.ndarray, pixel_spacing: tuple[float, float],
-                clip: float) -> tuple[slice, slice]:
-    """The in-plane box (rows, cols) around the structures' painting and the engine's result, plus the clip distance:
-    beyond it their distance maps are -clip anyway, and a 512x512 CT slice would cost 30 times more."""
-    footprint = (np.isin(painted_slices, values) | np.isin(engine, values)).any(axis=0)
+def structure_voxels(values: list[int], engine: np.ndarray, painted_slices: np.ndarray) -> np.ndarray:
+    """[n_slices, rows, cols]: where the painting or the engine's result has any of the structures `values`."""
+    return np.isin(painted_slices, values) | np.isin(engine, values)
+
+
+def outline_box(voxels: np.ndarray, pixel_spacing: tuple[float, float], clip: float) -> tuple[slice, slice]:
+    """The in-plane box (rows, cols) around structure_voxels, plus the clip distance: beyond it the distance maps
+    are -clip anyway, and a 512x512 CT slice would cost 30 times more."""
+    footprint = voxels.any(axis=0)
     margin = int(np.ceil(clip / min(pixel_spacing))) + 2
     rows, cols = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
     return (slice(max(0, rows[0] - margin), rows[-1] + margin + 1),
@@ -182,8 +186,9 @@ def grow_from_painting(image_slices: np.ndarray, painted_slices: np.ndarray, lab
     labelled slice seeds the background. The box spans the slices where the engine or the painting has them (the
     engine decides where a structure ends: grown further, a gallbladder on a 3 mm CT leaked into the slices beyond
     it) and outline_box in plane."""
-    rows, cols = outline_box(values, engine, painted_slices, pixel_spacing, options.clip)
-    present = np.flatnonzero((np.isin(painted_slices, values) | np.isin(engine, values)).any(axis=(1, 2)))
+    voxels = structure_voxels(values, engine, painted_slices)
+    rows, cols = outline_box(voxels, pixel_spacing, options.clip)
+    present = np.flatnonzero(voxels.any(axis=(1, 2)))
     first, last = present[0], present[-1]
     box = (slice(first, last + 1), rows, cols)
     box_image = image_slices[box]
@@ -206,7 +211,7 @@ class StructureBlend:
     def __init__(self, value: int, engine: np.ndarray, painted_slices: np.ndarray, labelled: list[int],
                  pixel_spacing: tuple[float, float], options: ShapeBlendOptions, grown: np.ndarray | None = None):
         self.value, self.spacing, self.options, self.grown = value, pixel_spacing, options, grown
-        self.box = outline_box([value], engine, painted_slices, pixel_spacing, options.clip)
+        self.box = outline_box(structure_voxels([value], engine, painted_slices), pixel_spacing, options.clip)
         self.anchors = {z: self.distance(painted_slices[z]) for z in labelled if (painted_slices[z] == value).any()}
         self.absent = [z for z in labelled if z not in self.anchors]
         self.engine_present = (engine == value).any(axis=(1, 2))
