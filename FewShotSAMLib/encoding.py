@@ -65,38 +65,72 @@ class VolumeEncoding:
 
     def __init__(self, model: SamModel, volume: Volume, axis: int, cache: EmbeddingCache, window=None, preset=None,
                  progress: Progress = NO_PROGRESS, batch_size: int = 8, encoder: str = "auto"):
-        if model.will_compile_encoder(encoder, cache.encoders_dir):
-            progress.update("encode", 0, 1, "building and measuring the encoder for this computer (once)")
         self.model, self.volume, self.axis, self.cache, self.batch_size = model, volume, axis, cache, batch_size
-        self.path = model.prepare_encoder(encoder, cache.encoders_dir)
+        self.requested, self.progress = encoder, progress
         normalisation = choose_normalisation(volume, window=window, preset=preset)
         self.slices = to_slices(apply_normalisation(volume.array, normalisation), axis)
         self.pixel_spacing = in_plane_spacing(volume.geometry, axis)
         self.target = model.spec.input_size
         _, self.resize = resize_stack_longest_side(self.slices[:1], self.target, self.pixel_spacing)
-        # The arithmetic is part of the key: bf16 embeddings differ from fp32 ones by a few percent, and the compiled
-        # encoder's from autocast's by its own rounding. ONNX Runtime and PyTorch fp32 differ by ~1e-6 relative (as
-        # much as two thread counts do), below the cache's fp16 storage, so they share fp32 entries.
-        arithmetic = {"bf16": "bf16", "compiled": "bf16-compiled"}.get(self.path, "fp32")
-        preprocessing = f"{normalisation.key()};size={self.target};{arithmetic}"
-        key = cache_key(volume.array, axis, preprocessing, model.weights_id)
-        self.entry = cache.open_entry(key, self.slices.shape[0], model.spec.embedding_shape, model.weights_id)
+        self.preprocessing = f"{normalisation.key()};size={self.target}"
+        # The encoder opens only when a slice is missing from the cache (opening OpenVINO's costs ~0.2 s, a third of
+        # a warm re-run's spare time): until then the path it would run (read from auto's probe record) keys the
+        # cache. auto's probe runs now if it never ran on this machine (a built path is built when it opens).
+        if encoder == "auto":
+            self.announce_build()
+        self.path, self.opened = model.encoder_path(encoder, cache.encoders_dir), False
+        self.entry = self.open_entry()
         self.done: set[int] = set()  # slices encoded (or found in the cache) through this object
+
+    def open_entry(self):
+        """The cache entry for this volume under self.path's arithmetic: bf16 embeddings differ from fp32 ones by a
+        few percent, and the compiled encoder's from autocast's by its own rounding. ONNX Runtime, OpenVINO and
+        PyTorch fp32 differ by ~1e-6 relative (as much as two thread counts do), below the cache's fp16 storage,
+        so they share fp32 entries."""
+        key = cache_key(self.volume.array, self.axis, f"{self.preprocessing};{arithmetic_of(self.path)}",
+                        self.model.weights_id)
+        return self.cache.open_entry(key, self.slices.shape[0], self.model.spec.embedding_shape,
+                                     self.model.weights_id)
+
+    def announce_build(self) -> None:
+        if self.model.will_compile_encoder(self.requested, self.cache.encoders_dir):
+            self.progress.update("encode", 0, 1, "building and measuring the encoder for this computer (once)")
+
+    def open_encoder(self) -> None:
+        """Build or load the encoder now that a slice needs it. Under auto, a path that fails to open falls back to
+        the next fastest (models.prepare_encoder); one of other arithmetic raises OtherArithmetic for encode()."""
+        self.announce_build()
+        path = self.model.prepare_encoder(self.requested, self.cache.encoders_dir)
+        self.opened = True
+        if arithmetic_of(path) != arithmetic_of(self.path):
+            self.path = path
+            raise OtherArithmetic
+        self.path = path
 
     def encode(self, only: list[int] | None, progress: Progress = NO_PROGRESS) -> EncodedVolume:
         """The volume with `only` (None: every slice) and every slice this object encoded before; cached slices
         are never encoded again."""
 
         def compute(indices):
+            if not self.opened:
+                self.open_encoder()
             images, _ = resize_stack_longest_side(self.slices[list(indices)], self.target, self.pixel_spacing)
             return self.model.encode(images, self.path, encoders_folder=self.cache.encoders_dir)
 
         wanted = sorted(set(only)) if only is not None else list(range(self.slices.shape[0]))
-        verified = self.entry.get_or_compute(  # encodes what is missing, checks every wanted slice's checksum
-            wanted, compute,
-            progress=lambda done, total: progress.update("encode", done, total, f"encoding slice {done}/{total}"),
-            cancel=lambda: progress.cancel is not None and progress.cancel(), batch_size=self.batch_size,
-        )
+        try:
+            verified = self.entry.get_or_compute(  # encodes what is missing, checks every wanted slice's checksum
+                wanted, compute,
+                progress=lambda done, total: progress.update("encode", done, total, f"encoding slice {done}/{total}"),
+                cancel=lambda: progress.cancel is not None and progress.cancel(), batch_size=self.batch_size,
+            )
+        except OtherArithmetic:
+            # The planned encoder failed to open and its fallback computes other embeddings: every slice this object
+            # handed out is taken again from the fallback's own cache entry, so that no result mixes the two.
+            self.entry = self.open_entry()
+            again = None if only is None else sorted(set(wanted) | self.done)
+            self.done = set()
+            return self.encode(again, progress)
         self.done.update(wanted)
         # A partial encoding is indexed by slice like a full one: the slices not encoded read as zeros.
         embeddings, encoded = (verified, None) if only is None else (self.entry.embeddings(), sorted(self.done))
@@ -106,3 +140,13 @@ class VolumeEncoding:
         """Encoding is done for this volume: the encoder's working memory would otherwise sit beside the
         propagation's (a 512x512x300 CT run peaked at 3.99 GiB with it kept, 3.27 GiB without)."""
         self.model.release_encoder_sessions()
+        self.opened = False
+
+
+class OtherArithmetic(Exception):
+    """The encoder that opened is not the one the cache entry was keyed for, and computes other embeddings."""
+
+
+def arithmetic_of(path: str) -> str:
+    """The embeddings' arithmetic for an encoder path (part of the cache key)."""
+    return {"bf16": "bf16", "compiled": "bf16-compiled"}.get(path, "fp32")

@@ -115,11 +115,12 @@ class Engine:
             encoding.release()  # its memory would sit beside the tuning's; encoding more reopens it (~0.1 s)
             record, warm, collection = self.adapt_on_painting(volume, labels, encoded, label_slices, labelled,
                                                               selected, progress)
+            reach = None
             if self.encodes_on_demand():
                 # A warm start predicts only its regions again: only they need their reach encoded.
                 windows = [(0, encoded.n_slices - 1)] if warm is None else warm.regions
-                encoded = self.encode_reach(encoding, encoded, record.adapter, label_slices, labelled, windows,
-                                            progress)
+                encoded, reach = self.encode_reach(encoding, encoded, record.adapter, label_slices, labelled,
+                                                   windows, progress)
         finally:
             encoding.release()
         propagation = self.options.propagation
@@ -129,7 +130,7 @@ class Engine:
         if warm is not None:
             confidence.carry_over(warm.record.confidence, warm.regions)
         record.classes = self.predict_classes(record.adapter, encoded, label_slices, labelled, propagation, warm,
-                                              progress, confidence)
+                                              progress, confidence, reach)
         record.confidence = confidence.state()
         save_record(self.cache.runs_dir, record)
         predicted = finish_labels(record.classes, record.adapter.label_values, label_slices, labelled, propagation,
@@ -168,10 +169,11 @@ class Engine:
 
     def encode_reach(self, encoding: VolumeEncoding, encoded: EncodedVolume, adapter: FewShotAdapter,
                      label_slices: np.ndarray, labelled: list[int], windows: list[tuple[int, int]],
-                     progress: Progress) -> EncodedVolume:
+                     progress: Progress) -> tuple[EncodedVolume, Reach]:
         """Encode, REACH_BLOCK slices at a time in each direction, the slices of `windows` that the structures can
         reach, until no kept cell lies next to an unencoded slice (propagation.Reach says why the result then
-        equals a full encoding's, voxel for voxel)."""
+        equals a full encoding's, voxel for voxel). Returns the encoding and the Reach, whose pixel-prompt
+        probabilities of the windows' slices predict_classes reuses."""
         at_most = sum(1 for first, last in windows for z in range(first, last + 1) if z not in encoding.done)
         reach = Reach(adapter, encoded, label_slices, labelled, self.options.propagation.batch_size)
         newly = 0
@@ -182,22 +184,23 @@ class Engine:
                 for start, step in reach.unencoded(encoded, window):
                     block.update(next_unencoded(start, step, window, encoding.done))
             if not block:
-                return encoded
+                return encoded, reach
             within = AsStage(progress, "reach", newly, at_most, "encoding the slices the structures reach")
             encoded = encoding.encode(sorted(block), within)
             newly += len(block)
 
     def predict_classes(self, adapter: FewShotAdapter, encoded: EncodedVolume, label_slices: np.ndarray,
                         labelled: list[int], propagation: PropagationOptions, warm: WarmStart | None,
-                        progress: Progress, confidence: ConfidenceRecorder) -> np.ndarray:
-        """Every slice's classes, or on a warm start the recorded ones with its regions predicted again."""
+                        progress: Progress, confidence: ConfidenceRecorder, reach: Reach | None) -> np.ndarray:
+        """Every slice's classes, or on a warm start the recorded ones with its regions predicted again.
+        reach: encode_reach's, or None when the slices were encoded up front."""
         if warm is None:
             return predict_classes(self.model, adapter, encoded, label_slices, labelled, propagation, progress,
-                                   confidence=confidence)
+                                   confidence=confidence, reach=reach)
         classes = warm.record.classes.copy()
         for first, last in warm.regions:
             again = predict_classes(self.model, adapter, encoded, label_slices, labelled, propagation, progress,
-                                    region=(first, last), confidence=confidence)
+                                    region=(first, last), confidence=confidence, reach=reach)
             classes[first:last + 1] = again[first:last + 1]
         return classes
 

@@ -139,12 +139,9 @@ class Reach:
         encoding equals predicting on a full one. window: the slices predict_classes predicts (a warm start's
         region, whose ends are painted slices or the volume's ends; whole volume: 0..n-1)."""
         done = set(range(encoded.n_slices) if encoded.encoded is None else encoded.encoded)
-        self.classify(encoded, sorted(done - self.seen))
         first, last = window
-        probabilities = self.probabilities.clone()  # what coarse_probabilities(within=window) gives
-        probabilities[:first], probabilities[last + 1:] = 0, 0
-        probabilities[:first, 0], probabilities[last + 1:, 0] = 1, 1
-        kept = structure_cells(probabilities, self.painted_cells, self.labelled, self.footprints)
+        self.classify(encoded, sorted(z for z in done - self.seen if first <= z <= last))
+        kept = structure_cells(self.within(window), self.painted_cells, self.labelled, self.footprints)
         occupied = kept.any(axis=(1, 2, 3))
         return [(z + step, step) for z in range(first, last + 1) if occupied[z] for step in (-1, 1)
                 if first <= z + step <= last and z + step not in done]
@@ -152,6 +149,16 @@ class Reach:
     def classify(self, encoded: EncodedVolume, indices: list[int]) -> None:
         classify_slices(self.adapter, encoded, indices, self.probabilities, self.batch_size)
         self.seen.update(indices)
+
+    def within(self, window: tuple[int, int]) -> torch.Tensor:
+        """What coarse_probabilities(within=window) gives, from the slices classified so far (once unencoded(window)
+        is empty, every encoded slice of the window is among them): predict_classes takes it instead of classifying
+        the window's slices again."""
+        first, last = window
+        probabilities = self.probabilities.clone()
+        probabilities[:first], probabilities[last + 1:] = 0, 0
+        probabilities[:first, 0], probabilities[last + 1:, 0] = 1, 1
+        return probabilities
 
 
 def most_likely_component(components: np.ndarray, probability: np.ndarray, footprint: np.ndarray | None) -> int:
@@ -220,18 +227,25 @@ def propagate_volume(model: SamModel, adapter: FewShotAdapter, encoded: EncodedV
 def predict_classes(model: SamModel, adapter: FewShotAdapter, encoded: EncodedVolume,
                     painted_slices: np.ndarray | None, labelled: list[int], options: PropagationOptions,
                     progress: Progress = NO_PROGRESS, region: tuple[int, int] | None = None,
-                    confidence: ConfidenceRecorder | None = None) -> np.ndarray:
+                    confidence: ConfidenceRecorder | None = None, reach: Reach | None = None) -> np.ndarray:
     """Class indices [n, rows, cols] along the slice axis (steps 1-3 and the competition of step 4, before the
     clean-up); slices outside options.slice_range, and labelled slices, are 0.
 
     region: classify and predict only slices first..last (a warm start's re-prediction; see warm_start.py). Its
     ends must be labelled slices or the volume's ends, so that no component of structure_cells crosses them
     except through painted cells.
-    confidence: a recorder the caller has begun; it receives both predictions of every predicted (slice, structure)."""
+    confidence: a recorder the caller has begun; it receives both predictions of every predicted (slice, structure).
+    reach: the Reach that found the encoded slices of this region (Engine.encode_reach), made with the same adapter,
+    painting and labelled slices: its probabilities, painted cells and footprints are used."""
     size = encoded.resize.target
-    probabilities = coarse_probabilities(adapter, encoded, options.batch_size, within=region)
-    painted_cells = painted_cell_map(adapter, encoded, painted_slices, labelled)
-    kept = structure_cells(probabilities, painted_cells, labelled, slice_footprints(adapter, encoded))
+    if reach is not None:
+        probabilities = reach.within(region or (0, encoded.n_slices - 1))
+        painted_cells, footprints = reach.painted_cells, reach.footprints
+    else:
+        probabilities = coarse_probabilities(adapter, encoded, options.batch_size, within=region)
+        painted_cells = painted_cell_map(adapter, encoded, painted_slices, labelled)
+        footprints = slice_footprints(adapter, encoded)
+    kept = structure_cells(probabilities, painted_cells, labelled, footprints)
     first, last = options.slice_range or (0, encoded.n_slices - 1)
     if region is not None:
         first, last = max(first, region[0]), min(last, region[1])

@@ -74,6 +74,22 @@ def engine_cli_problem(python: str = sys.executable) -> str | None:
     return None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether the process `pid` still runs (the worker tests check that Cancel and exit leave none behind)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Scenes
 # ----------------------------------------------------------------------------------------------------------------

@@ -49,20 +49,6 @@ RUN_TIMEOUT_S = 1800
 VALUE = {organ: value for value, organ, _ in support.ORGANS}
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def cache_entries(folder) -> list[str]:
     return sorted(name for name in os.listdir(folder) if not name.startswith("."))
 
@@ -358,9 +344,9 @@ def test_cancel_after_the_first_progress_line_changes_nothing(engine, chaos, mak
     assert "pid" in holder, "no progress line arrived before the worker ended"
     assert job.stepIndex == 0 and len(job.runs) == 1  # the second group never started
     deadline = time.monotonic() + 10
-    while pid_alive(holder["pid"]) and time.monotonic() < deadline:
+    while support.pid_alive(holder["pid"]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not pid_alive(holder["pid"])
+    assert not support.pid_alive(holder["pid"])
     assert support.segment_metadata(segmentation) == before_meta
     after = support.segment_arrays(segmentation, volume)
     assert after.keys() == before_arrays.keys()

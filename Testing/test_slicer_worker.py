@@ -14,6 +14,7 @@ import time
 
 import pytest
 import slicer_extension_support  # noqa: F401  (puts FewShotSAM/ on sys.path)
+from slicer_extension_support import pid_alive
 
 from FewShotSAMSlicerLib import worker as wk
 
@@ -22,21 +23,6 @@ def python_script(tmp_path, body: str) -> list[str]:
     script = tmp_path / "fake_worker.py"
     script.write_text(textwrap.dedent(body))
     return [sys.executable, str(script)]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (exited, not yet reaped by its parent) counts as gone
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 # ---- parsing -------------------------------------------------------------------------------------------------

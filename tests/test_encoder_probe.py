@@ -6,18 +6,22 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 import FewShotSAMLib.models as models
 from FewShotSAMLib import encoder_probe
 from FewShotSAMLib.demo import SAMPLE_IMAGE
+from FewShotSAMLib.embedding_cache import EmbeddingCache
 from FewShotSAMLib.encoder_probe import probe_record_file
+from FewShotSAMLib.encoding import VolumeEncoding
 from FewShotSAMLib.errors import FewShotSAMError
 from FewShotSAMLib.models import load_model
 from FewShotSAMLib.onnx_encoder import onnxruntime_available
 from FewShotSAMLib.openvino_encoder import openvino_available, openvino_encoder_file
 from FewShotSAMLib.preprocess import apply_normalisation, choose_normalisation, resize_stack_longest_side
+from FewShotSAMLib.volume import Volume
 from FewShotSAMLib.volume_io import read_volume
 
 pytestmark = pytest.mark.skipif(not (onnxruntime_available() and openvino_available()),
@@ -131,4 +135,54 @@ def test_a_damaged_openvino_encoder_is_compiled_again(model, encoders):
     with pytest.warns(UserWarning, match="damaged"):
         model.encode(torch.zeros(1, 3, 256, 256), "openvino", encoders_folder=encoders)
     assert built.stat().st_size > 1_000_000
+    model.release_encoder_sessions()
+
+
+def cache_with_encoders(folder, built_folder) -> EmbeddingCache:
+    """An embedding cache whose encoders folder holds the built ONNX and OpenVINO encoders (no probe record)."""
+    cache = EmbeddingCache(folder)
+    shutil.copytree(built_folder, cache.encoders_dir, ignore=shutil.ignore_patterns(".*", "auto-*"))
+    return cache
+
+
+@pytest.fixture
+def sample_cache(built_folder, tmp_path):
+    """A cache with the built encoders, and a 3-slice volume."""
+    volume = read_volume(SAMPLE_IMAGE)
+    return cache_with_encoders(tmp_path / "cache", built_folder), Volume(np.ascontiguousarray(volume.array[10:13]),
+                                                                          volume.geometry)
+
+
+def test_a_cached_volume_is_read_without_opening_the_encoder(model, sample_cache, monkeypatch):
+    """The warm re-run's case: opening OpenVINO costs ~0.2 s, and every slice it needs is in the cache already."""
+    cache, volume = sample_cache
+    first = VolumeEncoding(model, volume, 0, cache, encoder="openvino").encode(None)
+    model.release_encoder_sessions()
+    monkeypatch.setattr(models, "open_openvino_encoder", failing("the encoder was opened"))
+    again = VolumeEncoding(model, volume, 0, cache, encoder="openvino")
+    assert np.array_equal(again.encode([0, 2]).embeddings[[0, 2]], first.embeddings[[0, 2]])
+    assert not model.__dict__.get("_encoder_sessions")
+    with pytest.raises(FewShotSAMError, match="the encoder was opened"):
+        VolumeEncoding(model, volume, 1, cache, encoder="openvino").encode([0])  # another axis: not cached
+
+
+def test_a_fallback_of_other_arithmetic_takes_every_slice_from_its_own_cache_entry(model, sample_cache, built_folder,
+                                                                                    tmp_path, monkeypatch):
+    """auto's record says the compiled bf16 encoder is fastest, but it fails to open now (its library deleted, no
+    compiler): the fp32 fallback must not write fp32 embeddings under the bf16 key, nor hand out a mix of both."""
+    reference_cache, volume = sample_cache
+    reference = VolumeEncoding(model, volume, 0, reference_cache, encoder="openvino")
+    expected = reference.encode(None).embeddings
+    cache = cache_with_encoders(tmp_path / "fallback", built_folder)
+    monkeypatch.setattr(models, "why_not_compilable", lambda precision="bf16": None)  # as on a bf16 CPU
+    monkeypatch.setattr(models, "open_compiled_encoder", failing("the compiled library is gone"))
+    record = {"ranking": ["compiled", "openvino", "onnx"], "failed": {}}
+    probe_record_file(model, cache.encoders_dir).write_text(json.dumps(record))
+    encoding = VolumeEncoding(model, volume, 0, cache, encoder="auto")
+    assert encoding.path == "compiled" and encoding.entry.key != reference.entry.key
+    with pytest.warns(UserWarning, match="the compiled library is gone"):
+        encoded = encoding.encode([1])
+    assert encoding.path == "openvino" and encoding.entry.key == reference.entry.key and encoded.encoded == [1]
+    encoded = encoding.encode([2])
+    assert encoded.encoded == [1, 2] and np.array_equal(encoded.embeddings[[1, 2]], expected[[1, 2]])
     model.release_encoder_sessions()
