@@ -19,6 +19,11 @@ through the command line, cold then warm, each in its own process whose peak res
 --long-ct: a CT whose structures cover part of the scan (real anatomy on an upsampled grid: TotalSegmentator's
 122x101x112 3 mm CT resampled to 512x512x300, vertebrae L4-L2 painted on 3 slices each), cold through the command
 line with encoding on demand (the default) and with --encode-all-slices: time, slices encoded, Dice of both.
+
+--cli-rerun: the CHAOS case's re-runs through the command line, each in a new process as the Slicer module runs
+them (one more painted slice, warm-started; and the painting before it again, a full run on cached embeddings),
+beside the same re-runs in this process and the bare cost of a new process (Python, torch, the engine's imports
+and the model loaded): what a Slicer user waits for against what the engine itself takes.
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ ENCODER_PATHS = ("compiled", "openvino", "onnx", "fp32", "bf16")  # the fast CPU
 CT_REPEATS = 15  # 20 real slices x 15 = 300
 LONG_CT_SHAPE = (512, 512, 300)  # x, y, z of the resampled TotalSegmentator CT (--long-ct)
 LONG_CT_PAINTED = {28: "vertebrae_L4", 29: "vertebrae_L3", 30: "vertebrae_L2"}  # TotalSegmentator v1 label ids
-LONG_CT_ENCODER = "openvino"  # what `auto` picks on the Zen 3 (speed-zen3.md), named so that no probe is timed
+# The encoder of the command-line cases (--long-ct, --cli-rerun): what `auto` picks on the Zen 3 (speed-zen3.md),
+# named so that no probe is timed.
+CLI_ENCODER = "openvino"
 
 
 def median_time(function, repeats: int) -> float:
@@ -423,7 +430,7 @@ def run_long_ct_case(data_dir: Path, encoders: Path) -> dict:
 
     row = {"case": f"TotalSegmentator CT {'x'.join(map(str, LONG_CT_SHAPE))} resampled from 122x101x112 at 3 mm "
                    f"(real anatomy, upsampled grid), {', '.join(LONG_CT_PAINTED.values())} painted on 3 slices each",
-           "encoder": LONG_CT_ENCODER, "load_average_start": os.getloadavg()[0], "runs": {}}
+           "encoder": CLI_ENCODER, "load_average_start": os.getloadavg()[0], "runs": {}}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         image, reference_path, painted = write_long_ct_case(data_dir, folder)
@@ -442,7 +449,7 @@ def run_long_ct_case(data_dir: Path, encoders: Path) -> dict:
             cache = folder / f"cache-{name}"
             with_built_encoders(cache, encoders)
             out = folder / f"{name}.seg.nrrd"
-            run = timed_cli_propagate(image, painted, out, cache, ("--encoder", LONG_CT_ENCODER, *extra))
+            run = timed_cli_propagate(image, painted, out, cache, ("--encoder", CLI_ENCODER, *extra))
             (entry,) = EmbeddingCache(cache).entries()
             results[name] = read_labels(out, volume).array
             row["runs"][name] = {**run, "slices_encoded": entry.n_done,
@@ -468,14 +475,80 @@ def long_ct_markdown(row: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def long_ct_only(args) -> int:
-    """--long-ct: the long CT case alone, written to --out/<name>.json and .md."""
+STARTUP_COMMAND = ("from FewShotSAMLib.models import load_model; from FewShotSAMLib.pipeline import Engine; "
+                   "load_model('litemedsam', device='cpu')")
+
+
+def run_cli_rerun_case(data_dir: Path, encoders: Path, repeats: int) -> dict:
+    """CHAOS 5 (3 painted slices per organ, encoder openvino): one more painted slice and a full run on cached
+    embeddings, through the command line (a new process each) and in this process; medians of `repeats`."""
+    from FewShotSAMLib.volume_io import write_segmentation
+
+    scan = load_scan("chaos", "5", data_dir)
+    labels, _ = painted_case(scan)
+    more = LabelVolume(one_more_slice(labels.array, scan.reference, scan.axis)[0], labels.geometry, labels.segments)
+    image = data_dir / "chaos_t2_mri" / "image_5.nii.gz"
+    encoder = ("--encoder", CLI_ENCODER)
+    row = {"case": "CHAOS MRI 256x256x36 (scan 5), 3 painted slices per organ, then one more",
+           "encoder": CLI_ENCODER, "load_average_start": os.getloadavg()[0]}
+    startup = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", STARTUP_COMMAND], cwd=REPO, check=True, capture_output=True)
+        startup.append(time.perf_counter() - start)
+    row["new_process_startup_s"] = round(statistics.median(startup), 2)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        painted_file, more_file = folder / "painted.seg.nrrd", folder / "more.seg.nrrd"
+        write_segmentation(painted_file, labels)
+        write_segmentation(more_file, more)
+        cache = folder / "cache"
+        with_built_encoders(cache, encoders)
+        # Encodes the scan, and leaves a run record with the one more slice painted.
+        timed_cli_propagate(image, more_file, folder / "first.seg.nrrd", cache, encoder)
+        cli_full, cli_more = [], []
+        for index in range(repeats):
+            # The record holds the one-more-slice painting: the painting before it erases a slice, so it is a full
+            # run on cached embeddings; the one-more-slice run after it is warm-started from that full run.
+            cli_full.append(timed_cli_propagate(image, painted_file, folder / f"full{index}.seg.nrrd", cache,
+                                                encoder)["total_s"])
+            cli_more.append(timed_cli_propagate(image, more_file, folder / f"more{index}.seg.nrrd", cache,
+                                                encoder)["total_s"])
+        engine = Engine(EngineOptions(cache_dir=str(cache), device="cpu", encoder=CLI_ENCODER))
+        in_full, in_more = [], []
+        for _ in range(repeats):
+            in_full.append(timed_propagate(engine, scan.volume, labels)[0]["total_s"])
+            in_more.append(timed_propagate(engine, scan.volume, more)[0]["total_s"])
+    row["command_line"] = {"one_more_slice_s": statistics.median(cli_more), "full_run_s": statistics.median(cli_full)}
+    row["in_process"] = {"one_more_slice_s": statistics.median(in_more), "full_run_s": statistics.median(in_full)}
+    row["load_average_end"] = os.getloadavg()[0]
+    return row
+
+
+def cli_rerun_markdown(row: dict) -> str:
+    cli, inside = row["command_line"], row["in_process"]
+    return "\n".join([
+        f"Re-runs: {row['case']}; encoder {row['encoder']}; embeddings cached; medians; load average "
+        f"{row['load_average_start']:.1f} at the start, {row['load_average_end']:.1f} at the end.", "",
+        "| re-run | command line, a new process (s) | in this process (s) |", "|---|---|---|",
+        f"| one more painted slice (warm-started) | {cli['one_more_slice_s']:.2f} | {inside['one_more_slice_s']:.2f} |",
+        f"| the painting before it again (a full run) | {cli['full_run_s']:.2f} | {inside['full_run_s']:.2f} |",
+        "", f"A new process that only imports the engine and loads the model: {row['new_process_startup_s']:.2f} s.",
+    ]) + "\n"
+
+
+def machine_line() -> str:
+    return f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def command_line_case_only(args, key: str, run_case, markdown) -> int:
+    """--long-ct, --cli-rerun: one command-line case alone (run_case(encoders) -> its row, with the OpenVINO
+    encoder built first), written to --out/<name>.json and .md under `key`."""
     model = load_model("litemedsam", device="cpu")
-    with built_encoders(model, (LONG_CT_ENCODER,)) as (encoders, build):
-        row = run_long_ct_case(args.data_dir, encoders)
-    report = {"machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-              "cpu": cpu_record(), "long_ct": row}
-    write_results(args.out, args.name, report, f"Machine: {report['machine']}.\n\n" + long_ct_markdown(row))
+    with built_encoders(model, (CLI_ENCODER,)) as (encoders, build):
+        row = run_case(encoders)
+    report = {"machine": machine_line(), "cpu": cpu_record(), key: row}
+    write_results(args.out, args.name, report, f"Machine: {report['machine']}.\n\n" + markdown(row))
     return 0
 
 
@@ -502,6 +575,9 @@ def main(argv=None) -> int:
     parser.add_argument("--long-ct", action="store_true",
                         help="run only the long CT case (vertebrae over part of a 512x512x300 CT), on demand against "
                              "--encode-all-slices, into --out/<name>.json and .md (several minutes)")
+    parser.add_argument("--cli-rerun", action="store_true",
+                        help="run only the CHAOS re-runs through the command line against in process, into "
+                             "--out/<name>.json and .md (a few minutes)")
     parser.add_argument("--encoders-only", action="store_true",
                         help="run only the encoder table (paths, auto's probe, roofline), not the propagate cases")
     parser.add_argument("--encoder-slices", type=int, default=8,
@@ -521,10 +597,14 @@ def main(argv=None) -> int:
     if args.ct_only:
         return rerun_ct_only(args)
     if args.long_ct:
-        return long_ct_only(args)
+        return command_line_case_only(args, "long_ct", lambda encoders: run_long_ct_case(args.data_dir, encoders),
+                                      long_ct_markdown)
+    if args.cli_rerun:
+        return command_line_case_only(
+            args, "cli_rerun", lambda encoders: run_cli_rerun_case(args.data_dir, encoders, args.repeats),
+            cli_rerun_markdown)
     torch.manual_seed(0)
-    report = {"machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-              "cpu": cpu_record(), "cases": []}
+    report = {"machine": machine_line(), "cpu": cpu_record(), "cases": []}
     model = load_model("litemedsam", device="cpu")
     chaos = load_scan("chaos", "5", args.data_dir)
     with built_encoders(model, args.built_paths, args.encoders) as (encoders, build):
