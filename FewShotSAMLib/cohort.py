@@ -23,7 +23,7 @@ import os
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -221,7 +221,10 @@ def run_on_dask(jobs: list[ScanJob], arguments: tuple, finished, scheduler, work
     with dask_client(scheduler, workers, retries) as (client, torch_threads):
         if on_cluster is not None:
             on_cluster(client)
-        model_path, options, _ = arguments
+        model_path, options, overwrite = arguments
+        if scheduler is None or workers_on_this_machine(client):
+            options = with_encoder_chosen_here(options)
+            arguments = (model_path, options, overwrite)
         from .cohort_plugin import ModelPlugin
 
         client.register_plugin(ModelPlugin(model_path, options, torch_threads), name=ModelPlugin.name)
@@ -235,6 +238,35 @@ def run_on_dask(jobs: list[ScanJob], arguments: tuple, finished, scheduler, work
         except BaseException:  # Ctrl-C or an error here: stop the scans still queued or running
             client.cancel(list(futures))
             raise
+
+
+def workers_on_this_machine(client) -> bool:
+    """Whether every worker of this client's cluster runs on this machine (a LocalCluster, or a scheduler whose
+    workers listen on a loopback address or this host's)."""
+    import socket
+    from urllib.parse import urlparse
+
+    local = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
+    with contextlib.suppress(OSError):
+        local.add(socket.gethostbyname(socket.gethostname()))
+    addresses = list(client.scheduler_info().get("workers", {}))
+    return bool(addresses) and all(urlparse(address).hostname in local for address in addresses)
+
+
+def with_encoder_chosen_here(options: EngineOptions) -> EngineOptions:
+    """The options with the encoder path that `auto` picks in this process, for worker processes on this machine.
+
+    `auto` measures the paths once per thread count (encoder_probe), and a LocalCluster's workers run PyTorch on
+    fewer threads than this process: each would pick for itself, perhaps another path (measured on a 2-core Xeon:
+    the compiled bf16 encoder on one thread, OpenVINO on two), so the outputs would depend on the number of workers
+    and would not reuse the embeddings a single-process run cached. One path for the whole cohort keeps them equal.
+    """
+    if options.encoder != "auto":
+        return options
+    engine = Engine(options)
+    path = engine.model.prepare_encoder("auto", engine.cache.encoders_dir)
+    engine.model.release_encoder_sessions()
+    return replace(options, encoder=path)
 
 
 def collect(future, job: ScanJob, arguments: tuple, retries: int) -> dict:

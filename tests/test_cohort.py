@@ -23,7 +23,7 @@ pytest.importorskip("distributed", reason="the cohort extra is not installed: pi
 from distributed import Client, LocalCluster
 
 from FewShotSAMLib.cli import main
-from FewShotSAMLib.cohort import apply_cohort, dask_client, environment_kept
+from FewShotSAMLib.cohort import apply_cohort, dask_client, environment_kept, workers_on_this_machine
 from FewShotSAMLib.cohort_inputs import find_scans, output_paths
 from FewShotSAMLib.cohort_report import StructureMeasure, read_summary_csv
 from FewShotSAMLib.pipeline import EngineOptions, adapt_files, apply_files
@@ -91,6 +91,8 @@ def assert_same_results(outputs, reference):
 
 def test_cluster_outputs_equal_single_process_apply_and_rerun_skips(cohort, cluster, tmp_path):
     _, client = cluster
+    # so the whole cohort encodes with the path `auto` picks in this process, whatever the workers' thread count
+    assert workers_on_this_machine(client)
     out = tmp_path / "results"
     summary = apply_cohort(cohort["model"], [str(cohort["folder"])], out, cohort["options"], scheduler=client)
     assert [row["status"] for row in summary.rows] == ["ok"] * 4, summary.rows
