@@ -267,6 +267,8 @@ class FewShotSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        if dependencies.ensureEngineImportable(MODULE_DIRECTORY) and not dependencies.missingRequirements():
+            self.logic.prepareWorker()  # the engine's imports run while the user paints
 
     def exit(self) -> None:
         self.setParameterNode(None)

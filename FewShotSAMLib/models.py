@@ -293,8 +293,26 @@ def _read_state_dict(path: Path) -> dict:
     return state
 
 
+# Models built ahead by preload_model, each handed out once (nothing is shared between two load_model calls).
+_PRELOADED: dict[tuple, SamModel] = {}
+
+
+def _preload_key(name: str, checkpoint, device: str) -> tuple:
+    return name, None if checkpoint is None else str(Path(checkpoint).resolve()), str(resolve_device(device))
+
+
+def preload_model(name: str = "litemedsam", checkpoint: str | Path | None = None, device: str = "cpu") -> None:
+    """Build a model now for the next load_model call with the same model, checkpoint and device (the standby
+    process does this before its job arrives: building LiteMedSAM takes about a second on a 2-core CPU)."""
+    _PRELOADED[_preload_key(name, checkpoint, device)] = load_model(name, checkpoint, device)
+
+
 def load_model(name: str = "litemedsam", checkpoint: str | Path | None = None, device: str = "auto") -> SamModel:
     """Build a model, load its weights and move it to the device, in eval mode."""
+    if _PRELOADED and name in MODEL_SPECS:
+        preloaded = _PRELOADED.pop(_preload_key(name, checkpoint, device), None)
+        if preloaded is not None:
+            return preloaded
     if name not in MODEL_SPECS:
         raise FewShotSAMError(f"unknown model {name!r}: choose one of {', '.join(MODEL_SPECS)}")
     spec = MODEL_SPECS[name]

@@ -66,11 +66,19 @@ def cache_dir(cache_with_shared_encoders):
 
 
 @pytest.fixture(scope="module")
-def make_logic(cache_dir, tmp_path_factory):
+def standbys():
+    """Engine processes started ahead of each job, as in Slicer (the module's default), closed with the module."""
+    factory = wk.StandbyProcessFactory()
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def make_logic(cache_dir, tmp_path_factory, standbys):
     temporary = tmp_path_factory.mktemp("fewshotsam-temp")
 
     def make(cache=None):
-        return fsLogic.FewShotSAMSlicerLogic(pythonExecutable=sys.executable, processFactory=wk.defaultProcessFactory,
+        return fsLogic.FewShotSAMSlicerLogic(pythonExecutable=sys.executable, processFactory=standbys,
                                              cacheDirectory=str(cache or cache_dir), temporaryDirectory=str(temporary))
     make.temporary = temporary
     return make
@@ -140,6 +148,8 @@ def test_segments_painted_on_different_slices_run_separately(propagated):
     assert propagated["job"].groups == [[ids["liver"], ids["spleen"]], [ids["right kidney"], ids["left kidney"]]]
     assert len(propagated["job"].commands) == 2
     assert all(c[:4] == [sys.executable, "-m", "FewShotSAMLib", "propagate"] for c in propagated["job"].commands)
+    # the first group's worker ended before the second started: the second ran in the standby started then
+    assert propagated["job"].runs[1].process.startedAhead
 
 
 def test_painted_slices_are_unchanged(propagated):
@@ -216,6 +226,7 @@ def test_second_run_after_painting_one_more_slice_reuses_the_cache(propagated, c
     assert propagated["logic"].paintedInput(volume, segmentation, [liver]).painted[liver] == expected_painted
 
     job, _, seconds = run_propagation(propagated["logic"], volume, segmentation, segmentIds=[liver])
+    assert job.runs[0].process.startedAhead  # prepared when the previous job's worker ended
     encode = [p for p in job.runs[0].progressReports if p.stage == "encode"]
     print(f"\n[FewShotSAM e2e] liver again after painting slice {extra}: {seconds:.1f} s")
     after = mc.segmentMask(segmentation, liver, volume)

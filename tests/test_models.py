@@ -12,6 +12,7 @@ from FewShotSAMLib.models import (
     file_sha256,
     litemedsam_weights_path,
     load_model,
+    preload_model,
     save_random_checkpoint,
 )
 from FewShotSAMLib.queries import query_tokens
@@ -37,6 +38,18 @@ def test_sam_vit_b_loads_from_a_checkpoint_file(tmp_path):
     boxes = torch.tensor([[100.0, 120.0, 400.0, 380.0]])
     logits, quality = decode(model, embeddings, query_tokens(model, boxes, torch.zeros(1, 256)))
     assert logits.shape == (1, 256, 256) and quality.shape == (1,)
+
+
+def test_a_preloaded_model_is_handed_out_once_and_only_for_its_arguments(tmp_path):
+    from FewShotSAMLib import models
+
+    preload_model("litemedsam", device="cpu")  # what the standby process does before its job arrives
+    (built_ahead,) = models._PRELOADED.values()
+    with pytest.raises(FewShotSAMError, match="checkpoint file not found"):  # never served for another checkpoint
+        load_model("litemedsam", tmp_path / "missing.pth", device="cpu")
+    assert load_model("litemedsam", device="cpu") is built_ahead
+    assert load_model("litemedsam", device="cpu") is not built_ahead  # handed out once: never shared
+    assert not models._PRELOADED
 
 
 def test_models_that_need_a_checkpoint_say_so():

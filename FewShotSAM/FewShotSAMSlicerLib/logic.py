@@ -63,6 +63,8 @@ CANCELLED = wk.CANCELLED
 
 # Jobs whose worker may still run, so that application exit can stop them all (see shutdownAllJobs).
 _RUNNING_JOBS: weakref.WeakSet = weakref.WeakSet()
+# One engine process waiting for the next job, shared by the module, the Segment Editor effect and the web app.
+STANDBY_WORKERS = wk.StandbyProcessFactory()
 
 MODEL_VALUES = tuple(value for value, _ in MODELS)
 DEVICE_VALUES = tuple(value for value, _ in DEVICES)
@@ -211,6 +213,7 @@ class FewShotSAMJob:
             return False
         if self.run.poll():
             return True
+        self._prepareNextWorker()
         if self._cancelRequested or self.run.status == CANCELLED:
             self._conclude(CANCELLED, JobCancelled().args[0])
         elif self.run.status == SUCCEEDED and self.stepIndex + 1 < len(self.steps):
@@ -236,6 +239,14 @@ class FewShotSAMJob:
                 logging.warning("FewShotSAM worker output:\n%s", self.errorDetails)
             self._conclude(FAILED, self.run.errorMessage)
         return False
+
+    def _prepareNextWorker(self) -> None:
+        # The worker has ended, so the next one (this job's next step, or the next job) can start its imports
+        # without taking CPU from it.
+        prepare = getattr(self.processFactory, "prepare", None)
+        if prepare is not None:
+            step = self.steps[self.stepIndex]
+            prepare(step.command[0], step.env)
 
     def _conclude(self, status: str, message: str) -> None:
         _RUNNING_JOBS.discard(self)
@@ -271,10 +282,12 @@ class FewShotSAMJob:
 
 
 def shutdownAllJobs() -> int:
-    """Stop every running job now (application exit: Slicer's aboutToQuit). Returns how many were stopped."""
+    """Stop every running job and the standby worker now (application exit: Slicer's aboutToQuit). Returns how
+    many jobs were stopped."""
     jobs = [job for job in list(_RUNNING_JOBS) if job.isRunning]
     for job in jobs:
         job.shutdown()
+    STANDBY_WORKERS.close()
     return len(jobs)
 
 
@@ -361,7 +374,8 @@ class FewShotSAMSlicerLogic:
 
     :param pythonExecutable: Python that runs ``-m FewShotSAMLib`` (default: PythonSlicer in Slicer).
     :param processFactory: ``factory(command, env) -> worker.WorkerProcess``, injected so that tests (or another
-        process runner) can be used; default starts a subprocess in its own process group.
+        process runner) can be used; default: STANDBY_WORKERS, which runs each job in its own process group, in an
+        engine process started ahead of it where one is ready (see prepareWorker).
     :param cacheDirectory: the engine's embedding cache, passed as ``--cache-dir`` on every run so that a second
         run on the same volume reuses the embeddings (default: <Slicer cache>/FewShotSAM, or the engine's default).
     """
@@ -371,7 +385,7 @@ class FewShotSAMSlicerLogic:
                  logCallback: Callable[[str], None] | None = None, keepFiles: bool | None = None):
         mc.ensureSegmentationConverterRules()
         self.pythonExecutable = pythonExecutable or wk.defaultPythonExecutable()
-        self.processFactory = processFactory or wk.defaultProcessFactory
+        self.processFactory = processFactory or STANDBY_WORKERS
         self.cacheDirectory = cacheDirectory or defaultCacheDirectory()
         self.temporaryDirectory = temporaryDirectory or defaultTemporaryDirectory()
         self.environment = environment
@@ -466,6 +480,16 @@ class FewShotSAMSlicerLogic:
             raise FewShotSAMSlicerError(
                 f"The model {model} needs its checkpoint (.pth) file: choose it under 'Checkpoint', or use LiteMedSAM.")
 
+    def _workerEnvironment(self) -> dict:
+        return wk.workerEnvironment(self.environment, wk.engineParentDirectory())
+
+    def prepareWorker(self) -> None:
+        """Start the next job's engine process ahead, where the process factory keeps one in standby: it imports
+        torch and the model code (seconds) while the user paints, instead of after "Adapt & Propagate"."""
+        prepare = getattr(self.processFactory, "prepare", None)
+        if prepare is not None:
+            prepare(self.pythonExecutable, self._workerEnvironment())
+
     def _newFolder(self, kind: str) -> str:
         os.makedirs(self.temporaryDirectory, exist_ok=True)
         return tempfile.mkdtemp(prefix=f"FewShotSAM-{kind}-", dir=self.temporaryDirectory)
@@ -473,7 +497,7 @@ class FewShotSAMSlicerLogic:
     def _startWorker(self, kind: str, runs, folder: str, onSuccess, description: str, progressCallback,
                      finishedCallback) -> FewShotSAMJob:
         """runs: [(subcommand, arguments, label)], executed one after the other."""
-        env = wk.workerEnvironment(self.environment, wk.engineParentDirectory())
+        env = self._workerEnvironment()
         steps = [WorkerStep(wk.engineCommand(self.pythonExecutable, subcommand, arguments), env, label)
                  for subcommand, arguments, label in runs]
         return FewShotSAMJob(kind, steps, self.processFactory, folder, onSuccess, description, progressCallback,

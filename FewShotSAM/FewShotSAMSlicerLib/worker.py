@@ -5,6 +5,9 @@ Slicer's GUI thread must never run torch and never block, so every heavy step ha
 - ``WorkerProcess`` starts the command in its own process group (POSIX session / Windows process group), so that
   Cancel can kill the whole tree, and copies its stdout/stderr lines into a queue from two reader threads. The
   reader threads only queue lines; they never touch Slicer, Qt or VTK objects.
+- ``StandbyProcessFactory`` keeps one engine process started ahead (``python -m FewShotSAMLib.standby``: torch and
+  the model code imported, waiting for its command on stdin), so that a job does not wait seconds for a new
+  process's imports; each job still has a process of its own.
 - ``WorkerRun`` is polled from the GUI thread (a QTimer in the widget, a loop in tests): it drains the queue,
   turns the engine's ``--progress json`` lines into ``Progress`` reports for a callback, and ends in one of the
   states ``succeeded``, ``failed`` (with the engine's one-line ``fewshotsam: error: ...`` message) or ``cancelled``.
@@ -34,6 +37,7 @@ from typing import Callable, Sequence
 ERROR_PREFIX = "fewshotsam: error:"
 DONE_STAGE = "done"
 ENGINE_MODULE = "FewShotSAMLib"
+STANDBY_MODULE = ENGINE_MODULE + ".standby"
 
 # After a cancel request the tree gets this long to exit on SIGTERM before it is SIGKILLed.
 KILL_GRACE_SECONDS = 2.0
@@ -161,6 +165,13 @@ def engineCommand(python: str, subcommand: str, arguments: Sequence[str]) -> lis
     return [python, "-m", ENGINE_MODULE, subcommand, *[str(a) for a in arguments]]
 
 
+def engineArguments(command: Sequence[str]) -> list[str] | None:
+    """The engine's arguments (subcommand first) of an engineCommand, or None for any other command."""
+    if len(command) > 3 and list(command[1:3]) == ["-m", ENGINE_MODULE]:
+        return [str(a) for a in command[3:]]
+    return None
+
+
 def _commonOptions(model=None, checkpoint=None, device=None, axis=None, cacheDir=None, seed=None) -> list[str]:
     options: list[str] = []
     if model:
@@ -212,13 +223,45 @@ def applyArguments(modelFile, images: Sequence[str], outDir, model="litemedsam",
     return arguments + ["--progress", "json"]
 
 
-class WorkerProcess:
-    """A child process in its own process group whose output lines are queued by reader threads."""
+def _startProcess(command: Sequence[str], env: dict | None, cwd: str | None = None,
+                  stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    """A child in its own process group (POSIX session / Windows process group), text pipes for its output."""
+    options = dict(
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        bufsize=1,
+    )
+    if os.name == "nt":
+        options["creationflags"] = (getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
+                                    | getattr(subprocess, "CREATE_NO_WINDOW", 0))
+    else:
+        options["start_new_session"] = True  # own session = own process group, killed as a whole
+    try:
+        return subprocess.Popen(list(command), **options)
+    except OSError as error:
+        raise OSError(f"could not start '{command[0]}': {error.strerror or error}") from error
 
-    def __init__(self, command: Sequence[str], env: dict | None = None, cwd: str | None = None):
+
+class WorkerProcess:
+    """A child process in its own process group whose output lines are queued by reader threads.
+
+    standby: an engine process started ahead (StandbyProcessFactory) that runs this command when start() sends it;
+    without one, start() starts a new process.
+    """
+
+    def __init__(self, command: Sequence[str], env: dict | None = None, cwd: str | None = None,
+                 standby: subprocess.Popen | None = None):
         self.command = [str(c) for c in command]
         self.env = env
         self.cwd = cwd
+        self.standby = standby
+        self.startedAhead = False  # True once start() handed the command to a standby process
         self._process: subprocess.Popen | None = None
         self._lines: queue.Queue = queue.Queue()
         self._openStreams = 0
@@ -231,32 +274,31 @@ class WorkerProcess:
     def start(self) -> None:
         if self._process is not None:
             raise RuntimeError("the worker process was already started")
-        options = dict(
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=self.env,
-            cwd=self.cwd,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            bufsize=1,
-        )
-        if os.name == "nt":
-            options["creationflags"] = (getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
-                                        | getattr(subprocess, "CREATE_NO_WINDOW", 0))
-        else:
-            options["start_new_session"] = True  # own session = own process group, killed as a whole
-        try:
-            self._process = subprocess.Popen(self.command, **options)
-        except OSError as error:
-            raise OSError(f"could not start '{self.command[0]}': {error.strerror or error}") from error
+        self._process = self._handOver()
+        self.startedAhead = self._process is not None
+        if self._process is None:
+            self._process = _startProcess(self.command, self.env, self.cwd)
         for stream, channel in ((self._process.stdout, "stdout"), (self._process.stderr, "stderr")):
             reader = threading.Thread(target=self._pump, args=(stream, channel), daemon=True,
                                       name=f"FewShotSAM worker {channel} reader")
             self._openStreams += 1
             self._readers.append(reader)
             reader.start()
+
+    def _handOver(self) -> subprocess.Popen | None:
+        """The standby process, told its job; None if there is none or it is gone."""
+        standby, self.standby = self.standby, None
+        if standby is None:
+            return None
+        if standby.poll() is None:
+            try:
+                standby.stdin.write(json.dumps(engineArguments(self.command)) + "\n")
+                standby.stdin.close()  # one job per process
+                return standby
+            except (OSError, ValueError):  # it exited meanwhile
+                pass
+        _stopStandby(standby)  # its pipes
+        return None
 
     def _pump(self, stream, channel: str) -> None:
         # Runs in a reader thread: only reads and queues text.
@@ -368,6 +410,84 @@ ProcessFactory = Callable[[Sequence[str], dict], WorkerProcess]
 
 def defaultProcessFactory(command: Sequence[str], env: dict) -> WorkerProcess:
     return WorkerProcess(command, env=env)
+
+
+def _stopStandby(process: subprocess.Popen) -> None:
+    """End a standby process that has no job (it holds nothing to save): close its input, kill its group."""
+    for stream in (process.stdin, process.stdout, process.stderr):
+        try:
+            if stream is not None:
+                stream.close()
+        except OSError:
+            pass
+    if process.poll() is None:
+        try:
+            if os.name == "nt":
+                process.kill()
+            else:
+                os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            process.kill()
+    try:
+        process.wait(KILL_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class StandbyProcessFactory:
+    """A ProcessFactory that keeps one engine process started ahead of the next job (FewShotSAMLib.standby).
+
+    A new engine process spends seconds importing torch and the model code before any work; a standby has done
+    that while the user painted. ``prepare(python, env)`` starts one (the logic calls it when the module opens
+    and whenever a worker ends); a job whose Python and environment match takes it, any other job (or one that
+    finds none) starts a new process as defaultProcessFactory does. Taking a standby that is still importing is
+    never slower than starting anew. ``close()`` ends the standby (application exit).
+    """
+
+    def __init__(self):
+        self._standby: subprocess.Popen | None = None
+        self._key: tuple | None = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _keyOf(python: str, env: dict | None) -> tuple:
+        return str(python), tuple(sorted((env or {}).items()))
+
+    def __call__(self, command: Sequence[str], env: dict) -> WorkerProcess:
+        standby = None
+        if engineArguments(command) is not None:
+            with self._lock:
+                if self._standby is not None and self._key == self._keyOf(command[0], env):
+                    standby, self._standby = self._standby, None
+        return WorkerProcess(command, env=env, standby=standby)
+
+    @property
+    def standbyPid(self) -> int | None:
+        """The waiting standby's process id (None if there is none)."""
+        standby = self._standby
+        return standby.pid if standby is not None and standby.poll() is None else None
+
+    def prepare(self, python: str, env: dict) -> None:
+        """Start a standby for jobs of this Python and environment, unless a live one is waiting already."""
+        key = self._keyOf(python, env)
+        with self._lock:
+            if self._standby is not None and self._standby.poll() is None and self._key == key:
+                return
+            previous, self._standby = self._standby, None
+        if previous is not None:
+            _stopStandby(previous)
+        try:
+            standby = _startProcess([str(python), "-m", STANDBY_MODULE], env, stdin=subprocess.PIPE)
+        except OSError:
+            return  # the job that needs it will start its own process and report why it cannot
+        with self._lock:
+            self._standby, self._key = standby, key
+
+    def close(self) -> None:
+        with self._lock:
+            standby, self._standby = self._standby, None
+        if standby is not None:
+            _stopStandby(standby)
 
 
 class WorkerRun:

