@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from test_volume_io import write_dicom_series
 
 from FewShotSAMLib.adapter import AdaptOptions, FewShotAdapter
 from FewShotSAMLib.cli import main
-from FewShotSAMLib.compiled_encoder import why_not_compilable
+from FewShotSAMLib.compiled_encoder import compiled_encoder_file, why_not_compilable
 from FewShotSAMLib.demo import radiological_slices
 from FewShotSAMLib.errors import FewShotSAMError, FewShotSAMWarning
 from FewShotSAMLib.onnx_encoder import onnxruntime_available
@@ -685,16 +686,20 @@ def test_truncated_onnx_encoder_in_the_cache_is_rebuilt(engine, tmp_path):
 
 
 @pytest.mark.skipif(why_not_compilable() is not None, reason=f"cannot compile here: {why_not_compilable()}")
-def test_truncated_compiled_encoder_in_the_cache_is_rebuilt(engine, tmp_path):
+def test_truncated_compiled_encoder_in_the_cache_is_rebuilt(engine, engine_cache_dir, tmp_path):
+    from FewShotSAMLib.embedding_cache import EmbeddingCache
     from FewShotSAMLib.preprocess import resize_stack_longest_side
 
     model = engine.model
     volume = Volume(mr_like(), geometry())
     images, _ = resize_stack_longest_side(apply_normalisation(volume.array[:1], choose_normalisation(volume)), 256,
                                           (0.8, 0.8))
-    reference = model.encode(images, "compiled", encoders_folder=tmp_path)
+    # A copy of the session cache's build (`auto` builds it there on CPUs that run it): one build in this test, not two.
+    shared = EmbeddingCache(engine_cache_dir).encoders_dir
+    reference = model.encode(images, "compiled", encoders_folder=shared)
     model.release_encoder_sessions()
-    (built,) = tmp_path.glob("*.pt2")
+    built = compiled_encoder_file(model, tmp_path)
+    shutil.copyfile(compiled_encoder_file(model, shared), built)
     size = built.stat().st_size
     with open(built, "r+b") as handle:
         handle.truncate(size // 3)

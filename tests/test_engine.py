@@ -149,14 +149,14 @@ def test_slice_axis_comes_from_the_direction_matrix_not_the_array_layout(propaga
     assert np.allclose(permuted_geometry.ijk_to_lps() @ [3, 5, 7, 1], geometry.ijk_to_lps() @ [5, 7, 3, 1])
 
 
-def test_a_slice_range_encodes_and_predicts_only_those_slices(tmp_path, chaos_scan):
+def test_a_slice_range_encodes_and_predicts_only_those_slices(cache_with_shared_encoders, chaos_scan):
     """With a slice range, only the range and the labelled slices are encoded (the rest is never computed)."""
     image_path, label_path = chaos_scan(2)
     volume = read_volume(image_path)
     reference = read_labels(label_path, volume).array
     painted = few_shot_labels(reference, 0, 1, [1, 2, 3, 4])
     labelled = set(np.flatnonzero(painted.any(axis=(1, 2))).tolist())
-    options = EngineOptions(cache_dir=str(tmp_path / "cache"), device="cpu")
+    options = EngineOptions(cache_dir=str(cache_with_shared_encoders("slice-range-cache")), device="cpu")
     options.propagation.slice_range = (12, 17)
     engine = Engine(options)
     result = engine.propagate(volume, LabelVolume(painted, volume.geometry, ORGANS)).array

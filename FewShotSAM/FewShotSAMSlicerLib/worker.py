@@ -248,6 +248,21 @@ def _startProcess(command: Sequence[str], env: dict | None, cwd: str | None = No
         raise OSError(f"could not start '{command[0]}': {error.strerror or error}") from error
 
 
+def _signalProcessTree(process: subprocess.Popen, hard: bool) -> None:
+    """SIGTERM (or SIGKILL when hard) to the process and every process it started: its process group, which
+    _startProcess gives it. On Windows taskkill /T, which always kills."""
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL if hard else signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        # The group is gone already (or was never ours): make sure the direct child is gone too.
+        if process.poll() is None:
+            process.kill()
+
+
 class WorkerProcess:
     """A child process in its own process group whose output lines are queued by reader threads.
 
@@ -365,18 +380,9 @@ class WorkerProcess:
             self._signalTree(hard=True)
 
     def _signalTree(self, hard: bool) -> None:
-        if os.name == "nt":
-            # taskkill /T ends the process and every process it started.
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        _signalProcessTree(self._process, hard)
+        if os.name == "nt":  # taskkill has no gentle form
             self._hardKilled = True
-            return
-        try:
-            os.killpg(self._process.pid, signal.SIGKILL if hard else signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            # The group is gone already (or was never ours): make sure the direct child is gone too.
-            if self._process.poll() is None:
-                self._process.kill()
 
     def stop(self, grace: float = KILL_GRACE_SECONDS) -> None:
         """Terminate the tree and block until it is gone: SIGKILL if it is still alive after `grace` seconds.
@@ -421,13 +427,7 @@ def _stopStandby(process: subprocess.Popen) -> None:
         except OSError:
             pass
     if process.poll() is None:
-        try:
-            if os.name == "nt":
-                process.kill()
-            else:
-                os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            process.kill()
+        _signalProcessTree(process, hard=True)
     try:
         process.wait(KILL_GRACE_SECONDS)
     except subprocess.TimeoutExpired:
@@ -464,7 +464,8 @@ class StandbyProcessFactory:
     @property
     def standbyPid(self) -> int | None:
         """The waiting standby's process id (None if there is none)."""
-        standby = self._standby
+        with self._lock:
+            standby = self._standby
         return standby.pid if standby is not None and standby.poll() is None else None
 
     def prepare(self, python: str, env: dict) -> None:

@@ -53,6 +53,13 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("web-e2e")
     image, labels, painted = cropped_chaos_scan(folder / "scan")
     port = free_port()
+    # Its own embeddings, but the built encoders and `auto`'s verdict of the default cache, which the session tests'
+    # jobs use too: built once for this run of the web tests, not twice (about a minute where a compiled encoder is).
+    from FewShotSAMLib.embedding_cache import EmbeddingCache, default_cache_dir
+
+    shared_encoders = EmbeddingCache(default_cache_dir()).encoders_dir
+    shared_encoders.mkdir(parents=True, exist_ok=True)
+    EmbeddingCache(folder / "cache").encoders_dir.symlink_to(shared_encoders, target_is_directory=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     log = open(folder / "server.log", "w")
     process = subprocess.Popen(
