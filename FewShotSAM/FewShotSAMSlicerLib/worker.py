@@ -482,7 +482,10 @@ class StandbyProcessFactory:
         except OSError:
             return  # the job that needs it will start its own process and report why it cannot
         with self._lock:
-            self._standby, self._key = standby, key
+            # Another thread's prepare may have put one there meanwhile: keep one standby, never an orphan.
+            replaced, self._standby, self._key = self._standby, standby, key
+        if replaced is not None:
+            _stopStandby(replaced)
 
     def close(self) -> None:
         with self._lock:

@@ -511,7 +511,8 @@ def timed_standby_propagate(standbys, command: list[str]) -> float:
 
 def run_cli_rerun_case(data_dir: Path, encoders: Path, repeats: int) -> dict:
     """CHAOS 5 (3 painted slices per organ, encoder openvino): one more painted slice and a full run on cached
-    embeddings, through the command line (a new process each) and in this process; medians of `repeats`."""
+    embeddings, through the command line (a new process each), through the Slicer module's standby process and in
+    this process; medians of `repeats`."""
     from FewShotSAMLib.volume_io import write_segmentation
 
     scan = load_scan("chaos", "5", data_dir)
@@ -544,7 +545,7 @@ def run_cli_rerun_case(data_dir: Path, encoders: Path, repeats: int) -> dict:
                                                 encoder)["total_s"])
             cli_more.append(timed_cli_propagate(image, more_file, folder / f"more{index}.seg.nrrd", cache,
                                                 encoder)["total_s"])
-        with standby_factory() as standbys:
+        with contextlib.closing(slicer_worker().StandbyProcessFactory()) as standbys:
             for index in range(repeats):
                 standby_full.append(timed_standby_propagate(standbys, cli_propagate_command(
                     image, painted_file, folder / f"standby-full{index}.seg.nrrd", cache, encoder)))
@@ -577,15 +578,6 @@ def cli_rerun_markdown(row: dict) -> str:
         f"{inside['full_run_s']:.2f} |",
         "", f"A new process that only imports the engine and loads the model: {row['new_process_startup_s']:.2f} s.",
     ]) + "\n"
-
-
-@contextlib.contextmanager
-def standby_factory():
-    standbys = slicer_worker().StandbyProcessFactory()
-    try:
-        yield standbys
-    finally:
-        standbys.close()
 
 
 def machine_line() -> str:
