@@ -33,11 +33,17 @@ class FewShotCollection(HasSegments):
     # [N, H, W, 2] registered image-frame positions of every cell (registration.py): only a second pass on a
     # registered query has them; None: each cell's own position
     positions: torch.Tensor | None = None
+    _coarse: tuple = field(default=(None, None, None), repr=False)  # (targets, grid, coarse_targets' result)
 
 
     def coarse_targets(self, grid: int) -> torch.Tensor:
-        """Class maps pooled to the embedding grid [N, grid, grid] (majority by area; IGNORE where mostly padding)."""
-        return pool_class_maps(self.targets, self.n_classes, grid)
+        """Class maps pooled to the embedding grid [N, grid, grid] (majority by area; IGNORE where mostly padding).
+        Kept for the targets they were pooled from: adapting asks three times (classifier, tokens, footprints)."""
+        targets, pooled_grid, pooled = self._coarse
+        if targets is not self.targets or pooled_grid != grid:
+            pooled = pool_class_maps(self.targets, self.n_classes, grid)
+            self._coarse = (self.targets, grid, pooled)
+        return pooled
 
     def add(self, embeddings: torch.Tensor, targets: torch.Tensor, sources: list[tuple[int, int]],
             body_boxes: torch.Tensor, positions: torch.Tensor | None = None) -> None:

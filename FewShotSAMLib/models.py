@@ -301,10 +301,11 @@ def _preload_key(name: str, checkpoint, device: str) -> tuple:
     return name, None if checkpoint is None else str(Path(checkpoint).resolve()), str(resolve_device(device))
 
 
-def preload_model(name: str = "litemedsam", checkpoint: str | Path | None = None, device: str = "cpu") -> None:
+def preload_model(name: str = "litemedsam", checkpoint: str | Path | None = None, device: str = "cpu") -> SamModel:
     """Build a model now for the next load_model call with the same model, checkpoint and device (the standby
     process does this before its job arrives: building LiteMedSAM takes about a second on a 2-core CPU)."""
-    _PRELOADED[_preload_key(name, checkpoint, device)] = load_model(name, checkpoint, device)
+    model = _PRELOADED[_preload_key(name, checkpoint, device)] = load_model(name, checkpoint, device)
+    return model
 
 
 def load_model(name: str = "litemedsam", checkpoint: str | Path | None = None, device: str = "auto") -> SamModel:

@@ -20,7 +20,7 @@ from .errors import Cancelled, FewShotSAMError
 from .fewshot import FewShotCollection, class_maps, collect, labelled_slice_indices
 from .models import SamModel, load_model
 from .orientation import in_plane_spacing, slice_axis, to_slices
-from .preprocess import choose_normalisation
+from .preprocess import fixed_window
 from .progress import NO_PROGRESS, AsStage, Progress, WithinStage
 from .propagation import PropagationOptions, Reach, finish_labels, predict_classes, propagate_volume
 from .registration import positions_in_support, support_image
@@ -287,7 +287,7 @@ def check_inputs(options: EngineOptions, volume: Volume, labels: LabelVolume | N
     array = volume.array
     if array.size and array.min() == array.max():
         raise FewShotSAMError(f"the image is blank (every voxel is {array.flat[0]:g}): there is nothing to segment")
-    choose_normalisation(volume, options.window, options.preset)  # a bad window or preset raises here
+    fixed_window(volume, options.window, options.preset)  # a bad window or preset raises here
     n_slices = array.shape[slice_axis(volume.geometry, options.axis)]
     slice_range = options.propagation.slice_range
     if slice_range is not None:

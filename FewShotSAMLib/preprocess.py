@@ -66,6 +66,17 @@ def choose_normalisation(
     window=(level, width) or a preset name from CT_WINDOW_PRESETS is used as given, whatever the modality (the user
     asked for it). Otherwise CT gets the soft-tissue window and every other modality robust percentiles.
     """
+    fixed = fixed_window(volume, window, preset)
+    if fixed is not None:
+        return fixed
+    low, high = robust_intensity_range(volume.array)
+    return Normalisation("percentile", low, high, f"p{LOW_PERCENTILE:g}-p{HIGH_PERCENTILE:g}")
+
+
+def fixed_window(volume: Volume, window: tuple[float, float] | None = None,
+                 preset: str | None = None) -> Normalisation | None:
+    """The window choose_normalisation uses when it needs no statistics of the image (a window, a preset, or CT's
+    default), else None; raises on a bad window or preset. Checking the options costs no pass over the voxels."""
     if window is not None and preset is not None:
         raise FewShotSAMError("give either a CT window (level, width) or a preset name, not both")
     if window is not None:
@@ -75,16 +86,13 @@ def choose_normalisation(
         return Normalisation("window", level - width / 2, level + width / 2, "custom")
     if preset is None and volume.modality == "CT":
         preset = DEFAULT_CT_PRESET
-    if preset is not None:
-        preset_name = preset.strip().lower().replace("_", "-")
-        if preset_name not in CT_WINDOW_PRESETS:
-            raise FewShotSAMError(
-                f"unknown CT window preset '{preset}'; use one of {', '.join(CT_WINDOW_PRESETS)}"
-            )
-        level, width = CT_WINDOW_PRESETS[preset_name]
-        return Normalisation("window", level - width / 2, level + width / 2, preset_name)
-    low, high = robust_intensity_range(volume.array)
-    return Normalisation("percentile", low, high, f"p{LOW_PERCENTILE:g}-p{HIGH_PERCENTILE:g}")
+    if preset is None:
+        return None
+    preset_name = preset.strip().lower().replace("_", "-")
+    if preset_name not in CT_WINDOW_PRESETS:
+        raise FewShotSAMError(f"unknown CT window preset '{preset}'; use one of {', '.join(CT_WINDOW_PRESETS)}")
+    level, width = CT_WINDOW_PRESETS[preset_name]
+    return Normalisation("window", level - width / 2, level + width / 2, preset_name)
 
 
 def robust_intensity_range(array: np.ndarray) -> tuple[float, float]:

@@ -127,13 +127,12 @@ def structure_tokens(collection: FewShotCollection) -> torch.Tensor:
     """Mask-pooled embedding of each structure over all its labelled slices: [S, C] (zeros if never present)."""
     grid = collection.embeddings.shape[-1]
     coarse = collection.coarse_targets(grid)
-    tokens = []
-    for class_index in range(1, collection.n_classes):
-        weights = (coarse == class_index).float()[:, None]  # [N, 1, H, W]
-        area = weights.sum()
-        pooled = (collection.embeddings * weights).sum(dim=(0, 2, 3)) / area.clamp(min=1)
-        tokens.append(pooled)
-    return torch.stack(tokens)
+    classes = torch.arange(1, collection.n_classes, dtype=coarse.dtype)
+    embeddings = collection.embeddings.flatten(2)  # [N, C, H*W]
+    weights = (coarse.flatten(1)[:, None] == classes[:, None]).to(embeddings.dtype)  # [N, S, H*W]
+    # A product per slice (no masked copy of every embedding per structure), summed over the slices.
+    pooled = torch.bmm(weights, embeddings.transpose(1, 2)).sum(dim=0)  # [S, C]
+    return pooled / weights.sum(dim=(0, 2)).clamp(min=1)[:, None]
 
 
 def structure_footprints(collection: FewShotCollection, sigma: float = FOOTPRINT_SIGMA,
