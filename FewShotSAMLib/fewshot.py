@@ -33,8 +33,8 @@ class FewShotCollection(HasSegments):
     # [N, H, W, 2] registered image-frame positions of every cell (registration.py): only a second pass on a
     # registered query has them; None: each cell's own position
     positions: torch.Tensor | None = None
-    _coarse: tuple = field(default=(None, None, None), repr=False)  # (targets, grid, coarse_targets' result)
-
+    # (targets, grid, coarse_targets' result): a cache, so neither an argument nor part of equality
+    _coarse: tuple = field(default=(None, None, None), init=False, repr=False, compare=False)
 
     def coarse_targets(self, grid: int) -> torch.Tensor:
         """Class maps pooled to the embedding grid [N, grid, grid] (majority by area; IGNORE where mostly padding).
