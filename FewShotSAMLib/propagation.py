@@ -31,7 +31,7 @@ from .orientation import from_slices, to_slices
 from .preprocess import mask_logits_to_stack
 from .progress import NO_PROGRESS, Progress
 from .prompts import footprint_weights
-from .queries import cell_boxes, grow_box, query_tokens
+from .queries import grow_box, mask_boxes, query_tokens
 from .registration import through_plane_weights, with_through_plane_prior
 
 
@@ -184,7 +184,8 @@ def decoder_probabilities(model: SamModel, adapter: FewShotAdapter, encoded: Enc
     if not queries:
         return {}
     device = model.device  # the decoder runs there; what it returns comes back to the CPU
-    boxes = grow_box(torch.from_numpy(np.stack([cell_boxes(kept[z, s], cell_size) for z, s in queries])), size)
+    _, cell_box = mask_boxes(kept[[z for z, _ in queries], [s for _, s in queries]])  # every query's cells non-empty
+    boxes = grow_box(torch.from_numpy(cell_box * np.float32(cell_size)), size)
     boxes = boxes.to(device)
     tokens = query_tokens(model, boxes, adapter.tokens[[s for _, s in queries]].to(device))
 

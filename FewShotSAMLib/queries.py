@@ -1,9 +1,10 @@
 """What the tuned mask decoder is asked: one query per (slice, structure), a box and the structure's few-shot token.
 
-Tuning and prediction build their queries here, so that both ask the decoder the same way: tuning takes its boxes
-from the painted masks (mask_box, jittered by jitter_boxes), prediction from the cells the pixel prompts keep
-(cell_boxes); both grow them by the same margin (grow_box) and turn them into tokens with query_tokens. A new prompt
-type (points, a coarse mask) belongs here, with its tokens built from decoder.py's prompt-encoder helpers.
+Tuning and prediction build their queries here, so that both ask the decoder the same way: both take boxes with
+mask_boxes, tuning from the painted masks (then jittered by jitter_boxes), prediction from the embedding-grid cells
+the pixel prompts keep (scaled to pixels); both grow them by the same margin (grow_box) and turn them into tokens
+with query_tokens. A new prompt type (points, a coarse mask) belongs here, with its tokens built from decoder.py's
+prompt-encoder helpers.
 """
 
 from __future__ import annotations
@@ -17,18 +18,16 @@ from .models import SamModel
 BOX_MARGIN = 0.05  # boxes handed to the decoder are grown by this fraction of their size (and 2 px) each side
 
 
-def mask_box(mask: torch.Tensor) -> torch.Tensor:
-    """Bounding box (x0, y0, x1, y1) of a boolean [H, W] mask, in pixels; exclusive upper corner."""
-    rows = torch.nonzero(mask.any(dim=1)).flatten()
-    cols = torch.nonzero(mask.any(dim=0)).flatten()
-    return torch.stack([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]).float()
-
-
-def cell_boxes(cells: np.ndarray, cell_size: float) -> np.ndarray:
-    """Bounding box (x0, y0, x1, y1) of a boolean [h, w] map of embedding-grid cells, in model-input pixels."""
-    rows = np.flatnonzero(cells.any(axis=1))
-    cols = np.flatnonzero(cells.any(axis=0))
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32) * cell_size
+def mask_boxes(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bounding boxes (x0, y0, x1, y1 in pixels, exclusive upper corner) of boolean [N, H, W] masks, all at once:
+    (indices of the non-empty masks, their boxes [n, 4] float32)."""
+    rows, cols = masks.any(axis=2), masks.any(axis=1)  # [N, H], [N, W]
+    present = np.flatnonzero(rows.any(axis=1))
+    rows, cols = rows[present], cols[present]
+    ends_row = rows.shape[1] - rows[:, ::-1].argmax(axis=1)
+    ends_col = cols.shape[1] - cols[:, ::-1].argmax(axis=1)
+    boxes = np.stack([cols.argmax(axis=1), rows.argmax(axis=1), ends_col, ends_row], axis=1)
+    return present, boxes.astype(np.float32)
 
 
 def grow_box(box: torch.Tensor, size: int, margin: float = BOX_MARGIN, pixels: float = 2.0) -> torch.Tensor:

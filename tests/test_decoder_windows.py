@@ -10,7 +10,7 @@ from FewShotSAMLib.decoder import OUTSIDE_LOGIT, box_windows, decode, decode_in_
 from FewShotSAMLib.demo import SAMPLE_IMAGE, SAMPLE_REFERENCE
 from FewShotSAMLib.models import load_model
 from FewShotSAMLib.preprocess import apply_normalisation, choose_normalisation, resize_stack_longest_side
-from FewShotSAMLib.queries import grow_box, mask_box, query_tokens
+from FewShotSAMLib.queries import grow_box, mask_boxes, query_tokens
 from FewShotSAMLib.volume_io import read_labels, read_volume
 
 
@@ -28,8 +28,19 @@ def kidney_query(model):
     normalised = apply_normalisation(volume.array, choose_normalisation(volume))
     image, _ = resize_stack_longest_side(normalised[index:index + 1], 256, (1.0, 1.0))
     mask, _ = resize_stack_longest_side((labels[index:index + 1] == 2).astype(np.float32), 256, (1.0, 1.0))
-    box = grow_box(mask_box(mask[0, 0] > 0.5)[None], 256)
+    box = grow_box(torch.from_numpy(mask_boxes((mask[0, :1] > 0.5).numpy())[1]), 256)
     return model.encode(image, "fp32"), box, mask[0, 0] > 0.5
+
+
+def test_mask_boxes_bound_each_non_empty_mask_exactly():
+    masks = np.zeros((4, 20, 30), dtype=bool)
+    masks[0, 3:7, 5:6] = True
+    masks[2, 0, 29] = True
+    masks[2, 19, 0] = True  # two far corners: the whole slice
+    masks[3, 10:12, 12:20] = True
+    present, boxes = mask_boxes(masks)
+    assert present.tolist() == [0, 2, 3]  # mask 1 is empty
+    assert boxes.tolist() == [[5, 3, 6, 7], [0, 0, 30, 20], [12, 10, 20, 12]]  # x0, y0, x1, y1, upper exclusive
 
 
 def test_window_sides_cover_the_box_with_a_margin_and_round_up():

@@ -28,6 +28,14 @@ def test_litemedsam_weights_are_bundled_and_verified():
     assert torch.isfinite(embeddings).all()
 
 
+def test_the_dense_positional_encoding_is_computed_once_and_equals_the_prompt_encoders():
+    model = load_model("litemedsam", device="cpu")
+    kept = model.image_pe()
+    assert model.image_pe() is kept  # no recomputation per decoder call
+    assert torch.equal(kept, model.prompt_encoder.get_dense_pe())
+    assert kept.shape == (1, 256, 64, 64) and not kept.requires_grad
+
+
 def test_sam_vit_b_loads_from_a_checkpoint_file(tmp_path):
     checkpoint = save_random_checkpoint("sam_vit_b", tmp_path / "sam_vit_b_random.pth")
     model = load_model("sam_vit_b", checkpoint, device="cpu")
