@@ -19,14 +19,12 @@ import json
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from benchmarks.accuracy.datasets import chaos_cases, load_scan
-from benchmarks.speed.run import REPO, cpu_record, machine_line, mean_dice, painted_case, write_results
+from benchmarks.speed.run import REPO, cpu_record, machine_line, mean_dice, painted_case, timed_propagate, write_results
 from FewShotSAMLib import warm_start
 from FewShotSAMLib.pipeline import Engine, EngineOptions
-from FewShotSAMLib.progress import NO_PROGRESS
 from FewShotSAMLib.slice_selection import one_more_slice
 from FewShotSAMLib.volume import LabelVolume
 
@@ -36,9 +34,9 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def timed(engine: Engine, volume, labels: LabelVolume):
-    start = time.perf_counter()
-    result = engine.propagate(volume, labels, NO_PROGRESS).array
-    return result, time.perf_counter() - start
+    """(class map, seconds) of one propagate."""
+    times, result = timed_propagate(engine, volume, labels)
+    return result.array, times["total_s"]
 
 
 def measure_case(engine: Engine, scratch_engine: Engine, scan, k: int, steps: list[int]) -> dict:
@@ -52,14 +50,14 @@ def measure_case(engine: Engine, scratch_engine: Engine, scan, k: int, steps: li
     shutil.copyfile(record, kept)
     scratch, scratch_s = timed(scratch_engine, scan.volume, more)
     row = {"scan": scan.name, "k": k, "scratch_dice": mean_dice(scratch, scan.reference, values),
-           "scratch_s": round(scratch_s, 3), "dice": {}, "seconds": {}}
+           "scratch_s": scratch_s, "dice": {}, "seconds": {}}
     for order in (steps, steps[::-1]):
         for count in order:
             warm_start.WARM_DECODER_STEPS = count
             shutil.copyfile(kept, record)
             warm, seconds = timed(engine, scan.volume, more)
             row["dice"].setdefault(str(count), mean_dice(warm, scan.reference, values))
-            row["seconds"].setdefault(str(count), []).append(round(seconds, 3))
+            row["seconds"].setdefault(str(count), []).append(seconds)
     return row
 
 
@@ -115,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(EngineOptions(cache_dir=cache, device="cpu", encoder="openvino"))
         scratch_engine = Engine(dataclasses.replace(engine.options, warm_start=False), model=engine.model)
         for name in scans:
-            scan = load_scan("chaos", name, args.data_dir)
-            for k in (k for k in ks if (name, k) not in done):
+            missing = [k for k in ks if (name, k) not in done]
+            scan = load_scan("chaos", name, args.data_dir) if missing else None
+            for k in missing:
                 row = measure_case(engine, scratch_engine, scan, k, steps)
                 with rows_file.open("a") as rows:
                     rows.write(json.dumps(row) + "\n")
