@@ -265,11 +265,7 @@ class FewShotSAMJob:
 
     def wait(self, timeout: float | None = None, interval: float = 0.1) -> str:
         """Block until the job ends (scripts and tests; the GUI polls instead). Returns the status."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll():
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(interval)
+        wk.waitWhile(self.poll, timeout, interval)
         return self.status
 
     def raiseIfFailed(self) -> "FewShotSAMJob":

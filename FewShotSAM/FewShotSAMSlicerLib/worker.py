@@ -116,6 +116,15 @@ def errorMessageFromStderr(stderrText: str, returnCode: int | None) -> str:
     return f"The FewShotSAM worker failed{codeText} without an error message."
 
 
+def waitWhile(poll: Callable[[], bool], timeout: float | None, interval: float) -> None:
+    """Call poll() every interval seconds while it returns True, for at most timeout seconds (None: no limit)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while poll():
+        if deadline is not None and time.monotonic() > deadline:
+            return
+        time.sleep(interval)
+
+
 def defaultPythonExecutable() -> str:
     """The Python that runs the worker: PythonSlicer inside Slicer, else this interpreter.
 
@@ -584,9 +593,5 @@ class WorkerRun:
             self.logCallback(line)
 
     def wait(self, timeout: float | None = None, interval: float = 0.05) -> str:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll():
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(interval)
+        waitWhile(self.poll, timeout, interval)
         return self.status

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from benchmarks.accuracy.datasets import load_scan
-from benchmarks.speed.run import cpu_record, write_results
+from benchmarks.speed.run import cpu_numbers, cpu_record, write_results
 from FewShotSAMLib.models import load_model
 from FewShotSAMLib.onnx_encoder import OnnxEncoder, exported_encoder_path
 from FewShotSAMLib.openvino_encoder import OpenVinoEncoder, compiled_openvino_file
@@ -175,8 +175,8 @@ def measure(args, folder: Path) -> dict:
 
 def to_markdown(report: dict) -> str:
     cpu = report["cpu"]
-    lines = [f"CPU: {cpu['model']}, instruction sets {', '.join(cpu['instruction_sets'])}; {report['threads']} "
-             f"threads; load average {report['load_average_before_timing']} before timing, "
+    lines = [f"CPU: {cpu['model']}{cpu_numbers(cpu)}, instruction sets {', '.join(cpu['instruction_sets'])}; "
+             f"{report['threads']} threads; load average {report['load_average_before_timing']} before timing, "
              f"{report['load_average_after_timing']} after.",
              f"Calibration: {report['calibration_slices']} slices of CHAOS 1, 3, 5 and hippocampus 001, 003. "
              f"Timed and compared on {report['evaluated_slices']} slices of CHAOS 2, 15 and hippocampus 004, 019, "

@@ -144,10 +144,26 @@ def cpu_record() -> dict:
     if os.environ.get("FEWSHOTSAM_CPU_GHZ"):
         clock, source = float(os.environ["FEWSHOTSAM_CPU_GHZ"]), "FEWSHOTSAM_CPU_GHZ"
     present = set(flags.split())
-    return {"model": model_name.strip(), "instruction_sets": [name for name in CPU_FEATURES if name in present],
+    return {"model": model_name.strip(), **cpu_family_and_model(),
+            "instruction_sets": [name for name in CPU_FEATURES if name in present],
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "clock_ghz": None if clock is None else round(clock, 2), "clock_source": source,
             "load_average_1min": round(os.getloadavg()[0], 1)}
+
+
+def cpu_family_and_model() -> dict:
+    """/proc/cpuinfo's vendor, family and model numbers: the model name alone ("AMD EPYC") does not tell a Zen 3
+    from a Zen 4 (both AMD family 25, told apart by the model: 1 is a Zen 3, 17 a Zen 4) or a Zen 5 (family 26)."""
+    wanted = {"vendor_id": "vendor", "cpu family": "family", "model": "model_number"}
+    found = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if not line.strip():
+                break  # the first processor's block describes them all
+            key, _, value = line.partition(":")
+            if key.strip() in wanted:
+                found[wanted[key.strip()]] = value.strip()
+    return found
 
 
 def encoder_gflop_per_slice(model) -> float:
@@ -716,15 +732,22 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_numbers(cpu: dict) -> str:
+    """" (family 26, model 2)" where the record has them (results of older runs do not)."""
+    if "family" not in cpu:
+        return ""
+    return f" ({cpu.get('vendor', 'vendor unknown')}, family {cpu['family']}, model {cpu.get('model_number', '?')})"
+
+
 def encoder_markdown(report: dict) -> list[str]:
     """The CPU, the one-off builds, the encoder table with the roofline, and auto's probe."""
     build = report.get("encoder_build_s", {})
     cpu, roof, auto = report.get("cpu"), report.get("roofline", {}), report.get("auto")
     lines = []
     if cpu:
-        lines += [f"CPU: {cpu['model']}, {cpu['cores']} cores, instruction sets {', '.join(cpu['instruction_sets'])}; "
-                  f"clock {cpu['clock_ghz']} GHz ({cpu['clock_source']}); 1-minute load average at the start "
-                  f"{cpu['load_average_1min']}.", ""]
+        lines += [f"CPU: {cpu['model']}{cpu_numbers(cpu)}, {cpu['cores']} cores, instruction sets "
+                  f"{', '.join(cpu['instruction_sets'])}; clock {cpu['clock_ghz']} GHz ({cpu['clock_source']}); "
+                  f"1-minute load average at the start {cpu['load_average_1min']}.", ""]
     lines += ["One-off builds on a first run (then kept in the cache's .encoders folder, s): "
               + ", ".join(f"{path} {seconds}" for path, seconds in build.items()) + ".", ""]
     if "fp32_peak_gflop_per_s" in roof:
