@@ -45,6 +45,9 @@ class AdaptOptions:
     # from a liver-and-spleen model of CHAOS 2 (0.814 -> 0.620 with the second pass), which the Slicer and web
     # save-and-apply tests caught.
     position_frame: str = IMAGE_FRAME
+    # The decoder's forward passes while tuning: "auto" (bf16 on a CPU with bf16 instructions, else fp32), "fp32"
+    # or "bf16" (tuning.tuning_autocast).
+    tuning_precision: str = "auto"
 
     def resolved(self, across_scans: bool) -> "AdaptOptions":
         """These options with an "auto" frame made definite: body across scans, image within one."""
@@ -219,7 +222,7 @@ def adapt(model: SamModel, collection: FewShotCollection, options: AdaptOptions 
                                         frame=options.position_frame)
     tokens = structure_tokens(collection)
     decoder_state = tune_decoder(model, collection, tokens, steps=options.decoder_steps, seed=options.seed,
-                                 progress=progress)
+                                 progress=progress, precision=options.tuning_precision)
     return FewShotAdapter(list(collection.segments), classifier, tokens, decoder_state, model.weights_id, options,
                           collection.embeddings.shape[0],
                           footprints=structure_footprints(collection, frame=options.position_frame))
@@ -237,6 +240,7 @@ def tune_on(model: SamModel, start: FewShotAdapter, collection: FewShotCollectio
         classifier = train_pixel_classifier(collection, steps=prompt_steps, seed=seed, progress=progress,
                                             start=start.classifier)
     decoder_state = tune_decoder(model, collection, tokens, steps=decoder_steps, seed=seed, progress=progress,
-                                 start_state=start.decoder_state, focus=focus)
+                                 start_state=start.decoder_state, focus=focus,
+                                 precision=start.options.tuning_precision)
     return classifier, decoder_state
 

@@ -1,4 +1,5 @@
-"""Every choice the engine offers, in one place: the models, the devices, the encoder paths and the slice planes.
+"""Every choice the engine offers, in one place: the models, the devices, the encoder paths, the decoder's tuning
+precisions and the slice planes.
 
 To add a backbone, add one ModelSpec to MODELS (and its builder function to models.py): the command line's
 ``--model`` choices, ``models.load_model`` and the Slicer module's model list all read this table, and
@@ -75,6 +76,13 @@ ENCODER_PATHS = (
     ("onnx", "ONNX Runtime (fp32, CPU)"),
     ("fp32", "PyTorch fp32"),
     ("bf16", "PyTorch bf16"),
+)
+
+# The arithmetic of the mask decoder's forward passes while it is tuned (tuning.tuning_autocast).
+TUNING_PRECISIONS = (
+    ("auto", "Automatic (bf16 on a CPU with bf16 instructions, else fp32)"),
+    ("fp32", "fp32"),
+    ("bf16", "bf16 autocast"),
 )
 
 # The planes slices are cut in; orientation.PLANE_NORMALS gives each its normal in patient space.

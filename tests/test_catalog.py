@@ -31,6 +31,7 @@ def _option_choices(option: str) -> dict[str, tuple]:
     ("--device", catalog.values(catalog.DEVICES)),
     ("--encoder", catalog.values(catalog.ENCODER_PATHS)),
     ("--axis", catalog.values(catalog.SLICE_PLANES)),
+    ("--tuning-precision", catalog.values(catalog.TUNING_PRECISIONS)),
 ])
 def test_every_command_offers_the_catalogue_choices(option, choices):
     found = _option_choices(option)

@@ -47,6 +47,7 @@ from FewShotSAMLib.progress import Progress
 from FewShotSAMLib.registration import STAGE as REGISTER_STAGE
 from FewShotSAMLib.second_pass import SecondPassOptions
 from FewShotSAMLib.slice_selection import few_shot_labels, fractions_of_extent
+from FewShotSAMLib.tuning import TUNING_PRECISIONS
 
 from . import report
 from .datasets import CHAOS_CASES, DATASETS, Scan, chaos_training_folds, load_scan, scan_names
@@ -117,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where new adapters measure positions: body (relative to the body's box on each slice; "
                              "FewShotSAMLib/body_frame.py), image (the model-input square, as before) or auto (the "
                              "default: body across scans, image within one)")
+    parser.add_argument("--tuning-precision", default=AdaptOptions.tuning_precision, choices=TUNING_PRECISIONS,
+                        help="the decoder's forward passes while tuning (FewShotSAMLib/tuning.py tuning_autocast; "
+                             "default auto: bf16 on a CPU with bf16 instructions, else fp32)")
     parser.add_argument("--register", default="off", choices=("on", "off"),
                         help="protocols 2 and 3: register the support scan to each query and read the pixel prompts "
                              "and footprints at the registered positions (FewShotSAMLib/registration.py)")
@@ -199,7 +203,8 @@ class Benchmark:
         self.engine = Engine(EngineOptions(model=args.model, checkpoint=args.checkpoint, device=args.device,
                                            encoder=args.encoder, cache_dir=str(args.cache_dir),
                                            # every k from scratch: k = 3 must not start from the k = 1 run's record
-                                           warm_start=False, adapt=AdaptOptions(position_frame=args.position_frame),
+                                           warm_start=False, adapt=AdaptOptions(position_frame=args.position_frame,
+                                                                             tuning_precision=args.tuning_precision),
                                            second_pass=SecondPassOptions(enabled=not args.no_second_pass),
                                            register=args.register == "on"))
         self.decoder_steps = self.engine.options.adapt.decoder_steps
@@ -275,6 +280,7 @@ class Benchmark:
                 "decoder_steps": self.decoder_steps,
                 "second_pass": dataclasses.asdict(self.engine.options.second_pass),  # apply's (protocols 2, 3)
                 "position_frame": self.engine.options.adapt.position_frame,
+                "tuning_precision": self.engine.options.adapt.tuning_precision,
                 "register": self.engine.options.register,
                 "datasets": self.args.datasets,
                 "ks": self.args.ks,

@@ -33,6 +33,33 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def case_parser(description: str, ks: str, name: str) -> argparse.ArgumentParser:
+    """The options of a benchmark over CHAOS scans and k (measure_missing_cases): --scans, --ks, --data-dir, --out
+    and --name, with this benchmark's defaults for ks and name."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--scans", type=lambda text: text.split(","), default=chaos_cases(quick=False),
+                        help="CHAOS scans (default: all)")
+    parser.add_argument("--ks", type=lambda text: [int(k) for k in text.split(",")], default=ks)
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--name", default=name)
+    return parser
+
+
+def measure_missing_cases(rows_file: Path, scans: list[str], ks: list[int], data_dir: Path, measure) -> list[dict]:
+    """measure(scan, k) -> row for every CHAOS scan and k not yet in rows_file, each row appended as it comes (a run
+    that stops keeps them; the same command again measures only what is missing); returns every row."""
+    done = {(row["scan"], row["k"]) for row in read_rows(rows_file)}
+    for name in scans:
+        missing = [k for k in ks if (name, k) not in done]
+        scan = load_scan("chaos", name, data_dir) if missing else None
+        for k in missing:
+            row = measure(scan, k)
+            with rows_file.open("a") as rows:
+                rows.write(json.dumps(row) + "\n")
+    return read_rows(rows_file)
+
+
 def timed(engine: Engine, volume, labels: LabelVolume):
     """(class map, seconds) of one propagate."""
     times, result = timed_propagate(engine, volume, labels)
@@ -95,31 +122,17 @@ def markdown(report: dict, steps: list[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = case_parser(__doc__.splitlines()[0], "2,3", "warm-steps")
     parser.add_argument("--steps", default="4,2", help="decoder steps to compare; the first is the reference")
-    parser.add_argument("--scans", default=None, help="CHAOS scans (default: all)")
-    parser.add_argument("--ks", default="2,3")
-    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--name", default="warm-steps")
     args = parser.parse_args(argv)
     steps = [int(text) for text in args.steps.split(",")]
-    ks = [int(text) for text in args.ks.split(",")]
-    scans = args.scans.split(",") if args.scans else chaos_cases(quick=False)
-    rows_file = args.out / f"{args.name}.jsonl"
+    ks, scans = args.ks, args.scans
     args.out.mkdir(parents=True, exist_ok=True)
-    done = {(row["scan"], row["k"]) for row in read_rows(rows_file)}
     with tempfile.TemporaryDirectory(prefix="fewshotsam-warm-steps-") as cache:
         engine = Engine(EngineOptions(cache_dir=cache, device="cpu", encoder="openvino"))
         scratch_engine = Engine(dataclasses.replace(engine.options, warm_start=False), model=engine.model)
-        for name in scans:
-            missing = [k for k in ks if (name, k) not in done]
-            scan = load_scan("chaos", name, args.data_dir) if missing else None
-            for k in missing:
-                row = measure_case(engine, scratch_engine, scan, k, steps)
-                with rows_file.open("a") as rows:
-                    rows.write(json.dumps(row) + "\n")
-    rows = read_rows(rows_file)
+        rows = measure_missing_cases(args.out / f"{args.name}.jsonl", scans, ks, args.data_dir,
+                                     lambda scan, k: measure_case(engine, scratch_engine, scan, k, steps))
     report = {"machine": machine_line(), "cpu": cpu_record(), "steps": steps, "ks": ks, "rows": rows,
               "summary": summary(rows, steps)}
     write_results(args.out, args.name, report, markdown(report, steps))
