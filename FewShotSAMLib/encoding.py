@@ -37,6 +37,12 @@ class EncodedVolume:
     def n_slices(self) -> int:
         return self.slices.shape[0]
 
+    def float32_embeddings(self, indices: list[int]) -> torch.Tensor:
+        """[len, C, H, W] the embeddings of these slices as float32. torch widens the cached float16 with the CPU's
+        conversion instructions, ~5x faster than numpy's astype (16 CHAOS slices: 0.02 against 0.11 s; a warm CHAOS
+        run converts every slice 3-4 times), and to the same values."""
+        return torch.from_numpy(np.asarray(self.embeddings[list(indices)])).float()
+
     def body_boxes(self, indices) -> torch.Tensor:
         """[len, 4] each slice's body box in embedding-grid cells (body_frame.body_boxes_on_grid)."""
         missing = [int(z) for z in indices if int(z) not in self._body_boxes]

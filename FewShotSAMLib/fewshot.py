@@ -105,6 +105,6 @@ def collect(encoded: EncodedVolume, labels_array: np.ndarray, segments: list[Seg
         raise FewShotSAMError("no labelled slice: the label map is empty and no slice was declared labelled")
     classes = class_maps(label_slices[indices], collection.label_values)
     targets = class_maps_to_model_space(classes, collection.n_classes, encoded.resize)
-    embeddings = torch.from_numpy(np.asarray(encoded.embeddings[indices], dtype=np.float32))
+    embeddings = encoded.float32_embeddings(indices)
     collection.add(embeddings, targets, [(scan_number, index) for index in indices], encoded.body_boxes(indices))
     return collection

@@ -68,7 +68,7 @@ def classify_slices(adapter: FewShotAdapter, encoded: EncodedVolume, indices: li
     with torch.inference_mode():
         for start in range(0, len(indices), batch_size):
             batch = indices[start:start + batch_size]
-            embeddings = torch.from_numpy(np.asarray(encoded.embeddings[batch], dtype=np.float32))
+            embeddings = encoded.float32_embeddings(batch)
             body_boxes = encoded.body_boxes(batch) if adapter.position_frame == BODY_FRAME else None
             positions = encoded.positions_for(adapter.position_frame, batch)  # None unless registered
             probabilities = adapter.classifier(embeddings, body_boxes, positions)
@@ -190,8 +190,7 @@ def decoder_probabilities(model: SamModel, adapter: FewShotAdapter, encoded: Enc
     tokens = query_tokens(model, boxes, adapter.tokens[[s for _, s in queries]].to(device))
 
     def embeddings_of(indices):
-        return torch.from_numpy(np.asarray(encoded.embeddings[[queries[i][0] for i in indices]],
-                                           dtype=np.float32)).to(device)
+        return encoded.float32_embeddings([queries[i][0] for i in indices]).to(device)
 
     results, done = {}, 0
     with adapter.tuned_decoder(model), torch.inference_mode():

@@ -87,7 +87,7 @@ def pseudo_collection(adapter: FewShotAdapter, encoded: EncodedVolume, classes: 
             if s not in chosen[z]:
                 targets[index][targets[index] == s + 1] = IGNORE
     collection = FewShotCollection(segments=list(adapter.segments))
-    embeddings = torch.from_numpy(np.asarray(encoded.embeddings[slices], dtype=np.float32))
+    embeddings = encoded.float32_embeddings(slices)
     collection.add(embeddings, targets, [(0, z) for z in slices], encoded.body_boxes(slices),
                    encoded.positions_for(adapter.position_frame, slices))
     return collection
