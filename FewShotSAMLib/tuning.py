@@ -26,7 +26,7 @@ def tuning_autocast(precision: str, device: torch.device):
     weights and the optimiser stay fp32). "auto": bf16 autocast on a CPU with bf16 instructions (AMD Zen 4/5, Intel
     Xeons since Cooper Lake), where the 16 steps of a CHAOS adaptation took 20-30% less time with the same Dice
     (benchmarks/results/tuning-precision.md); fp32 elsewhere: without those instructions bf16 is emulated and
-    slower, and on a GPU fp32 is what was measured."""
+    slower, and on a GPU fp32 is what was measured. Not the default (AdaptOptions.tuning_precision says why)."""
     if precision not in TUNING_PRECISIONS:
         raise FewShotSAMError(f"unknown tuning precision {precision!r}: choose one of {', '.join(TUNING_PRECISIONS)}")
     if precision == "bf16" or (precision == "auto" and device.type == "cpu" and cpu_has_bf16()):

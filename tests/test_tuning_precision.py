@@ -1,5 +1,6 @@
-"""The decoder's tuning precision: bf16 autocast where the CPU has bf16 instructions ("auto"), fp32 elsewhere, and
-the same segmentation either way (real CHAOS scan 2, real LiteMedSAM weights)."""
+"""The decoder's tuning precision (fp32 by default; "auto": bf16 autocast where the CPU has bf16 instructions, fp32
+elsewhere), and the same segmentation of a scan's own painting either way (real CHAOS scan 2, real LiteMedSAM
+weights)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ AGREEMENT_FLOOR = 0.97
 
 
 def test_auto_tunes_in_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch):
+    assert AdaptOptions().tuning_precision == "fp32"  # the default (AdaptOptions says why)
     cpu = torch.device("cpu")
     assert isinstance(tuning.tuning_autocast("fp32", cpu), contextlib.nullcontext)
     assert isinstance(tuning.tuning_autocast("bf16", cpu), torch.autocast)

@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "default: body across scans, image within one)")
     parser.add_argument("--tuning-precision", default=AdaptOptions.tuning_precision, choices=TUNING_PRECISIONS,
                         help="the decoder's forward passes while tuning (FewShotSAMLib/tuning.py tuning_autocast; "
-                             "default auto: bf16 on a CPU with bf16 instructions, else fp32)")
+                             "default fp32; auto: bf16 on a CPU with bf16 instructions, else fp32)")
     parser.add_argument("--register", default="off", choices=("on", "off"),
                         help="protocols 2 and 3: register the support scan to each query and read the pixel prompts "
                              "and footprints at the registered positions (FewShotSAMLib/registration.py)")
