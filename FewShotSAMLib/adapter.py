@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import catalog
 from .atomic_write import write_atomically
 from .body_frame import AUTO_FRAME, BODY_FRAME, IMAGE_FRAME
 from .errors import FewShotSAMError, FewShotSAMWarning, one_line
@@ -49,7 +50,7 @@ class AdaptOptions:
     # else fp32; tuning.tuning_autocast). fp32 stays the default: "auto" tuned 23% faster on a Zen 5 with the same
     # protocol-1 Dice, but a liver-and-spleen model of CHAOS 2 applied to CHAOS 3 (the Slicer save-and-apply test)
     # found the spleen at 0.436 against 0.699 in fp32; models made for other scans were not measured further.
-    tuning_precision: str = "fp32"
+    tuning_precision: str = catalog.DEFAULT_TUNING_PRECISION
 
     def resolved(self, across_scans: bool) -> "AdaptOptions":
         """These options with an "auto" frame made definite: body across scans, image within one."""

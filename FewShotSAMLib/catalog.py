@@ -84,6 +84,7 @@ TUNING_PRECISIONS = (
     ("fp32", "fp32"),
     ("bf16", "bf16 autocast"),
 )
+DEFAULT_TUNING_PRECISION = "fp32"  # why not "auto": adapter.AdaptOptions.tuning_precision
 
 # The planes slices are cut in; orientation.PLANE_NORMALS gives each its normal in patient space.
 SLICE_PLANES = (

@@ -80,7 +80,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                             "they teach the model where structures are absent, e.g. 0,5,30-32")
     group.add_argument("--decoder-steps", type=int, default=None,
                        help="mask decoder tuning steps (default 16; 0 keeps the pretrained decoder)")
-    group.add_argument("--tuning-precision", choices=catalog.values(catalog.TUNING_PRECISIONS), default="fp32",
+    group.add_argument("--tuning-precision", choices=catalog.values(catalog.TUNING_PRECISIONS),
+                       default=catalog.DEFAULT_TUNING_PRECISION,
                        help="arithmetic of the decoder's tuning: fp32 (default), auto (bf16 on a CPU with bf16 "
                             "instructions, fp32 elsewhere: ~23%% faster tuning with the same Dice within one scan, "
                             "but a model applied to another scan lost Dice in one check) or bf16")

@@ -29,18 +29,26 @@ PROBE_ROUNDS = 2
 PROBED_LIBRARIES = ("torch", "onnxruntime", "openvino")
 
 
-def cpu_description() -> str:
-    """The CPU's model name and its instruction-set flags (Linux: /proc/cpuinfo; elsewhere what Python can tell)."""
+def cpuinfo_fields() -> dict[str, str] | None:
+    """The first processor's block of /proc/cpuinfo as {key: value} (it describes them all); None off Linux."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return f"{platform.machine()} {platform.processor()}".strip()
+        return None
     fields = {}
     for line in text.splitlines():
         if not line.strip():
-            break  # the first processor's block describes them all
+            break
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its instruction-set flags (Linux: /proc/cpuinfo; elsewhere what Python can tell)."""
+    fields = cpuinfo_fields()
+    if fields is None:
+        return f"{platform.machine()} {platform.processor()}".strip()
     flags = fields.get("flags", fields.get("Features", ""))
     return f"{fields.get('model name', platform.processor())} | {flags}"
 

@@ -67,7 +67,8 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -
 def tune_decoder(model: SamModel, collection: FewShotCollection, tokens: torch.Tensor, steps: int = 16,
                  batch_size: int = 4, learning_rate: float = 1e-4, seed: int = 0,
                  progress: Progress = NO_PROGRESS, start_state: dict | None = None,
-                 focus: list[int] | None = None, precision: str = "auto") -> dict:
+                 focus: list[int] | None = None,
+                 precision: str = catalog.DEFAULT_TUNING_PRECISION) -> dict:
     """Fine-tune a copy of the mask decoder; returns its state dict (the model itself is left untouched).
 
     start_state: tune on from these decoder weights (a warm start) instead of the pretrained ones.

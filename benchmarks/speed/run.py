@@ -154,16 +154,11 @@ def cpu_record() -> dict:
 def cpu_family_and_model() -> dict:
     """/proc/cpuinfo's vendor, family and model numbers: the model name alone ("AMD EPYC") does not tell a Zen 3
     from a Zen 4 (both AMD family 25, told apart by the model: 1 is a Zen 3, 17 a Zen 4) or a Zen 5 (family 26)."""
+    from FewShotSAMLib.encoder_probe import cpuinfo_fields
+
+    fields = cpuinfo_fields() or {}
     wanted = {"vendor_id": "vendor", "cpu family": "family", "model": "model_number"}
-    found = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if not line.strip():
-                break  # the first processor's block describes them all
-            key, _, value = line.partition(":")
-            if key.strip() in wanted:
-                found[wanted[key.strip()]] = value.strip()
-    return found
+    return {name: fields[key] for key, name in wanted.items() if key in fields}
 
 
 def encoder_gflop_per_slice(model) -> float:
@@ -733,7 +728,7 @@ def to_markdown(report: dict) -> str:
 
 
 def cpu_numbers(cpu: dict) -> str:
-    """" (family 26, model 2)" where the record has them (results of older runs do not)."""
+    """' (AuthenticAMD, family 26, model 2)' where the record has them (results of older runs do not)."""
     if "family" not in cpu:
         return ""
     return f" ({cpu.get('vendor', 'vendor unknown')}, family {cpu['family']}, model {cpu.get('model_number', '?')})"
