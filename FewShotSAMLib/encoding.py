@@ -11,7 +11,13 @@ from .body_frame import IMAGE_FRAME, body_boxes_on_grid
 from .embedding_cache import EmbeddingCache, cache_key
 from .models import SamModel
 from .orientation import in_plane_spacing, to_slices
-from .preprocess import ResizeInfo, apply_normalisation, choose_normalisation, resize_stack_longest_side
+from .preprocess import (
+    ResizeInfo,
+    apply_normalisation,
+    choose_normalisation,
+    resize_stack_longest_side,
+    resized_shape_for,
+)
 from .progress import NO_PROGRESS, Progress
 from .volume import Volume
 
@@ -78,7 +84,7 @@ class VolumeEncoding:
         self.pixel_spacing = in_plane_spacing(volume.geometry, axis)
         self.target = model.spec.input_size
         _, self.resize = resize_stack_longest_side(self.slices[:1], self.target, self.pixel_spacing)
-        self.preprocessing = f"{normalisation.key()};size={self.target}"
+        self.preprocessing = f"{normalisation.key()};size={self.target}{pixel_shape_tag(self.resize)}"
         # The encoder opens only when a slice is missing from the cache (opening OpenVINO's costs ~0.2 s, a third of
         # a warm re-run's spare time): until then the path it would run (read from auto's probe record) keys the
         # cache. auto's probe runs now if it never ran on this machine (a built path is built when it opens).
@@ -147,6 +153,15 @@ class VolumeEncoding:
         propagation's (a 512x512x300 CT run peaked at 3.99 GiB with it kept, 3.27 GiB without)."""
         self.model.release_encoder_sessions()
         self.opened = False
+
+
+def pixel_shape_tag(resize: ResizeInfo) -> str:
+    """The cache key's note of a slice resampled to square pixels: the same voxels with another in-plane spacing
+    ratio make other model images. Square-pixel slices need none (their keys stay what they were)."""
+    if resize.resized_shape == resized_shape_for(resize.original_shape, resize.target):
+        return ""
+    rows, cols = resize.resized_shape
+    return f";pixels={rows}x{cols}"
 
 
 class OtherArithmetic(Exception):

@@ -315,6 +315,8 @@ def test_cache_key_follows_every_input():
     assert len(base) == 64
     # Same content gives the same key, however the array is laid out in memory.
     assert cache_key(np.asfortranarray(volume), -3, "ct-window", "sam_vit_b:01ec64") == base
+    # The key names the stack of slices: the same slices stored along another array axis share it.
+    assert cache_key(np.ascontiguousarray(volume.transpose(1, 2, 0)), 2, "ct-window", "sam_vit_b:01ec64") == base
 
 
 def test_default_cache_dir_and_key_validation(tmp_path, monkeypatch):

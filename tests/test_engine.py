@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from FewShotSAMLib.metrics import dice, false_positive_slices
 from FewShotSAMLib.orientation import to_slices
 from FewShotSAMLib.pipeline import Engine, EngineOptions, adapt_files, apply_files, propagate_files
 from FewShotSAMLib.slice_selection import few_shot_labels
-from FewShotSAMLib.volume import LabelVolume, Segment
+from FewShotSAMLib.volume import Geometry, LabelVolume, Segment, Volume
 from FewShotSAMLib.volume_io import read_labels, read_volume, write_segmentation
 
 ORGANS = [Segment("liver", 1, (0.87, 0.51, 0.4)), Segment("right kidney", 2, (0.73, 0.4, 0.33)),
@@ -128,8 +130,6 @@ def test_painted_slices_are_found_along_the_derived_axis(chaos_scan, engine):
 def test_slice_axis_comes_from_the_direction_matrix_not_the_array_layout(propagated_case2, exact_engine):
     """The same scan stored with its voxel axes permuted (axial slices along the array's last axis, with the
     direction matrix saying so) must give the same segmentation, voxel for voxel, on its own grid."""
-    import dataclasses
-
     image_path, painted, _, out = propagated_case2
     volume = read_volume(image_path)
     geometry = volume.geometry
@@ -141,12 +141,32 @@ def test_slice_axis_comes_from_the_direction_matrix_not_the_array_layout(propaga
                                             shape=permuted_array.shape)
     permuted = dataclasses.replace(volume, array=permuted_array, geometry=permuted_geometry)
     permuted_painted = np.ascontiguousarray(painted.transpose(1, 2, 0))
+    entries = [entry.key for entry in exact_engine.cache.entries()]
     result = exact_engine.propagate(permuted, LabelVolume(permuted_painted, permuted_geometry, ORGANS))
     assert exact_engine.encode(permuted).axis == 2
+    # The same slices under another array layout: their embeddings come from the original's cache entry.
+    assert sorted(entry.key for entry in exact_engine.cache.entries()) == sorted(entries)
     expected = read_labels(out, volume).array
     assert np.array_equal(result.array.transpose(2, 0, 1), expected)
     # Same voxel -> same patient position on both grids.
     assert np.allclose(permuted_geometry.ijk_to_lps() @ [3, 5, 7, 1], geometry.ijk_to_lps() @ [5, 7, 3, 1])
+
+
+def test_slices_resampled_to_square_pixels_get_their_own_embeddings(engine):
+    """The same voxels with another in-plane spacing ratio make other model images (resampled to square pixels), so
+    they must not share a cache entry; the same ratio at another scale makes the same images and shares one."""
+    rng = np.random.default_rng(0)
+    square = Volume(rng.integers(0, 1000, (2, 48, 64)).astype(np.int16), Geometry((1.0, 1.0, 3.0), (0.0, 0.0, 0.0),
+                                                                                 shape=(2, 48, 64)))
+    variants = {"square": square,
+                "square, coarser": dataclasses.replace(square, geometry=dataclasses.replace(
+                    square.geometry, spacing=(2.0, 2.0, 3.0))),
+                "tall pixels": dataclasses.replace(square, geometry=dataclasses.replace(
+                    square.geometry, spacing=(1.0, 2.0, 3.0)))}
+    encodings = {name: engine.open_encoding(volume) for name, volume in variants.items()}
+    keys = {name: encoding.entry.key for name, encoding in encodings.items()}
+    assert encodings["tall pixels"].resize.resized_shape != encodings["square"].resize.resized_shape
+    assert keys["square, coarser"] == keys["square"] != keys["tall pixels"]
 
 
 def test_a_slice_range_encodes_and_predicts_only_those_slices(cache_with_shared_encoders, chaos_scan):
