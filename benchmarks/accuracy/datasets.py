@@ -1,5 +1,6 @@
-"""The benchmark's scans: CHAOS T2 MRI, MSD hippocampus MRI and two TotalSegmentator CTs (large organs; small
-organs), read as FewShotSAM volumes.
+"""The benchmark's scans: CHAOS T2 MRI, MSD hippocampus MRI, two TotalSegmentator CTs (large organs; small
+organs), TotalSegmentator's abdominal MRI (small organs) and the Spinal Cord Toolbox's cervical
+spine MRI (spinal cord, grey matter), read as FewShotSAM volumes.
 
 Every scan is returned as a ``Scan``: the image ``Volume``, the full reference label map restricted to the benchmark's
 structures (other label values set to 0), the structures (label value -> name) and the slice axis (an array axis of
@@ -33,13 +34,22 @@ TOTALSEG_WANTED = ["liver", "spleen", "kidney_right", "kidney_left"]
 # Small abdominal structures of the 3 mm TotalSegmentator example CT (each spans 8-54 voxels in plane).
 TOTALSEG_SMALL_WANTED = ["gallbladder", "pancreas", "adrenal_gland_right", "adrenal_gland_left",
                          "portal_vein_and_splenic_vein"]
-DATASETS = ("chaos", "hippocampus", "totalseg", "totalseg_small")
+# Spinal Cord Toolbox test subject: scan -> (its manual label file, the structure). Left out: mt_mt1, whose cord
+# mask was made by a program (sct_propseg) and whose 5 slices k = 5 would all paint.
+SPINAL_CORD_SCANS = {
+    "t1_t1w": ("t1_t1w_seg-manual", "spinal cord"),
+    "t2_t2": ("t2_t2_seg-manual", "spinal cord"),
+    "t2s_t2s": ("t2s_t2s_gmseg_manual", "grey matter"),
+}
+DATASETS = ("chaos", "hippocampus", "totalseg", "totalseg_small", "totalseg_mr", "spinal_cord")
 
 DATASET_TITLES = {
     "chaos": "CHAOS T2-SPIR MRI (abdomen)",
     "hippocampus": "MSD Task04 hippocampus MRI",
     "totalseg": "TotalSegmentator CT (ct_dicom_20slices)",
     "totalseg_small": "TotalSegmentator CT, small organs (ct_example_sm)",
+    "totalseg_mr": "TotalSegmentator MRI, abdomen (mr_example_sm)",
+    "spinal_cord": "Spinal Cord Toolbox cervical spine MRI (one subject)",
 }
 DATASET_NOTES = {
     "chaos": "12 scans, manual labels; 1 liver, 2 right kidney, 3 left kidney, 4 spleen; axial slices (array axis 0).",
@@ -50,6 +60,14 @@ DATASET_NOTES = {
     "totalseg_small": ("one abdominal CT of 30 axial slices (122x101, 3 mm); labels are TotalSegmentator MODEL "
                        "OUTPUTS (its test reference example_seg.nii.gz), not manual ground truth; gallbladder, "
                        "pancreas, right and left adrenal gland, portal and splenic vein, 12-18 slices each."),
+    "totalseg_mr": ("one abdominal MRI of 20 axial slices (117x91, 3 mm); labels are TotalSegmentator MODEL OUTPUTS "
+                    "(its test reference example_seg_mr.nii.gz), not manual ground truth; the small structures of "
+                    "the CT above: gallbladder, pancreas, right and left adrenal gland (7-9 voxels a slice), portal "
+                    "and splenic vein, 9-19 slices each."),
+    "spinal_cord": ("one subject (Spinal Cord Toolbox test data), manual labels: spinal cord on T1 (77 axial slices "
+                    "of 76x42, 1 mm) and T2 (55 axial slices of 52x60, 1 mm, stored with permuted axes), grey "
+                    "matter on T2* (9 slices of 54x49, 0.5 mm, 7.5 mm thick); each structure spans every slice, so "
+                    "this tests propagation along a thin structure, not its ends. Too few scans for statistics."),
 }
 
 
@@ -127,6 +145,10 @@ def scan_names(dataset: str, data_dir: Path, quick: bool, hippocampus_count: int
         return [name for name in ["ct_dicom_20slices"] if only is None or name in only]
     if dataset == "totalseg_small":
         return [name for name in ["ct_example_sm"] if only is None or name in only]
+    if dataset == "totalseg_mr":
+        return [name for name in ["mr_example_sm"] if only is None or name in only]
+    if dataset == "spinal_cord":
+        return [name for name in SPINAL_CORD_SCANS if only is None or name in only]
     raise ValueError(f"unknown dataset {dataset!r}; use {', '.join(DATASETS)}")
 
 
@@ -142,15 +164,24 @@ def load_scan(dataset: str, name: str, data_dir: Path, axis_choice: str = "auto"
         folder = data_dir / "msd_hippocampus_mri"
         return _make_scan(dataset, name, folder / "images" / f"{name}.nii.gz", folder / "labels" / f"{name}.nii.gz",
                           HIPPOCAMPUS_STRUCTURES, axis_choice)
-    if dataset in ("totalseg", "totalseg_small"):
+    if dataset in ("totalseg", "totalseg_small", "totalseg_mr"):
         folder = data_dir / "totalsegmentator_ct_mr"
         class_map = json.loads((folder / "class_map.json").read_text())
-        ct_map = next(table for key, table in class_map.items() if key.startswith("total (CT"))
-        by_name = {label: int(value) for value, label in ct_map.items()}
+        table_name = "total_mr (" if dataset == "totalseg_mr" else "total (CT"
+        label_map = next(table for key, table in class_map.items() if key.startswith(table_name))
+        by_name = {label: int(value) for value, label in label_map.items()}
+        # The abdominal MRI is scored on the CT's small structures: with every painted slice fully labelled,
+        # its large organs and vessels would add painted slices until k = 3 covered most of its 20.
         wanted = TOTALSEG_WANTED if dataset == "totalseg" else TOTALSEG_SMALL_WANTED
         structures = dict(sorted({by_name[label]: label for label in wanted}.items()))
-        labels_name = f"{name}_seg_total_on_dicom_grid" if dataset == "totalseg" else f"{name}_seg_total"
+        labels_name = {"totalseg": f"{name}_seg_total_on_dicom_grid", "totalseg_small": f"{name}_seg_total",
+                       "totalseg_mr": f"{name}_seg_total_mr"}[dataset]
         return _make_scan(dataset, name, folder / f"{name}.nii.gz", folder / f"{labels_name}.nii.gz", structures,
+                          axis_choice)
+    if dataset == "spinal_cord":
+        folder = data_dir / "sct_spinal_cord_mri"
+        labels_name, structure = SPINAL_CORD_SCANS[name]
+        return _make_scan(dataset, name, folder / f"{name}.nii.gz", folder / f"{labels_name}.nii.gz", {1: structure},
                           axis_choice)
     raise ValueError(f"unknown dataset {dataset!r}")
 

@@ -485,7 +485,8 @@ def markdown(result: dict, supervised: dict | None = None) -> str:
         "- **Hyper-parameters**: nothing was tuned on these runs. FewShotSAM's defaults were chosen by the engine "
         "developer on CHAOS during development, so **CHAOS numbers are not a held-out estimate**; the small-structure "
         "settings were chosen on the hippocampus development scans named below, and the hippocampus table splits "
-        "them from the held-out rest; TotalSegmentator CT was not used for development and is held out.",
+        "them from the held-out rest; the TotalSegmentator CTs and MRI and the spinal cord scans were not used for "
+        "development and are held out.",
         "- Wall times are per scan on this machine's CPU, excluding image encoding (done once per scan and cached; "
         "reported separately below); they include adaptation (pixel prompts + decoder tuning) for FewShotSAM.",
         "",

@@ -1,7 +1,7 @@
 """Accuracy benchmark (issue 3): FewShotSAM against Slicer's tools and prompted SAM, on real scans.
 
-    python -m benchmarks.accuracy.run [--quick] [--datasets chaos,hippocampus,totalseg,totalseg_small] [--ks 1,3,5]
-                                      [--protocols 1,2,3] [--train-sizes 1,2,4]
+    python -m benchmarks.accuracy.run [--quick] [--ks 1,3,5] [--protocols 1,2,3] [--train-sizes 1,2,4]
+                                      [--datasets chaos,hippocampus,totalseg,totalseg_small,totalseg_mr,spinal_cord]
                                       [--out benchmarks/results] [--cache-dir DIR] [--data-dir DIR]
 
 Protocol 1 (within one scan): k fully labelled slices per structure (``slice_selection.few_shot_labels``), the
