@@ -3,7 +3,7 @@ elsewhere, and does the engine's own certainty say where it should be larger?
 
     python -m benchmarks.accuracy.blend_weights [--datasets hippocampus,spinal_cord,totalseg_mr,totalseg_small]
                                                 [--hippocampus-scans 20] [--ks 1,3,5] [--weights 0.3,0.5,0.7,1]
-                                                [--out benchmarks/results] [--cache-dir DIR]
+                                                [--out benchmarks/results] [--cache-dir DIR] [--render]
 
 Per scan and k (protocol 1's painting, ``few_shot_labels``), the engine runs once without the step and records how
 far its two predictors disagree (``confidence.ConfidenceRecorder``); the step (``small_structures.
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="blend-weights")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite <name>.md from the saved <name>.json in --out (no engine run)")
     args = parser.parse_args(argv)
     args.data_dir = args.data_dir or default_data_dir()
     args.datasets = [name for name in args.datasets.split(",") if name]
@@ -99,9 +101,11 @@ def markdown(result: dict) -> str:
     lines = ["# The small-structure step's engine share", "",
              f"`{run['command']}` (commit {run['commit']}, {run['status']}, {run['wall_seconds']} s). Mean Dice of "
              "the structures the step treats as small, per engine share (1 = the engine's outline alone); "
-             "agreement: the engine's two predictors on the unpainted slices.", "",
-             "| data | k | structures | agreement | " + " | ".join(f"share {w}" for w in weights) + " |",
-             "|---|---|---|---|" + "---|" * len(weights)]
+             "agreement: the engine's two predictors on the unpainted slices; best per structure: an oracle that "
+             "picks each structure's best share (the most any per-structure choice of share could reach).", "",
+             "| data | k | structures | agreement | " + " | ".join(f"share {w}" for w in weights)
+             + " | best per structure |",
+             "|---|---|---|---|" + "---|" * (len(weights) + 1)]
     for group in dict.fromkeys(group_name(row) for row in rows):
         for k in run["ks"]:
             mine = [row for row in rows if group_name(row) == group and row["k"] == k]
@@ -109,13 +113,19 @@ def markdown(result: dict) -> str:
                 means = [np.mean([row["dice"][w] for row in mine]) for w in weights]
                 best = int(np.argmax(means))
                 cells = [f"**{m:.3f}**" if i == best else f"{m:.3f}" for i, m in enumerate(means)]
+                oracle = np.mean([max(row["dice"].values()) for row in mine])
                 lines.append(f"| {group} | {k} | {len(mine)} | {np.mean([row['agreement'] for row in mine]):.3f} | "
-                             + " | ".join(cells) + " |")
+                             + " | ".join(cells) + f" | {oracle:.3f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        text = markdown(json.loads((args.out / f"{args.name}.json").read_text()))
+        write_text_atomically(args.out / f"{args.name}.md", text + "\n")
+        print(text)
+        return 0
     engine = Engine(EngineOptions(cache_dir=str(args.cache_dir), warm_start=False))
     engine.options.small_structures.enabled = False  # the step is applied here, once per share
     started, rows, status = time.time(), [], "partial: running (or stopped before the end)"
