@@ -152,6 +152,10 @@ class EmbeddingCache:
         """The entry for `key`, created empty if missing and reset if it does not match the given shape."""
         return CacheEntry(self, key, n_slices, embedding_shape, model_id)
 
+    def has_entry(self, key: str) -> bool:
+        """Whether an entry for `key` exists (it may be partly filled); creates nothing."""
+        return (self.root / key / HEADER_FILE).is_file()
+
     def get_or_compute(
         self,
         key: str,
@@ -500,6 +504,38 @@ class CacheEntry:
 
     def _memmap(self) -> np.memmap:
         return np.memmap(self._data_path, dtype=np.float16, mode="r", shape=self.shape)
+
+
+class ReversedEntry:
+    """A cache entry read and filled with its slices in reverse order: slice i here is slice n - 1 - i of the entry.
+    The same scan stored with its slice axis flipped (Slicer saves a scan it loaded with its slices the other way
+    round) slices into the same images in the opposite order, so it shares the embeddings of the entry made first.
+    Offers what encoding.VolumeEncoding uses of a CacheEntry."""
+
+    def __init__(self, entry: CacheEntry):
+        self.entry = entry
+
+    @property
+    def n_slices(self) -> int:
+        return self.entry.n_slices
+
+    def mirrored(self, indices: Iterable[int]) -> list[int]:
+        return [self.n_slices - 1 - index for index in indices]
+
+    def get_or_compute(self, slice_indices: Iterable[int] | None, compute_fn: Callable[[list[int]], object],
+                       progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
+                       batch_size: int = 8) -> np.ndarray:
+        """CacheEntry.get_or_compute in this order. The entry is asked in the reverse of the mirrored order, so that
+        ascending slices here read as one view of the entry (no copy), reversed back."""
+        indices = list(range(self.n_slices)) if slice_indices is None else list(slice_indices)
+        stored = self.mirrored(indices)[::-1]
+        embeddings = self.entry.get_or_compute(stored, lambda batch: compute_fn(self.mirrored(batch)), progress,
+                                               cancel, batch_size)
+        return embeddings[::-1]
+
+    def embeddings(self) -> np.ndarray:
+        """CacheEntry.embeddings in this order (a view)."""
+        return self.entry.embeddings()[::-1]
 
 
 # Write errors that mean "no room" or "not allowed here", as opposed to a bug: reported as one line.

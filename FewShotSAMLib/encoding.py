@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .body_frame import IMAGE_FRAME, body_boxes_on_grid
-from .embedding_cache import EmbeddingCache, cache_key
+from .embedding_cache import CacheEntry, EmbeddingCache, ReversedEntry, cache_key
 from .models import SamModel
 from .orientation import in_plane_spacing, to_slices
 from .preprocess import (
@@ -94,13 +94,22 @@ class VolumeEncoding:
         self.entry = self.open_entry()
         self.done: set[int] = set()  # slices encoded (or found in the cache) through this object
 
-    def open_entry(self):
+    def open_entry(self) -> CacheEntry | ReversedEntry:
         """The cache entry for this volume under self.path's arithmetic: bf16 embeddings differ from fp32 ones by a
         few percent, and the compiled encoder's from autocast's by its own rounding. ONNX Runtime, OpenVINO and
         PyTorch fp32 differ by ~1e-6 relative (as much as two thread counts do), below the cache's fp16 storage,
-        so they share fp32 entries."""
-        key = cache_key(self.volume.array, self.axis, f"{self.preprocessing};{arithmetic_of(self.path)}",
-                        self.model.weights_id)
+        so they share fp32 entries. Without an entry of its own, the volume uses the entry of the same scan with its
+        slices in reverse order, where there is one (ReversedEntry)."""
+        description = f"{self.preprocessing};{arithmetic_of(self.path)}"
+        key = cache_key(self.volume.array, self.axis, description, self.model.weights_id)
+        if not self.cache.has_entry(key):
+            # Hashed only on a miss: a warm run, whose entry exists, pays nothing for this.
+            flipped = cache_key(np.flip(self.volume.array, self.axis), self.axis, description, self.model.weights_id)
+            if flipped != key and self.cache.has_entry(flipped):
+                return ReversedEntry(self.open_cache_entry(flipped))
+        return self.open_cache_entry(key)
+
+    def open_cache_entry(self, key: str) -> CacheEntry:
         return self.cache.open_entry(key, self.slices.shape[0], self.model.spec.embedding_shape,
                                      self.model.weights_id)
 

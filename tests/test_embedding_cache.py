@@ -14,6 +14,7 @@ from FewShotSAMLib.embedding_cache import (
     DATA_FILE,
     HEADER_FILE,
     EmbeddingCache,
+    ReversedEntry,
     SlicesMissing,
     cache_key,
     default_cache_dir,
@@ -85,6 +86,29 @@ def test_partial_entry_computes_only_missing_slices(tmp_path):
     assert np.array_equal(out, expected(range(N)))
     with pytest.raises(SlicesMissing):
         cache.open_entry("other", N, SHAPE).read([0])
+
+
+def test_reversed_entry_shares_the_slices_of_a_scan_stored_the_other_way_round(tmp_path):
+    """Slice i of the flipped scan is slice N - 1 - i of the entry: what either order encoded, the other reads."""
+    cache = EmbeddingCache(tmp_path)
+    forward = cache.open_entry("vol", N, SHAPE)
+    forward.get_or_compute([0, 1], Encoder())
+    assert not cache.has_entry("other") and cache.has_entry("vol")
+
+    class FlippedEncoder(Encoder):  # the flipped scan's slice i shows what the first scan's slice N - 1 - i does
+        def __call__(self, indices):
+            self.calls.append(list(indices))
+            return np.stack([embedding(N - 1 - i) for i in indices])
+
+    flipped, encoder = ReversedEntry(cache.open_entry("vol", N, SHAPE)), FlippedEncoder()
+    out = flipped.get_or_compute([2, 5, 4], encoder)
+    assert encoder.encoded == [2]  # 5 and 4 are the first scan's 0 and 1, already encoded
+    np.testing.assert_array_equal(out, expected([3, 0, 1]))
+    assert forward.missing() == [2, 4, 5]  # flipped slice 2 was stored as the entry's slice 3
+    everything = flipped.get_or_compute(None, encoder)
+    assert encoder.encoded == [0, 1, 2, 3]
+    np.testing.assert_array_equal(everything, expected(range(N))[::-1])
+    np.testing.assert_array_equal(flipped.embeddings(), forward.embeddings()[::-1])
 
 
 def test_truncated_data_file_recomputes_lost_slices(tmp_path):

@@ -12,6 +12,7 @@ from FewShotSAMLib.adapter import AdaptOptions, FewShotAdapter
 from FewShotSAMLib.metrics import dice, false_positive_slices
 from FewShotSAMLib.orientation import to_slices
 from FewShotSAMLib.pipeline import Engine, EngineOptions, adapt_files, apply_files, propagate_files
+from FewShotSAMLib.progress import Progress
 from FewShotSAMLib.slice_selection import few_shot_labels
 from FewShotSAMLib.volume import Geometry, LabelVolume, Segment, Volume
 from FewShotSAMLib.volume_io import read_labels, read_volume, write_segmentation
@@ -150,6 +151,30 @@ def test_slice_axis_comes_from_the_direction_matrix_not_the_array_layout(propaga
     assert np.array_equal(result.array.transpose(2, 0, 1), expected)
     # Same voxel -> same patient position on both grids.
     assert np.allclose(permuted_geometry.ijk_to_lps() @ [3, 5, 7, 1], geometry.ijk_to_lps() @ [5, 7, 3, 1])
+
+
+def test_a_scan_stored_with_its_slices_reversed_shares_their_embeddings(chaos_scan, engine):
+    """Slicer saves a scan it loaded with its slice axis flipped (the direction's k column negated, the voxels
+    reversed along k): the same slices in reverse order, read from the first scan's cache entry, none encoded again."""
+    image_path, _ = chaos_scan(2)
+    volume = read_volume(image_path)
+    geometry, n_slices = volume.geometry, volume.array.shape[0]
+    original = engine.encode(volume)
+    direction = np.array(geometry.direction, dtype=float)
+    direction[:, 2] *= -1
+    origin = np.asarray(geometry.origin) + np.asarray(geometry.direction)[:, 2] * geometry.spacing[2] * (n_slices - 1)
+    flipped_geometry = dataclasses.replace(geometry, direction=direction, origin=tuple(origin))
+    flipped = dataclasses.replace(volume, array=np.ascontiguousarray(volume.array[::-1]), geometry=flipped_geometry)
+    # Same voxel -> same patient position on both grids.
+    assert np.allclose(flipped_geometry.ijk_to_lps() @ [3, 5, 0, 1], geometry.ijk_to_lps() @ [3, 5, n_slices - 1, 1])
+    entries = sorted(entry.key for entry in engine.cache.entries())
+    events = []
+    encoded = engine.encode(flipped, Progress(events.append))
+    assert encoded.axis == 0
+    assert sorted(entry.key for entry in engine.cache.entries()) == entries
+    encoding = [(event.done, event.total) for event in events if event.stage == "encode"]
+    assert encoding and all(done == total == n_slices for done, total in encoding), encoding  # nothing to encode
+    np.testing.assert_array_equal(encoded.embeddings, original.embeddings[::-1])
 
 
 def test_slices_resampled_to_square_pixels_get_their_own_embeddings(engine):
