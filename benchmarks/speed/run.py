@@ -61,8 +61,8 @@ ENCODER_PATHS = ("compiled", "openvino", "onnx", "fp32", "bf16")  # the fast CPU
 CT_REPEATS = 15  # 20 real slices x 15 = 300
 LONG_CT_SHAPE = (512, 512, 300)  # x, y, z of the resampled TotalSegmentator CT (--long-ct)
 LONG_CT_PAINTED = {28: "vertebrae_L4", 29: "vertebrae_L3", 30: "vertebrae_L2"}  # TotalSegmentator v1 label ids
-# The encoder of the command-line cases (--long-ct, --cli-rerun): what `auto` picks on the Zen 3 (speed-zen3.md),
-# named so that no probe is timed.
+# The encoder of the command-line cases (--long-ct, --cli-rerun) unless --cli-encoder names another: what `auto`
+# picks on the Zen 3 (speed-zen3.md), named so that no probe is timed.
 CLI_ENCODER = "openvino"
 
 
@@ -436,7 +436,7 @@ def write_long_ct_case(data_dir: Path, folder: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def run_long_ct_case(data_dir: Path, encoders: Path) -> dict:
+def run_long_ct_case(data_dir: Path, encoders: Path, encoder: str = CLI_ENCODER) -> dict:
     """Cold runs of the command line on the long CT, encoding on demand and every slice, each with an empty
     embedding cache (the built encoder kept): time, peak memory, slices encoded, Dice against the (resampled,
     model-made) reference, and how many voxels the two results differ in."""
@@ -446,7 +446,7 @@ def run_long_ct_case(data_dir: Path, encoders: Path) -> dict:
 
     row = {"case": f"TotalSegmentator CT {'x'.join(map(str, LONG_CT_SHAPE))} resampled from 122x101x112 at 3 mm "
                    f"(real anatomy, upsampled grid), {', '.join(LONG_CT_PAINTED.values())} painted on 3 slices each",
-           "encoder": CLI_ENCODER, "load_average_start": os.getloadavg()[0], "runs": {}}
+           "encoder": encoder, "load_average_start": os.getloadavg()[0], "runs": {}}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         image, reference_path, painted = write_long_ct_case(data_dir, folder)
@@ -465,7 +465,7 @@ def run_long_ct_case(data_dir: Path, encoders: Path) -> dict:
             cache = folder / f"cache-{name}"
             with_built_encoders(cache, encoders)
             out = folder / f"{name}.seg.nrrd"
-            run = timed_cli_propagate(image, painted, out, cache, ("--encoder", CLI_ENCODER, *extra))
+            run = timed_cli_propagate(image, painted, out, cache, ("--encoder", encoder, *extra))
             (entry,) = EmbeddingCache(cache).entries()
             results[name] = read_labels(out, volume).array
             row["runs"][name] = {**run, "slices_encoded": entry.n_done,
@@ -520,8 +520,8 @@ def timed_standby_propagate(standbys, command: list[str]) -> float:
     return round(time.perf_counter() - start, 2)
 
 
-def run_cli_rerun_case(data_dir: Path, encoders: Path, repeats: int) -> dict:
-    """CHAOS 5 (3 painted slices per organ, encoder openvino): one more painted slice and a full run on cached
+def run_cli_rerun_case(data_dir: Path, encoders: Path, repeats: int, encoder_path: str = CLI_ENCODER) -> dict:
+    """CHAOS 5 (3 painted slices per organ, encoder `encoder_path`): one more painted slice and a full run on cached
     embeddings, through the command line (a new process each), through the Slicer module's standby process and in
     this process; medians of `repeats`."""
     from FewShotSAMLib.volume_io import write_segmentation
@@ -530,9 +530,9 @@ def run_cli_rerun_case(data_dir: Path, encoders: Path, repeats: int) -> dict:
     labels, _ = painted_case(scan)
     more = LabelVolume(one_more_slice(labels.array, scan.reference, scan.axis)[0], labels.geometry, labels.segments)
     image = data_dir / "chaos_t2_mri" / "image_5.nii.gz"
-    encoder = ("--encoder", CLI_ENCODER)
+    encoder = ("--encoder", encoder_path)
     row = {"case": "CHAOS MRI 256x256x36 (scan 5), 3 painted slices per organ, then one more",
-           "encoder": CLI_ENCODER, "load_average_start": os.getloadavg()[0]}
+           "encoder": encoder_path, "load_average_start": os.getloadavg()[0]}
     startup = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -562,7 +562,7 @@ def run_cli_rerun_case(data_dir: Path, encoders: Path, repeats: int) -> dict:
                     image, painted_file, folder / f"standby-full{index}.seg.nrrd", cache, encoder)))
                 standby_more.append(timed_standby_propagate(standbys, cli_propagate_command(
                     image, more_file, folder / f"standby-more{index}.seg.nrrd", cache, encoder)))
-        engine = Engine(EngineOptions(cache_dir=str(cache), device="cpu", encoder=CLI_ENCODER))
+        engine = Engine(EngineOptions(cache_dir=str(cache), device="cpu", encoder=encoder_path))
         in_full, in_more = [], []
         for _ in range(repeats):
             in_full.append(timed_propagate(engine, scan.volume, labels)[0]["total_s"])
@@ -596,10 +596,10 @@ def machine_line() -> str:
 
 
 def command_line_case_only(args, key: str, run_case, markdown) -> int:
-    """--long-ct, --cli-rerun: one command-line case alone (run_case(encoders) -> its row, with the OpenVINO
-    encoder built first), written to --out/<name>.json and .md under `key`."""
+    """--long-ct, --cli-rerun: one command-line case alone (run_case(encoders) -> its row, with the --cli-encoder
+    built first), written to --out/<name>.json and .md under `key`."""
     model = load_model("litemedsam", device="cpu")
-    with built_encoders(model, (CLI_ENCODER,)) as (encoders, build):
+    with built_encoders(model, (args.cli_encoder,)) as (encoders, build):
         row = run_case(encoders)
     report = {"machine": machine_line(), "cpu": cpu_record(), key: row}
     write_results(args.out, args.name, report, f"Machine: {report['machine']}.\n\n" + markdown(row))
@@ -644,6 +644,9 @@ def main(argv=None) -> int:
                              "build times are then those of a first run)")
     parser.add_argument("--case-paths", type=lambda text: tuple(text.split(",")), default=ENCODER_PATHS,
                         help=f"encoder paths of the CHAOS propagate case (default {','.join(ENCODER_PATHS)})")
+    parser.add_argument("--cli-encoder", default=CLI_ENCODER, choices=BUILT_PATHS,
+                        help=f"encoder path of --long-ct and --cli-rerun (default {CLI_ENCODER}, what `auto` picks "
+                             "on the Zen 3; compiled where auto picks that)")
     parser.add_argument("--name", default="speed",
                         help="results file name, without extension (default speed: --out/speed.json and .md)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -651,11 +654,13 @@ def main(argv=None) -> int:
     if args.ct_only:
         return rerun_ct_only(args)
     if args.long_ct:
-        return command_line_case_only(args, "long_ct", lambda encoders: run_long_ct_case(args.data_dir, encoders),
-                                      long_ct_markdown)
+        return command_line_case_only(
+            args, "long_ct", lambda encoders: run_long_ct_case(args.data_dir, encoders, args.cli_encoder),
+            long_ct_markdown)
     if args.cli_rerun:
         return command_line_case_only(
-            args, "cli_rerun", lambda encoders: run_cli_rerun_case(args.data_dir, encoders, args.repeats),
+            args, "cli_rerun", lambda encoders: run_cli_rerun_case(args.data_dir, encoders, args.repeats,
+                                                                   args.cli_encoder),
             cli_rerun_markdown)
     torch.manual_seed(0)
     report = {"machine": machine_line(), "cpu": cpu_record(), "cases": []}
