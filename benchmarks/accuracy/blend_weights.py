@@ -29,6 +29,7 @@ import numpy as np
 
 from FewShotSAMLib.atomic_write import write_text_atomically
 from FewShotSAMLib.confidence import ConfidenceRecorder
+from FewShotSAMLib.fewshot import labelled_slice_indices
 from FewShotSAMLib.metrics import dice
 from FewShotSAMLib.orientation import in_plane_spacing, to_slices
 from FewShotSAMLib.pipeline import Engine, EngineOptions
@@ -65,7 +66,7 @@ def structure_rows(scan: Scan, k: int, engine: Engine, weights: list[float]) -> 
     recorder = ConfidenceRecorder()
     result = engine.propagate(scan.volume, scan.label_volume(painted), confidence=recorder).array
     painted_slices = to_slices(painted, scan.axis)
-    labelled = np.flatnonzero(painted_slices.reshape(painted_slices.shape[0], -1).any(axis=1)).tolist()
+    labelled = labelled_slice_indices(painted_slices)
     unpainted = np.setdiff1d(np.arange(painted_slices.shape[0]), labelled)
     values = list(scan.structures)
     spacing = in_plane_spacing(scan.volume.geometry, scan.axis)
@@ -119,12 +120,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def write_markdown(args: argparse.Namespace, result: dict) -> str:
+    text = markdown(result)
+    write_text_atomically(args.out / f"{args.name}.md", text + "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
-        text = markdown(json.loads((args.out / f"{args.name}.json").read_text()))
-        write_text_atomically(args.out / f"{args.name}.md", text + "\n")
-        print(text)
+        print(write_markdown(args, json.loads((args.out / f"{args.name}.json").read_text())))
         return 0
     engine = Engine(EngineOptions(cache_dir=str(args.cache_dir), warm_start=False))
     engine.options.small_structures.enabled = False  # the step is applied here, once per share
@@ -139,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                   "rows": rows}
         args.out.mkdir(parents=True, exist_ok=True)
         write_text_atomically(args.out / f"{args.name}.json", json.dumps(result, indent=1) + "\n")
-        text = markdown(result)
-        write_text_atomically(args.out / f"{args.name}.md", text + "\n")
-        return text
+        return write_markdown(args, result)
 
     for dataset in args.datasets:
         for name in scan_names(dataset, args.data_dir, False, args.hippocampus_scans):
