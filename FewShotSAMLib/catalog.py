@@ -73,6 +73,7 @@ ENCODER_PATHS = (
     ("compiled", "Compiled for this CPU (bf16)"),
     ("compiled-fp32", "Compiled for this CPU (fp32)"),
     ("openvino", "OpenVINO (fp32, CPU)"),
+    ("openvino-bf16", "OpenVINO (bf16, CPUs with bf16)"),
     ("onnx", "ONNX Runtime (fp32, CPU)"),
     ("fp32", "PyTorch fp32"),
     ("bf16", "PyTorch bf16"),

@@ -87,7 +87,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                             "but a model applied to another scan lost Dice in one check) or bf16")
     group.add_argument("--encoder", choices=catalog.values(catalog.ENCODER_PATHS), default="auto",
                        help="how the image encoder runs: compiled or compiled-fp32 (built once for this CPU, bf16 "
-                            "or fp32), openvino or onnx (OpenVINO or ONNX Runtime, fp32, CPU), fp32 or bf16 "
+                            "or fp32), openvino or onnx (OpenVINO or ONNX Runtime, fp32, CPU), openvino-bf16 "
+                            "(OpenVINO, bf16, CPUs with bf16 instructions), fp32 or bf16 "
                             "(PyTorch); auto measures the CPU paths once and picks the fastest that runs here, else "
                             "bf16 where supported, else fp32")
     group.add_argument("--no-clean-up", action="store_true",

@@ -179,4 +179,4 @@ class OtherArithmetic(Exception):
 
 def arithmetic_of(path: str) -> str:
     """The embeddings' arithmetic for an encoder path (part of the cache key)."""
-    return {"bf16": "bf16", "compiled": "bf16-compiled"}.get(path, "fp32")
+    return {"bf16": "bf16", "compiled": "bf16-compiled", "openvino-bf16": "bf16-openvino"}.get(path, "fp32")

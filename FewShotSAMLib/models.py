@@ -35,7 +35,8 @@ LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 MODEL_SPECS = catalog.MODELS  # the catalogue's table, under the name this module has always exported
 ENCODER_PATHS = catalog.values(catalog.ENCODER_PATHS)
 COMPILED_PRECISIONS = {"compiled": "bf16", "compiled-fp32": "fp32"}  # AOTInductor paths and their arithmetic
-BUILT_PATHS = (*COMPILED_PRECISIONS, "openvino", "onnx")  # CPU paths built into an encoders folder
+OPENVINO_PRECISIONS = {"openvino": "fp32", "openvino-bf16": "bf16"}  # OpenVINO paths and their arithmetic
+BUILT_PATHS = (*COMPILED_PRECISIONS, *OPENVINO_PRECISIONS, "onnx")  # CPU paths built into an encoders folder
 
 
 class SamModel(nn.Module):
@@ -70,7 +71,8 @@ class SamModel(nn.Module):
 
     def encoder_path(self, requested: str = "auto", encoders_folder: Path | None = None) -> str:
         """How the encoder runs: "compiled" (AOTInductor, bf16, CPU), "compiled-fp32" (AOTInductor, fp32, CPU),
-        "openvino" or "onnx" (OpenVINO or ONNX Runtime, fp32, CPU), "fp32" or "bf16" (eager PyTorch, bf16 autocast).
+        "openvino" or "onnx" (OpenVINO or ONNX Runtime, fp32, CPU), "openvino-bf16" (OpenVINO, bf16, CPUs with bf16
+        instructions), "fp32" or "bf16" (eager PyTorch, bf16 autocast).
 
         "auto" on CPU: the fastest of this model's CPU candidates that builds and runs here, measured on first use
         and remembered in encoders_folder (encoder_probe.py), else bf16 autocast where the CPU or GPU supports it,
@@ -84,8 +86,12 @@ class SamModel(nn.Module):
         if requested == "onnx" and not onnxruntime_available():
             raise FewShotSAMError(
                 "--encoder onnx needs the packages onnxruntime and onnx: pip install onnxruntime onnx")
-        if requested == "openvino" and not openvino_available():
-            raise FewShotSAMError("--encoder openvino needs the packages openvino and onnx: pip install openvino onnx")
+        if requested in OPENVINO_PRECISIONS and not openvino_available():
+            raise FewShotSAMError(f"--encoder {requested} needs the packages openvino and onnx: "
+                                  "pip install openvino onnx")
+        if requested == "openvino-bf16" and not cpu_has_bf16():
+            raise FewShotSAMError("--encoder openvino-bf16 needs a CPU with bf16 instructions (AVX512-BF16 or AMX); "
+                                  "use --encoder openvino for fp32")
         if requested in BUILT_PATHS and encoders_folder is None:
             raise FewShotSAMError(f"--encoder {requested} needs a folder to keep the built encoder in")
         if requested != "auto":
@@ -107,6 +113,8 @@ class SamModel(nn.Module):
             candidates += ["compiled-fp32"] if built_fp32 else []
         if self.spec.onnx_on_cpu:
             candidates += ["openvino"] if openvino_available() else []
+            # Without bf16 instructions OpenVINO would run it in fp32 anyway: measured only where the CPU has them.
+            candidates += ["openvino-bf16"] if openvino_available() and cpu_has_bf16() else []
             candidates += ["onnx"] if onnxruntime_available() else []
         return tuple(candidates)
 
@@ -183,8 +191,8 @@ class SamModel(nn.Module):
         if key not in sessions:
             if path in COMPILED_PRECISIONS:
                 sessions[key] = open_compiled_encoder(self, folder, COMPILED_PRECISIONS[path])
-            elif path == "openvino":
-                sessions[key] = open_openvino_encoder(self, folder)
+            elif path in OPENVINO_PRECISIONS:
+                sessions[key] = open_openvino_encoder(self, folder, OPENVINO_PRECISIONS[path])
             else:
                 sessions[key] = open_onnx_encoder(self, folder)
         return sessions[key]

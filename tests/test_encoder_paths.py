@@ -114,7 +114,7 @@ def test_a_failed_build_is_not_retried_and_auto_falls_back(model, mri_slices, tm
 
 def test_compiled_and_onnx_paths_are_refused_off_cpu(tmp_path):
     meta = load_model("litemedsam", device="cpu").to("meta")  # any non-CPU device; no GPU is needed to check
-    for path in ("compiled", "compiled-fp32", "openvino", "onnx"):
+    for path in ("compiled", "compiled-fp32", "openvino", "openvino-bf16", "onnx"):
         with pytest.raises(FewShotSAMError, match=f"--encoder {path} runs on the CPU only"):
             meta.encoder_path(path, tmp_path)
 

@@ -12,10 +12,11 @@ import torch
 
 import FewShotSAMLib.models as models
 from FewShotSAMLib import encoder_probe
+from FewShotSAMLib.compiled_encoder import cpu_has_bf16
 from FewShotSAMLib.demo import SAMPLE_IMAGE
 from FewShotSAMLib.embedding_cache import EmbeddingCache
 from FewShotSAMLib.encoder_probe import probe_record_file
-from FewShotSAMLib.encoding import VolumeEncoding
+from FewShotSAMLib.encoding import VolumeEncoding, arithmetic_of
 from FewShotSAMLib.errors import FewShotSAMError
 from FewShotSAMLib.models import load_model
 from FewShotSAMLib.onnx_encoder import onnxruntime_available
@@ -66,7 +67,8 @@ def test_the_real_probe_ranks_what_runs_here_and_is_remembered(model, encoders, 
     assert model.will_compile_encoder("auto", encoders)
     chosen = model.encoder_path("auto", encoders)
     record = json.loads(probe_record_file(model, encoders).read_text())
-    assert record["failed"] == {} and sorted(record["ranking"]) == ["onnx", "openvino"]
+    expected = ["onnx", "openvino"] + (["openvino-bf16"] if cpu_has_bf16() else [])
+    assert record["failed"] == {} and sorted(record["ranking"]) == expected
     assert chosen == record["ranking"][0]
     times = record["seconds_per_slice"]
     assert times[record["ranking"][0]] <= times[record["ranking"][1]]
@@ -102,7 +104,7 @@ def test_a_failed_compiler_build_is_left_out(model, encoders, monkeypatch):
     chosen = model.encoder_path("auto", encoders)
     record = json.loads(probe_record_file(model, encoders).read_text())
     assert set(record["failed"]) == {"compiled"} and "cl.exe" in record["failed"]["compiled"]
-    assert chosen in ("onnx", "openvino") and chosen == record["ranking"][0]
+    assert chosen in ("onnx", "openvino", "openvino-bf16") and chosen == record["ranking"][0]
     model.release_encoder_sessions()
 
 
@@ -127,6 +129,36 @@ def test_openvino_gives_the_fp32_embeddings_and_is_built_once(model, built_folde
     relative = (embeddings - reference).norm() / reference.norm()
     assert embeddings.shape == reference.shape and relative < 1e-4, f"OpenVINO differs by {relative:.2e}"
     assert not list(built_folder.glob(".*.partial*")), "a temporary build file was left behind"
+
+
+def test_openvino_bf16_is_offered_only_on_cpus_with_bf16_instructions(model, tmp_path, monkeypatch):
+    """Without them OpenVINO would quietly run fp32 under the bf16 name; with them auto measures it."""
+    assert ("openvino-bf16" in model.cpu_candidates(tmp_path)) == cpu_has_bf16()
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)  # as on a Zen 3, most laptops, Apple Silicon
+    assert "openvino-bf16" not in model.cpu_candidates(tmp_path)
+    with pytest.raises(FewShotSAMError, match="openvino-bf16 needs a CPU with bf16 instructions.*--encoder openvino"):
+        model.encoder_path("openvino-bf16", tmp_path)
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    assert "openvino-bf16" in model.cpu_candidates(tmp_path)
+    # Its embeddings are neither fp32's nor the compiled bf16 encoder's: a cache entry of their own.
+    assert len({arithmetic_of(path) for path in ("openvino-bf16", "openvino", "compiled", "bf16")}) == 4
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 instructions: --encoder openvino-bf16 is "
+                    "refused here (the test above checks that); it runs on Zen 4/5 and Xeons since Cooper Lake")
+def test_openvino_bf16_is_built_into_a_file_of_its_own_and_stays_close_to_fp32(model, encoders):
+    volume = read_volume(SAMPLE_IMAGE)
+    images, _ = resize_stack_longest_side(apply_normalisation(volume.array, choose_normalisation(volume))[10:12],
+                                          256, (1.0, 1.0))
+    fp32 = model.encode(images, "openvino", encoders_folder=encoders)
+    bf16 = model.encode(images, "openvino-bf16", encoders_folder=encoders)
+    model.release_encoder_sessions()
+    built = openvino_encoder_file(model, encoders, "bf16")
+    assert built.is_file() and built != openvino_encoder_file(model, encoders)
+    relative = (bf16 - fp32).norm() / fp32.norm()
+    cosine = torch.nn.functional.cosine_similarity(bf16.flatten(1), fp32.flatten(1))
+    # bf16 arithmetic: a few percent (the compiled bf16 encoder: ~4-6 %), not fp32's 1e-6, nor a broken network
+    assert 1e-3 < relative < 0.1 and cosine.min() > 0.99, f"relative {relative:.3g}, cosine {cosine.min():.4f}"
 
 
 def test_a_damaged_openvino_encoder_is_compiled_again(model, encoders):
@@ -176,7 +208,9 @@ def test_a_fallback_of_other_arithmetic_takes_every_slice_from_its_own_cache_ent
     cache = cache_with_encoders(tmp_path / "fallback", built_folder)
     monkeypatch.setattr(models, "why_not_compilable", lambda precision="bf16": None)  # as on a bf16 CPU
     monkeypatch.setattr(models, "open_compiled_encoder", failing("the compiled library is gone"))
-    record = {"ranking": ["compiled", "openvino", "onnx"], "failed": {}}
+    # Every candidate is in the record (or the probe would measure again): openvino-bf16 as failed, as on a CPU
+    # without bf16 instructions, so that OpenVINO fp32 is the fallback here on any CPU.
+    record = {"ranking": ["compiled", "openvino", "onnx"], "failed": {"openvino-bf16": "no bf16 instructions"}}
     probe_record_file(model, cache.encoders_dir).write_text(json.dumps(record))
     encoding = VolumeEncoding(model, volume, 0, cache, encoder="auto")
     assert encoding.path == "compiled" and encoding.entry.key != reference.entry.key

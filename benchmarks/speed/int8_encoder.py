@@ -1,5 +1,6 @@
 """Int8 encoder experiment (issue 13): LiteMedSAM's encoder quantised to int8 after training, calibrated on real
-slices, timed against eager fp32 and OpenVINO fp32 in one run, with its embedding difference to fp32.
+slices, timed against eager fp32 and OpenVINO fp32 (and, on a CPU with bf16 instructions, the product's two bf16
+paths) in one run, with its embedding difference to fp32.
 
     python -m benchmarks.speed.int8_encoder [--variants onnxruntime-qdq,onnxruntime-qdq-linear,nncf-mixed,...]
         [--calibration-slices 44] [--rounds 6] [--data-dir ../shared/data] [--out DIR] [--name int8-encoder]
@@ -8,8 +9,10 @@ No int8 path is in the product: on an AVX2-only Zen 3 (no VNNI), at load average
 0.76-0.93x OpenVINO fp32 (the product's bar: 1.3x; under load 8-11 the linear-layers-only one reached 1.16x),
 moving the embeddings by 14-86 % relative (fp32 paths: 3e-6); the most accurate full one (nncf-transformer) lost
 0.069 (k=1) and 0.017 (k=3) mean Dice on hippocampus 004 and 019 against OpenVINO fp32 (CHAOS 2 and 15: -0.013
-and +0.002).
-Rerun this on a CPU with VNNI or AMX before trying again.
+and +0.002). Rerun on a Xeon with VNNI and AMX int8 (benchmarks/results/int8-encoder-xeon.md): int8 ran faster
+than OpenVINO fp32 there (NNCF 1.45-1.71x) but slower than OpenVINO bf16 (2.40x) and about as fast as the compiled
+bf16 encoder (1.67x), both of which move the embeddings 4x less (0.07-0.08 relative against nncf-transformer's
+0.28); still not offered.
 
 Calibration slices come from scans the accuracy check does not score (CHAOS 1, 3, 5 and hippocampus 001, 003),
 spread evenly along each scan, so the quantised model is the same on every run; the timed and compared slices come
@@ -39,6 +42,7 @@ import torch
 
 from benchmarks.accuracy.datasets import load_scan
 from benchmarks.speed.run import cpu_numbers, cpu_record, write_results
+from FewShotSAMLib.compiled_encoder import cpu_has_bf16, open_compiled_encoder
 from FewShotSAMLib.models import load_model
 from FewShotSAMLib.onnx_encoder import OnnxEncoder, exported_encoder_path
 from FewShotSAMLib.openvino_encoder import OpenVinoEncoder, compiled_openvino_file
@@ -108,6 +112,15 @@ def openvino_runner(path: Path, threads: int):
     return lambda image: np.array(request.infer({0: image})[0])
 
 
+def bf16_runners(model, folder: Path, threads: int) -> dict:
+    """The product's bf16 paths on a CPU with bf16 instructions, on normalised [1, 3, S, S] images: the compiled
+    encoder and OpenVINO in bf16 (`--encoder compiled`, `--encoder openvino-bf16`; `auto` measures both there)."""
+    compiled = open_compiled_encoder(model, folder)
+    vino = OpenVinoEncoder(compiled_openvino_file(model, folder, "bf16"), threads, precision="bf16")
+    return {"compiled bf16": lambda image: compiled(torch.from_numpy(image)).numpy(),
+            "openvino bf16": lambda image: vino(torch.from_numpy(image)).numpy()}
+
+
 def build_variant(variant: str, onnx_path: Path, calibration: np.ndarray, folder: Path, threads: int):
     """(runner on one [1, 3, S, S] image, seconds to quantise)."""
     start = time.perf_counter()
@@ -152,6 +165,8 @@ def measure(args, folder: Path) -> dict:
             return model.image_encoder(torch.from_numpy(image).contiguous(memory_format=torch.channels_last)).numpy()
 
     runners = {"eager fp32": eager, "openvino fp32": lambda image: vino(torch.from_numpy(image)).numpy()}
+    if cpu_has_bf16():  # int8 must beat what `auto` runs on such a CPU, not just fp32
+        runners.update(bf16_runners(model, folder, threads))
     report = {"cpu": cpu_record(), "threads": threads, "calibration_slices": len(calibration),
               "evaluated_slices": len(images), "rounds": args.rounds, "quantise_s": {}, "failed": {}}
     for variant in args.variants:

@@ -57,7 +57,7 @@ from FewShotSAMLib.slice_selection import few_shot_labels, one_more_slice
 from FewShotSAMLib.volume import LabelVolume, Segment
 
 REPO = Path(__file__).resolve().parents[2]
-ENCODER_PATHS = ("compiled", "openvino", "onnx", "fp32", "bf16")  # the fast CPU paths first (--case-paths)
+ENCODER_PATHS = ("compiled", "openvino-bf16", "openvino", "onnx", "fp32", "bf16")  # fast CPU paths first (--case-paths)
 CT_REPEATS = 15  # 20 real slices x 15 = 300
 LONG_CT_SHAPE = (512, 512, 300)  # x, y, z of the resampled TotalSegmentator CT (--long-ct)
 LONG_CT_PAINTED = {28: "vertebrae_L4", 29: "vertebrae_L3", 30: "vertebrae_L2"}  # TotalSegmentator v1 label ids
@@ -79,6 +79,7 @@ def median_time(function, repeats: int) -> float:
 BUILT_ENCODER_ROWS = (
     ("ONNX Runtime fp32, all graph optimisations", "onnx"),
     ("OpenVINO fp32", "openvino"),
+    ("OpenVINO bf16 (CPUs with bf16 instructions)", "openvino-bf16"),
     ("compiled: AOTInductor fp32, frozen weights", "compiled-fp32"),
     ("compiled: AOTInductor bf16, frozen weights", "compiled"),
 )
