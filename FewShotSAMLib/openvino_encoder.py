@@ -39,7 +39,8 @@ def openvino_available() -> bool:
 OPENVINO_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
-def _settings(threads: int, precision: str) -> dict:
+def openvino_settings(threads: int, precision: str = "fp32") -> dict:
+    """OpenVINO's CPU settings for one slice at a time on `threads` threads, with the inference precision pinned."""
     return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
             "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION_HINTS[precision]}
 
@@ -67,7 +68,7 @@ def compiled_openvino_file(model, folder: Path, precision: str = "fp32") -> Path
 
         def compile_to(temporary: Path) -> None:
             network = openvino.Core().compile_model(str(onnx_path), "CPU",
-                                                    _settings(torch.get_num_threads(), precision))
+                                                    openvino_settings(torch.get_num_threads(), precision))
             stream = io.BytesIO()
             network.export_model(stream)
             temporary.write_bytes(stream.getvalue())
@@ -106,7 +107,7 @@ class OpenVinoEncoder:
         import openvino
 
         network = openvino.Core().import_model(Path(path).read_bytes(), "CPU",
-                                               _settings(threads or torch.get_num_threads(), precision))
+                                               openvino_settings(threads or torch.get_num_threads(), precision))
         self.request = network.create_infer_request()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

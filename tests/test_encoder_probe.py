@@ -117,10 +117,17 @@ def test_when_every_built_path_fails_auto_runs_pytorch(model, encoders, without_
         model.prepare_encoder("onnx", encoders)  # asked for by name, the failure is the user's to see
 
 
-def test_openvino_gives_the_fp32_embeddings_and_is_built_once(model, built_folder):
+@pytest.fixture(scope="module")
+def sample_slices():
+    """Two real MRI slices of the bundled sample, as model inputs."""
     volume = read_volume(SAMPLE_IMAGE)
     images, _ = resize_stack_longest_side(apply_normalisation(volume.array, choose_normalisation(volume))[10:12],
                                           256, (1.0, 1.0))
+    return images
+
+
+def test_openvino_gives_the_fp32_embeddings_and_is_built_once(model, built_folder, sample_slices):
+    images = sample_slices
     reference = model.encode(images, "fp32")
     built = openvino_encoder_file(model, built_folder)
     stamp = built.stat().st_mtime_ns
@@ -146,12 +153,9 @@ def test_openvino_bf16_is_offered_only_on_cpus_with_bf16_instructions(model, tmp
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 instructions: --encoder openvino-bf16 is "
                     "refused here (the test above checks that); it runs on Zen 4/5 and Xeons since Cooper Lake")
-def test_openvino_bf16_is_built_into_a_file_of_its_own_and_stays_close_to_fp32(model, encoders):
-    volume = read_volume(SAMPLE_IMAGE)
-    images, _ = resize_stack_longest_side(apply_normalisation(volume.array, choose_normalisation(volume))[10:12],
-                                          256, (1.0, 1.0))
-    fp32 = model.encode(images, "openvino", encoders_folder=encoders)
-    bf16 = model.encode(images, "openvino-bf16", encoders_folder=encoders)
+def test_openvino_bf16_is_built_into_a_file_of_its_own_and_stays_close_to_fp32(model, encoders, sample_slices):
+    fp32 = model.encode(sample_slices, "openvino", encoders_folder=encoders)
+    bf16 = model.encode(sample_slices, "openvino-bf16", encoders_folder=encoders)
     model.release_encoder_sessions()
     built = openvino_encoder_file(model, encoders, "bf16")
     assert built.is_file() and built != openvino_encoder_file(model, encoders)

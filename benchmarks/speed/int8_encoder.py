@@ -45,7 +45,7 @@ from benchmarks.speed.run import cpu_numbers, cpu_record, write_results
 from FewShotSAMLib.compiled_encoder import cpu_has_bf16, open_compiled_encoder
 from FewShotSAMLib.models import load_model
 from FewShotSAMLib.onnx_encoder import OnnxEncoder, exported_encoder_path
-from FewShotSAMLib.openvino_encoder import OpenVinoEncoder, compiled_openvino_file
+from FewShotSAMLib.openvino_encoder import OpenVinoEncoder, compiled_openvino_file, openvino_settings
 from FewShotSAMLib.orientation import in_plane_spacing, to_slices
 from FewShotSAMLib.preprocess import apply_normalisation, choose_normalisation, resize_stack_longest_side
 
@@ -107,8 +107,7 @@ def quantise_with_nncf(onnx_path: Path, calibration: np.ndarray, folder: Path, t
 def openvino_runner(path: Path, threads: int):
     import openvino
 
-    settings = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
-    request = openvino.Core().compile_model(str(path), "CPU", settings).create_infer_request()
+    request = openvino.Core().compile_model(str(path), "CPU", openvino_settings(threads)).create_infer_request()
     return lambda image: np.array(request.infer({0: image})[0])
 
 
