@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
+
+from benchmarks.shared_data import shared_data_candidates, skip_or_fail
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO_ROOT / "FewShotSAM"
@@ -30,16 +31,6 @@ ORGANS = (  # label value in the CHAOS reference -> segment name and colour
 )
 
 
-def running_in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
-def skip_or_fail(reason: str) -> None:
-    if running_in_ci():
-        pytest.fail(reason + " [CI=true: this test must run in CI]", pytrace=False)
-    pytest.skip(reason)
-
-
 def import_slicer():
     try:
         import slicer  # noqa: F401  (the slicer-core wheel: MRML and logic without Qt)
@@ -49,15 +40,13 @@ def import_slicer():
         skip_or_fail(f"slicer-core cannot be imported ({error}); install it with pip install slicer-core")
 
 
-def chaos_dir() -> Path:
-    candidates = []
-    if os.environ.get("FEWSHOTSAM_DATA"):
-        candidates.append(Path(os.environ["FEWSHOTSAM_DATA"]).expanduser())
-    candidates.append(REPO_ROOT.parent / "shared" / "data")
+def chaos_dir(case: str = CHAOS_CASE) -> Path:
+    """The shared CHAOS folder holding image_<case>.nii.gz (skip, or fail under CI, when there is none)."""
+    candidates = shared_data_candidates()
     for candidate in candidates:
-        if (candidate / "chaos_t2_mri" / f"image_{CHAOS_CASE}.nii.gz").is_file():
+        if (candidate / "chaos_t2_mri" / f"image_{case}.nii.gz").is_file():
             return candidate / "chaos_t2_mri"
-    skip_or_fail(f"CHAOS data (chaos_t2_mri/image_{CHAOS_CASE}.nii.gz) not found under "
+    skip_or_fail(f"CHAOS data (chaos_t2_mri/image_{case}.nii.gz) not found under "
                  f"{', '.join(map(str, candidates))}; set FEWSHOTSAM_DATA to the shared data folder")
 
 

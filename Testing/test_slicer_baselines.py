@@ -6,44 +6,20 @@ under ``CI=true`` both are failures instead, so a CI run cannot silently lose th
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
+import slicer_extension_support as support
 
 from benchmarks.baselines import slicer_baselines
+from benchmarks.shared_data import skip_or_fail
 from FewShotSAMLib.metrics import dice
 from FewShotSAMLib.slice_selection import few_shot_labels
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def running_in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
-def skip_or_fail(reason: str) -> None:
-    if running_in_ci():
-        pytest.fail(reason + " [CI=true: this test must run in CI]", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def require_slicer():
     if slicer_baselines.SLICER_IMPORT_ERROR is not None:
         skip_or_fail(f"slicer-core cannot be imported: {slicer_baselines.SLICER_IMPORT_ERROR!r}")
-
-
-def chaos_dir() -> Path:
-    candidates = []
-    if os.environ.get("FEWSHOTSAM_DATA"):
-        candidates.append(Path(os.environ["FEWSHOTSAM_DATA"]).expanduser())
-    candidates.append(REPO_ROOT.parent / "shared" / "data")
-    for candidate in candidates:
-        if (candidate / "chaos_t2_mri").is_dir():
-            return candidate / "chaos_t2_mri"
-    skip_or_fail(f"CHAOS data not found under {', '.join(map(str, candidates))} (set FEWSHOTSAM_DATA)")
 
 
 # ---- numpy <-> VTK and synthetic geometry ---------------------------------------------------------------------
@@ -135,7 +111,7 @@ MARGIN = 0.03
 
 def test_baselines_on_chaos_scan_1_k3():
     sitk = pytest.importorskip("SimpleITK")
-    directory = chaos_dir()
+    directory = support.chaos_dir("1")
     image = sitk.ReadImage(str(directory / "image_1.nii.gz"))
     label = sitk.ReadImage(str(directory / "label_1.nii.gz"))
     image_array = sitk.GetArrayFromImage(image)

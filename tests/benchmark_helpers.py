@@ -8,23 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from benchmarks.shared_data import skip_or_fail
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The accuracy benchmark defaults to one torch thread (so that runs side by side do not share cores); a test runs it
 # alone, so it takes every core this process may use: the scans it encodes are the session cache's first.
 ALL_THREADS = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-def running_in_ci() -> bool:  # same rule as conftest.running_in_ci (not imported: Testing/ has a conftest too)
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
-def skip_or_fail(message: str) -> None:
-    """Skip with the reason here; under CI, where everything is installed and present, fail instead."""
-    if running_in_ci():
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
 
 
 def require_module(name: str, message: str) -> None:

@@ -7,26 +7,16 @@ present: a silently skipped real-data test would hide a regression.
 
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_ENV_VAR = "FEWSHOTSAM_DATA"
+if str(REPO_ROOT) not in sys.path:  # benchmarks/ is not an installed package: tests import it from the repository
+    sys.path.insert(0, str(REPO_ROOT))
 
-
-def running_in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
-def shared_data_candidates() -> list[Path]:
-    """Where the shared data is looked for, in order: $FEWSHOTSAM_DATA, then <repo>/../shared/data."""
-    candidates = []
-    if os.environ.get(DATA_ENV_VAR):
-        candidates.append(Path(os.environ[DATA_ENV_VAR]).expanduser())
-    candidates.append(REPO_ROOT.parent / "shared" / "data")
-    return candidates
+from benchmarks.shared_data import DATA_ENV_VAR, shared_data_candidates, skip_or_fail  # noqa: E402
 
 
 def locate_shared_data_dir() -> Path:
@@ -39,9 +29,7 @@ def locate_shared_data_dir() -> Path:
         f"shared test data not found (looked in {', '.join(str(c) for c in candidates)}); "
         f"set {DATA_ENV_VAR} to the folder holding chaos_t2_mri/, totalsegmentator_ct_mr/, ..."
     )
-    if running_in_ci():
-        pytest.fail(reason + " [CI=true: real-data tests must run in CI]", pytrace=False)
-    pytest.skip(reason)
+    skip_or_fail(reason)
 
 
 @pytest.fixture(scope="session")
@@ -57,10 +45,7 @@ def shared_data_file(shared_data_dir):
     def locate(relative: str) -> Path:
         path = shared_data_dir / relative
         if not path.exists():
-            reason = f"shared test data file {path} is missing"
-            if running_in_ci():
-                pytest.fail(reason, pytrace=False)
-            pytest.skip(reason)
+            skip_or_fail(f"shared test data file {path} is missing")
         return path
 
     return locate
@@ -74,10 +59,7 @@ def chaos_scan(shared_data_dir):
         image = shared_data_dir / "chaos_t2_mri" / f"image_{case}.nii.gz"
         labels = shared_data_dir / "chaos_t2_mri" / f"label_{case}.nii.gz"
         if not (image.exists() and labels.exists()):
-            message = f"CHAOS case {case} missing from {shared_data_dir / 'chaos_t2_mri'}"
-            if running_in_ci():
-                pytest.fail(message, pytrace=False)
-            pytest.skip(message)
+            skip_or_fail(f"CHAOS case {case} missing from {shared_data_dir / 'chaos_t2_mri'}")
         return image, labels
 
     return paths

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
-from benchmark_helpers import ALL_THREADS, REPO_ROOT, require_chaos_cases, require_module, run_benchmark
+from benchmark_helpers import ALL_THREADS, require_chaos_cases, require_module, run_benchmark
 
 FEWSHOTSAM_DICE_FLOOR = 0.85  # measured 0.942
 MARGIN_TO_FILL_BETWEEN_SLICES = 0.02  # FewShotSAM must not be worse than Fill between slices by more than this
@@ -116,8 +115,6 @@ def _record(protocol: int, k, train_size, dice: float) -> dict:
 
 def test_protocol3_records_of_one_query_differ_by_training_size():
     """add() replaces a redone record and keeps the other training sizes; done() (--resume) tells them apart."""
-    if str(REPO_ROOT) not in sys.path:  # benchmarks/ is not an installed package
-        sys.path.insert(0, str(REPO_ROOT))
     from benchmarks.accuracy import report
     from benchmarks.accuracy.run import Benchmark
 

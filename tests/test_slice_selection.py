@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
 
+from benchmarks.shared_data import skip_or_fail
 from FewShotSAMLib import slice_selection
 from FewShotSAMLib.slice_selection import (
     evenly_spaced_in_extent,
@@ -126,10 +126,7 @@ def load_chaos_label(shared_data_dir, case: int) -> np.ndarray:
     sitk = pytest.importorskip("SimpleITK")
     path = shared_data_dir / "chaos_t2_mri" / f"label_{case}.nii.gz"
     if not path.exists():
-        reason = f"CHAOS label file {path} is missing"
-        if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
-            pytest.fail(reason + " [CI=true: real-data tests must run in CI]", pytrace=False)
-        pytest.skip(reason)
+        skip_or_fail(f"CHAOS label file {path} is missing")
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 

@@ -3,16 +3,11 @@ AMD's Zen 3, Zen 4 and Zen 5 apart (all three read "AMD EPYC" here)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # benchmarks/ is not an installed package
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks.speed.run import cpu_numbers, cpu_record, encoder_markdown  # noqa: E402
+from benchmarks.speed.run import cpu_numbers, cpu_record, encoder_markdown
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo (not Linux)")

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
-from benchmark_helpers import REPO_ROOT, require_chaos_cases, require_module, run_benchmark
+from benchmark_helpers import require_chaos_cases, require_module, run_benchmark
 
 ORGANS = {"liver", "right kidney", "left kidney", "spleen"}
 TRAINING_SECONDS = 10  # the pipeline, not the model: a few dozen steps are enough
@@ -52,8 +51,6 @@ def test_quick_run_records_the_training_actually_done(quick_result):
 
 def test_accuracy_report_shows_the_supervised_reference(quick_result, tmp_path):
     """report.py puts the supervised result beside FewShotSAM's protocol-1 Dice on the same scans, and on the plot."""
-    if str(REPO_ROOT) not in sys.path:  # benchmarks/ is not an installed package (as in Testing/conftest.py)
-        sys.path.insert(0, str(REPO_ROOT))
     from PIL import Image
 
     from benchmarks.accuracy import report

@@ -36,8 +36,9 @@ from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.slice_selection import few_shot_labels
 from FewShotSAMLib.small_structures import ShapeBlendOptions, blend_with_painted_shape, is_small
 
+from ..shared_data import default_data_dir
 from .datasets import DEVELOPMENT_SCANS, Scan, load_scan, scan_names
-from .run import DEFAULT_CACHE_DIR, REPO_ROOT, default_data_dir, git_commit, log
+from .run import DEFAULT_CACHE_DIR, REPO_ROOT, git_commit, log
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

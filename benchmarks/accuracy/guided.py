@@ -37,8 +37,9 @@ from FewShotSAMLib.confidence import MIN_GAP, NEIGHBOURHOOD, ConfidenceRecorder,
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.slice_selection import few_shot_labels
 
+from ..shared_data import default_data_dir
 from .datasets import DATASET_TITLES, Scan, load_scan, scan_names
-from .run import DEFAULT_CACHE_DIR, REPO_ROOT, default_data_dir, git_commit, labelled_count, log, score
+from .run import DEFAULT_CACHE_DIR, REPO_ROOT, git_commit, labelled_count, log, score
 
 KS = (1, 2, 3)
 

@@ -26,7 +26,8 @@ from FewShotSAMLib.progress import Progress
 from FewShotSAMLib.volume import LabelVolume, Segment
 from FewShotSAMLib.volume_io import read_labels, read_volume
 
-from .run import DEFAULT_CACHE_DIR, default_data_dir, registration_listener
+from ..shared_data import default_data_dir
+from .run import DEFAULT_CACHE_DIR, registration_listener
 
 SUPPORT, QUERY = 2, 3
 ORGANS = [Segment("liver", 1, (0.87, 0.51, 0.4)), Segment("spleen", 4, (0.62, 0.42, 0.64))]

@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import shlex
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from FewShotSAMLib.second_pass import SecondPassOptions
 from FewShotSAMLib.slice_selection import few_shot_labels, fractions_of_extent
 from FewShotSAMLib.tuning import TUNING_PRECISIONS
 
+from ..shared_data import default_data_dir
 from . import report
 from .datasets import CHAOS_CASES, DATASETS, Scan, chaos_training_folds, load_scan, scan_names
 from .report import FEWSHOTSAM, FEWSHOTSAM_NO_BLEND, FEWSHOTSAM_NO_TUNING, FILL, GROW, SAM_BOX, SAM_POINT
@@ -70,11 +70,6 @@ PROTOCOL2_FRACTIONS = (1 / 6, 1 / 2, 5 / 6)
 ACROSS_SCANS_METHODS = [FEWSHOTSAM, FEWSHOTSAM_NO_TUNING]  # protocols 2 and 3: an adapter made on other scans
 DEFAULT_TRAIN_SIZES = [1, 2, 4]
 JSON_NAME, MD_NAME, PNG_NAME = "accuracy.json", "accuracy.md", "accuracy_dice_vs_k.png"
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("FEWSHOTSAM_DATA")
-    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
 
 
 def _csv(text: str) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.baselines.slicer_baselines import fill_between_slices, grow_from_seeds  # noqa: E402
+from benchmarks.shared_data import default_data_dir  # noqa: E402
 from FewShotSAMLib.atomic_write import write_text_atomically  # noqa: E402
 from FewShotSAMLib.metrics import dice, dice_inside_reference_extent  # noqa: E402
 from FewShotSAMLib.slice_selection import few_shot_labels  # noqa: E402
@@ -39,11 +39,6 @@ from FewShotSAMLib.slice_selection import few_shot_labels  # noqa: E402
 ORGANS = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
 CASES = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22]
 SLICE_AXIS = 0  # axial slices: array axis 0 of the SimpleITK [k, j, i] array
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("FEWSHOTSAM_DATA")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
 
 
 def load_case(chaos_dir: Path, case: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
 import sys
 import time
@@ -34,6 +33,7 @@ from FewShotSAMLib.atomic_write import write_text_atomically
 from ..accuracy.datasets import CHAOS_STRUCTURES, Scan, chaos_training_folds, load_scan
 from ..accuracy.report import SUPERVISED_JSON
 from ..accuracy.run import clean_number, log, score
+from ..shared_data import default_data_dir
 from . import unet
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -44,11 +44,6 @@ DEVELOPMENT_NOTE = (
     "spleen (0.00): both organs are far darker in that scan than in the others. The intensity ranges were then set "
     "to nnU-Net's defaults; nothing else was changed or tuned."
 )
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("FEWSHOTSAM_DATA")
-    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
