@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="encode every slice before adapting (by default only the painted slices are, then "
                                 "the slices the structures reach: the same result, faster when they span part of "
                                 "the scan); for measuring what that saves")
+    propagate.add_argument("--no-zoom", action="store_true",
+                           help="skip the second look at structures too small for the model's grid (by default each "
+                                "one spanning under 8 of its 64 cells across a slice is segmented again on a crop "
+                                "around it, magnified to the model's input size)")
     _add_engine_options(propagate)
 
     adapt = commands.add_parser("adapt", help="save a few-shot model (.fsam) from one or more labelled scans",
@@ -211,6 +215,7 @@ def engine_options(args):
     from .pipeline import EngineOptions
     from .propagation import PropagationOptions
     from .second_pass import SecondPassOptions
+    from .zoom import ZoomOptions
 
     adapt = AdaptOptions(seed=args.seed, tuning_precision=args.tuning_precision)
     if args.decoder_steps is not None:
@@ -225,6 +230,7 @@ def engine_options(args):
         adapt=adapt, propagation=PropagationOptions(clean_up=not args.no_clean_up, slice_range=slice_range),
         warm_start=not getattr(args, "no_warm_start", False),  # only propagate has the option
         encode_all_slices=getattr(args, "encode_all_slices", False),  # likewise
+        zoom=ZoomOptions(enabled=not getattr(args, "no_zoom", False)),  # likewise
         second_pass=SecondPassOptions(enabled=not getattr(args, "no_second_pass", False)),  # only apply has it
         register=getattr(args, "register", False),  # adapt and apply have it
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from .fewshot import FewShotCollection, class_maps, collect, labelled_slice_indi
 from .models import SamModel, load_model
 from .orientation import in_plane_spacing, slice_axis, to_slices
 from .preprocess import fixed_window
-from .progress import NO_PROGRESS, AsStage, Progress, WithinStage
+from .progress import NO_PROGRESS, ZOOM_STAGES, AsStage, Progress, WithinStage
 from .propagation import PropagationOptions, Reach, finish_labels, predict_classes, propagate_volume
 from .registration import positions_in_support, support_image
 from .second_pass import STAGE as SECOND_PASS_STAGE
@@ -30,6 +30,7 @@ from .small_structures import ShapeBlendOptions, blend_with_painted_shape
 from .volume import LabelVolume, Volume
 from .volume_io import check_output_path, read_labels, read_volume, write_segmentation
 from .warm_start import RunRecord, WarmStart, load_record, plan, run_key, save_record, slice_checksums, warm_adapt
+from .zoom import ZoomOptions, crop_pair, paste, zoom_boxes
 
 
 @dataclass
@@ -47,6 +48,7 @@ class EngineOptions:
     adapt: AdaptOptions = field(default_factory=AdaptOptions)
     propagation: PropagationOptions = field(default_factory=PropagationOptions)
     small_structures: ShapeBlendOptions = field(default_factory=ShapeBlendOptions)
+    zoom: ZoomOptions = field(default_factory=ZoomOptions)  # propagate: a second look at structures the grid blurs
     # apply only: tune on the query's own most confident slices and predict it again (second_pass.py)
     second_pass: SecondPassOptions = field(default_factory=SecondPassOptions)
     # adapt: keep a small copy of the (single) support scan in the adapter, a low-resolution image of the patient,
@@ -136,10 +138,31 @@ class Engine:
         predicted = finish_labels(record.classes, record.adapter.label_values, label_slices, labelled, propagation,
                                   encoded.axis)
         axis = encoded.axis
+        predicted = self.zoom_small_structures(volume, labels, predicted, labelled, encoded, collection.label_values,
+                                               progress)
         predicted = blend_with_painted_shape(predicted, labels.array, labelled, axis, collection.label_values,
                                              in_plane_spacing(volume.geometry, axis), self.options.small_structures,
                                              propagation.slice_range, image=volume.array)
         return LabelVolume(predicted, labels.geometry, list(labels.segments))
+
+    def zoom_small_structures(self, volume: Volume, labels: LabelVolume, predicted: np.ndarray, labelled: list[int],
+                              encoded: EncodedVolume, label_values: list[int], progress: Progress) -> np.ndarray:
+        """The whole-slice result with each structure too small for the embedding grid segmented again on a crop
+        around it (zoom.py): propagate on the crop, the painted slices all declared labelled there (a structure
+        painted elsewhere on them is absent from them), no crop zoomed again and the small-structure blend left to
+        the whole result."""
+        axis = encoded.axis
+        boxes = zoom_boxes(to_slices(labels.array, axis), to_slices(predicted, axis), label_values,
+                           in_plane_spacing(volume.geometry, axis), encoded.embeddings.shape[-1], self.options.zoom)
+        for part, box in enumerate(boxes):
+            options = replace(self.options, segments=[box.value], labelled_slices=labelled,
+                              zoom=replace(self.options.zoom, enabled=False),
+                              small_structures=replace(self.options.small_structures, enabled=False))
+            crop_volume, crop_labels = crop_pair(volume, labels, axis, box)
+            within = WithinStage(progress, "zoom", ZOOM_STAGES, part, len(boxes))
+            zoomed = Engine(options, self.model).propagate(crop_volume, crop_labels, within)
+            predicted = paste(predicted, zoomed.array, axis, box)
+        return predicted
 
     def adapt_on_painting(self, volume: Volume, labels: LabelVolume, encoded: EncodedVolume,
                           label_slices: np.ndarray, labelled: list[int], selected,

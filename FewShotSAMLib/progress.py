@@ -11,10 +11,13 @@ from .errors import Cancelled
 # "second pass": apply's self-training on the query (second_pass.py), its own prompts, tuning and propagation.
 # "register": apply's registration of the model's support scan to the query (registration.py).
 # "reach": propagate's encoding on demand after tuning, of the slices the structures reach (Engine.encode_reach).
+# "zoom": propagate's second look at structures too small for the embedding grid, on crops around them (zoom.py);
+# small, because most runs have none and their bar should not jump to the end from far before it.
 STAGE_WEIGHTS = {"load": 0.02, "encode": 0.3, "register": 0.02, "prompts": 0.05, "tune": 0.2, "reach": 0.25,
-                 "propagate": 0.16, "second pass": 0.1, "write": 0.02}
+                 "propagate": 0.16, "zoom": 0.03, "second pass": 0.1, "write": 0.02}
 APPLY_STAGES = tuple(STAGE_WEIGHTS)  # the default: a stage missing from the list would report fraction 0
 RUN_STAGES = tuple(stage for stage in STAGE_WEIGHTS if stage != "second pass")  # propagate, adapt, demo
+ZOOM_STAGES = ("encode", "prompts", "tune", "reach", "propagate")  # a zoomed structure's own propagate
 
 
 @dataclass
@@ -58,19 +61,24 @@ class Progress:
 
 class WithinStage(Progress):
     """Reports a nested job's stages (e.g. prompts, tune, propagate) as one stage of the outer progress, so that
-    the overall fraction keeps moving forward while the nested job repeats stages the outer run has passed."""
+    the overall fraction keeps moving forward while the nested job repeats stages the outer run has passed.
+    part, parts: the nested job is part `part` (from 0) of `parts` equal ones within the stage (zoom: one a
+    structure). Its messages are prefixed with the stage (and the part, when there are several)."""
 
     STEPS = 1000
 
-    def __init__(self, outer: Progress, stage: str, stages: tuple[str, ...]):
+    def __init__(self, outer: Progress, stage: str, stages: tuple[str, ...], part: int = 0, parts: int = 1):
         super().__init__(callback=self._forward, stages=stages)
-        self.outer, self.stage = outer, stage
+        self.outer, self.stage, self.part, self.parts = outer, stage, part, parts
 
     def check_cancel(self) -> None:
         self.outer.check_cancel()
 
     def _forward(self, event: ProgressEvent) -> None:
-        self.outer.update(self.stage, round(event.fraction * self.STEPS), self.STEPS, event.message)
+        done = round((self.part + event.fraction) / self.parts * self.STEPS)
+        of = f" {self.part + 1}/{self.parts}" if self.parts > 1 else ""
+        message = f"{self.stage}{of}: {event.message}"  # the nested job's own messages would repeat earlier stages
+        self.outer.update(self.stage, done, self.STEPS, message)
 
 
 class AsStage(Progress):

@@ -68,9 +68,10 @@ def run_key(volume, axis: int, options, model_id: str, label_values: list[int]) 
     """sha256 over what a run's result depends on, except the painting (options: the EngineOptions)."""
     settings = dataclasses.asdict(options)
     # Declared slices are part of the painting; where the cache lies, whether to warm start, apply's second pass and
-    # registration (adapt and apply only), and whether to encode every slice first change no result of propagate.
+    # registration (adapt and apply only), and whether to encode every slice first change no result of propagate;
+    # the zoom and the small-structure blend work on the finished labels, after the classes a record keeps.
     for irrelevant in ("cache_dir", "labelled_slices", "checkpoint", "warm_start", "second_pass", "register",
-                       "encode_all_slices"):
+                       "encode_all_slices", "zoom", "small_structures"):
         settings.pop(irrelevant, None)
     geometry = volume.geometry
     description = {

@@ -60,6 +60,9 @@ def test_the_run_key_follows_voxels_geometry_options_and_structures_but_not_the_
     key = run_key(volume, 0, options, "model", [1, 2])
     assert run_key(volume, 0, dataclasses.replace(options, cache_dir="elsewhere", warm_start=False), "model",
                    [1, 2]) == key
+    finishing = EngineOptions(cache_dir=str(tmp_path))  # steps after the recorded classes
+    finishing.zoom.enabled = finishing.small_structures.enabled = False
+    assert run_key(volume, 0, finishing, "model", [1, 2]) == key
     changed_option = EngineOptions(cache_dir=str(tmp_path))
     changed_option.propagation.decoder_weight = 0.4
     edited = array.copy()

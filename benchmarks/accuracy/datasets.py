@@ -1,6 +1,6 @@
-"""The benchmark's scans: CHAOS T2 MRI, MSD hippocampus MRI, two TotalSegmentator CTs (large organs; small
-organs), TotalSegmentator's abdominal MRI (small organs) and the Spinal Cord Toolbox's cervical
-spine MRI (spinal cord, grey matter), read as FewShotSAM volumes.
+"""The benchmark's scans: CHAOS T2 MRI, MSD hippocampus MRI, two TotalSegmentator CTs (one at full resolution, scored
+on its large organs and on its small ones; one at 3 mm, small organs), TotalSegmentator's abdominal MRI (small
+organs) and the Spinal Cord Toolbox's cervical spine MRI (spinal cord, grey matter), read as FewShotSAM volumes.
 
 Every scan is returned as a ``Scan``: the image ``Volume``, the full reference label map restricted to the benchmark's
 structures (other label values set to 0), the structures (label value -> name) and the slice axis (an array axis of
@@ -34,6 +34,9 @@ TOTALSEG_WANTED = ["liver", "spleen", "kidney_right", "kidney_left"]
 # Small abdominal structures of the 3 mm TotalSegmentator example CT (each spans 8-54 voxels in plane).
 TOTALSEG_SMALL_WANTED = ["gallbladder", "pancreas", "adrenal_gland_right", "adrenal_gland_left",
                          "portal_vein_and_splenic_vein"]
+# Small structures of the full-resolution TotalSegmentator CT (512x512, 0.98 mm pixels): each spans 13-135 voxels
+# in plane, under 9 of the encoder's 64 embedding cells across a 512 px slice.
+TOTALSEG_CT512_SMALL_WANTED = ["pancreas", "adrenal_gland_right", "portal_vein_and_splenic_vein"]
 # Spinal Cord Toolbox test subject: scan -> (its manual label file, the structure). Left out: mt_mt1, whose cord
 # mask was made by a program (sct_propseg) and whose 5 slices k = 5 would all paint.
 SPINAL_CORD_SCANS = {
@@ -41,12 +44,13 @@ SPINAL_CORD_SCANS = {
     "t2_t2": ("t2_t2_seg-manual", "spinal cord"),
     "t2s_t2s": ("t2s_t2s_gmseg_manual", "grey matter"),
 }
-DATASETS = ("chaos", "hippocampus", "totalseg", "totalseg_small", "totalseg_mr", "spinal_cord")
+DATASETS = ("chaos", "hippocampus", "totalseg", "totalseg_ct512_small", "totalseg_small", "totalseg_mr", "spinal_cord")
 
 DATASET_TITLES = {
     "chaos": "CHAOS T2-SPIR MRI (abdomen)",
     "hippocampus": "MSD Task04 hippocampus MRI",
     "totalseg": "TotalSegmentator CT (ct_dicom_20slices)",
+    "totalseg_ct512_small": "TotalSegmentator CT at full resolution, small organs (ct_dicom_20slices)",
     "totalseg_small": "TotalSegmentator CT, small organs (ct_example_sm)",
     "totalseg_mr": "TotalSegmentator MRI, abdomen (mr_example_sm)",
     "spinal_cord": "Spinal Cord Toolbox cervical spine MRI (one subject)",
@@ -57,6 +61,9 @@ DATASET_NOTES = {
     "totalseg": ("one CT scan of 20 axial slices (512x512, 2 mm); labels are TotalSegmentator MODEL OUTPUTS resampled "
                  "to the DICOM grid, not manual ground truth; only liver and spleen are present (no kidney voxels), "
                  "and both span all 20 slices, so the structures' ends along the slice axis are not tested."),
+    "totalseg_ct512_small": ("the CT above (512x512 pixels of 0.98 mm, 20 slices of 2 mm) scored on its small "
+                             "structures: pancreas (4 slices), right adrenal gland (11), portal and splenic vein "
+                             "(14); labels are TotalSegmentator MODEL OUTPUTS, not manual ground truth."),
     "totalseg_small": ("one abdominal CT of 30 axial slices (122x101, 3 mm); labels are TotalSegmentator MODEL "
                        "OUTPUTS (its test reference example_seg.nii.gz), not manual ground truth; gallbladder, "
                        "pancreas, right and left adrenal gland, portal and splenic vein, 12-18 slices each."),
@@ -141,7 +148,7 @@ def scan_names(dataset: str, data_dir: Path, quick: bool, hippocampus_count: int
         return chaos_cases(quick, only)
     if dataset == "hippocampus":
         return hippocampus_cases(data_dir, hippocampus_count, only)
-    if dataset == "totalseg":
+    if dataset in ("totalseg", "totalseg_ct512_small"):
         return [name for name in ["ct_dicom_20slices"] if only is None or name in only]
     if dataset == "totalseg_small":
         return [name for name in ["ct_example_sm"] if only is None or name in only]
@@ -164,7 +171,7 @@ def load_scan(dataset: str, name: str, data_dir: Path, axis_choice: str = "auto"
         folder = data_dir / "msd_hippocampus_mri"
         return _make_scan(dataset, name, folder / "images" / f"{name}.nii.gz", folder / "labels" / f"{name}.nii.gz",
                           HIPPOCAMPUS_STRUCTURES, axis_choice)
-    if dataset in ("totalseg", "totalseg_small", "totalseg_mr"):
+    if dataset in ("totalseg", "totalseg_ct512_small", "totalseg_small", "totalseg_mr"):
         folder = data_dir / "totalsegmentator_ct_mr"
         class_map = json.loads((folder / "class_map.json").read_text())
         table_name = "total_mr (" if dataset == "totalseg_mr" else "total (CT"
@@ -172,9 +179,11 @@ def load_scan(dataset: str, name: str, data_dir: Path, axis_choice: str = "auto"
         by_name = {label: int(value) for value, label in label_map.items()}
         # The abdominal MRI is scored on the CT's small structures: with every painted slice fully labelled,
         # its large organs and vessels would add painted slices until k = 3 covered most of its 20.
-        wanted = TOTALSEG_WANTED if dataset == "totalseg" else TOTALSEG_SMALL_WANTED
+        wanted = {"totalseg": TOTALSEG_WANTED, "totalseg_ct512_small": TOTALSEG_CT512_SMALL_WANTED}.get(
+            dataset, TOTALSEG_SMALL_WANTED)
         structures = dict(sorted({by_name[label]: label for label in wanted}.items()))
-        labels_name = {"totalseg": f"{name}_seg_total_on_dicom_grid", "totalseg_small": f"{name}_seg_total",
+        labels_name = {"totalseg": f"{name}_seg_total_on_dicom_grid",
+                       "totalseg_ct512_small": f"{name}_seg_total_on_dicom_grid", "totalseg_small": f"{name}_seg_total",
                        "totalseg_mr": f"{name}_seg_total_mr"}[dataset]
         return _make_scan(dataset, name, folder / f"{name}.nii.gz", folder / f"{labels_name}.nii.gz", structures,
                           axis_choice)

@@ -16,11 +16,13 @@ from .datasets import DATASET_NOTES, DATASET_TITLES, DEVELOPMENT_SCANS
 FEWSHOTSAM = "FewShotSAM"
 FEWSHOTSAM_NO_TUNING = "FewShotSAM (no tuning)"
 FEWSHOTSAM_NO_BLEND = "FewShotSAM (no small-structure blend)"
+FEWSHOTSAM_NO_ZOOM = "FewShotSAM (no zoom)"
 SAM_POINT = "SAM point (centroid)"
 SAM_BOX = "SAM box (reference box)"
 FILL = "Fill between slices"
 GROW = "Grow from seeds"
-METHOD_ORDER = [FEWSHOTSAM, FEWSHOTSAM_NO_TUNING, FEWSHOTSAM_NO_BLEND, FILL, GROW, SAM_BOX, SAM_POINT]
+METHOD_ORDER = [FEWSHOTSAM, FEWSHOTSAM_NO_TUNING, FEWSHOTSAM_NO_BLEND, FEWSHOTSAM_NO_ZOOM, FILL, GROW, SAM_BOX,
+                SAM_POINT]
 K_INDEPENDENT = {SAM_POINT, SAM_BOX}  # prompted on every slice of the reference extent: no labelled slices
 
 SSL_ALPNET_CHAOS_SETTING1_MEAN_DICE = 78.8  # Ouyang et al., ECCV 2020, Table 1, ABD-MRI (CHAOS T2), setting 1
@@ -574,6 +576,7 @@ COLOURS = {  # matplotlib's tab10, so a method keeps its colour in every figure
     FEWSHOTSAM: "tab:red",
     FEWSHOTSAM_NO_TUNING: "tab:orange",
     FEWSHOTSAM_NO_BLEND: "tab:olive",
+    FEWSHOTSAM_NO_ZOOM: "tab:pink",
     FILL: "tab:blue",
     GROW: "tab:green",
     SAM_BOX: "tab:purple",

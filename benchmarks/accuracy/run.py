@@ -51,7 +51,16 @@ from FewShotSAMLib.tuning import TUNING_PRECISIONS
 from ..shared_data import default_data_dir
 from . import report
 from .datasets import CHAOS_CASES, DATASETS, Scan, chaos_training_folds, load_scan, scan_names
-from .report import FEWSHOTSAM, FEWSHOTSAM_NO_BLEND, FEWSHOTSAM_NO_TUNING, FILL, GROW, SAM_BOX, SAM_POINT
+from .report import (
+    FEWSHOTSAM,
+    FEWSHOTSAM_NO_BLEND,
+    FEWSHOTSAM_NO_TUNING,
+    FEWSHOTSAM_NO_ZOOM,
+    FILL,
+    GROW,
+    SAM_BOX,
+    SAM_POINT,
+)
 from .sam_baselines import BOX, POINT, prompted_sam
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +69,7 @@ METHOD_KEYS = {
     "fewshotsam": FEWSHOTSAM,
     "notuning": FEWSHOTSAM_NO_TUNING,
     "noblend": FEWSHOTSAM_NO_BLEND,
+    "nozoom": FEWSHOTSAM_NO_ZOOM,
     "point": SAM_POINT,
     "box": SAM_BOX,
     "fill": FILL,
@@ -329,15 +339,17 @@ class Benchmark:
         finally:
             options.decoder_steps = self.decoder_steps
 
-    def fewshotsam(self, scan: Scan, painted: np.ndarray, tuned: bool, blend: bool = True) -> np.ndarray:
-        """blend=False: without the small-structure blend (FewShotSAMLib/small_structures.py), to measure it."""
-        blending = self.engine.options.small_structures
+    def fewshotsam(self, scan: Scan, painted: np.ndarray, tuned: bool, blend: bool = True,
+                   zoom: bool = True) -> np.ndarray:
+        """blend=False: without the small-structure blend (FewShotSAMLib/small_structures.py); zoom=False: without
+        the zoomed second look (FewShotSAMLib/zoom.py); to measure them."""
+        options = self.engine.options
         with self.decoder_tuning(tuned):
-            blending.enabled = blend
+            options.small_structures.enabled, options.zoom.enabled = blend, zoom
             try:
                 return self.engine.propagate(scan.volume, scan.label_volume(painted)).array
             finally:
-                blending.enabled = True
+                options.small_structures.enabled = options.zoom.enabled = True
 
     def adapt(self, supports: list[tuple[Scan, np.ndarray]], tuned: bool):
         """One adapter from the painted slices of the support scans, and the seconds it took."""
@@ -353,6 +365,8 @@ class Benchmark:
             return self.fewshotsam(scan, painted, tuned=False)
         if method == FEWSHOTSAM_NO_BLEND:
             return self.fewshotsam(scan, painted, tuned=True, blend=False)
+        if method == FEWSHOTSAM_NO_ZOOM:
+            return self.fewshotsam(scan, painted, tuned=True, zoom=False)
         if method == FILL:
             from benchmarks.baselines.slicer_baselines import fill_between_slices
 
