@@ -186,3 +186,11 @@ def test_no_chaos_organ_and_no_hippocampus_is_zoomed(chaos_scan, shared_data_fil
         axis = slice_axis(volume.geometry)
         painted = to_slices(few_shot_labels(reference, axis, 1, [1, 2]), axis)
         assert zoom_boxes(painted, painted, [1, 2], in_plane_spacing(volume.geometry, axis), GRID, options) == []
+
+
+def test_the_command_line_turns_the_zoom_off_only_when_asked():
+    from FewShotSAMLib.cli import build_parser, engine_options
+
+    arguments = ["propagate", "scan.nrrd", "--labels", "painted.seg.nrrd", "--out", "result.seg.nrrd"]
+    assert engine_options(build_parser().parse_args(arguments)).zoom.enabled
+    assert not engine_options(build_parser().parse_args(arguments + ["--no-zoom"])).zoom.enabled
