@@ -64,3 +64,23 @@ def chaos_scan(shared_data_dir):
 
     return paths
 
+
+@pytest.fixture(scope="session")
+def chaos_benchmark_paintings(chaos_scan):
+    """[(case, k, painted slices [n, rows, cols], in-plane spacing)] of every shared CHAOS scan at k = 1, 3, 5, 10:
+    what the accuracy benchmark paints (CHAOS slices along array axis 0), for the steps that must leave CHAOS alone."""
+    from benchmarks.accuracy.datasets import CHAOS_CASES, CHAOS_STRUCTURES
+    from FewShotSAMLib.orientation import in_plane_spacing, to_slices
+    from FewShotSAMLib.slice_selection import few_shot_labels
+    from FewShotSAMLib.volume_io import read_labels, read_volume
+
+    paintings = []
+    for case in CHAOS_CASES:
+        image, labels_path = chaos_scan(case)
+        volume = read_volume(image)
+        reference = read_labels(labels_path, volume, reference_path=image).array
+        for k in (1, 3, 5, 10):
+            painted = to_slices(few_shot_labels(reference, 0, k, list(CHAOS_STRUCTURES)), 0)
+            paintings.append((case, k, painted, in_plane_spacing(volume.geometry, 0)))
+    return paintings
+

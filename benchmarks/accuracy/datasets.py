@@ -44,6 +44,16 @@ SPINAL_CORD_SCANS = {
     "t2_t2": ("t2_t2_seg-manual", "spinal cord"),
     "t2s_t2s": ("t2s_t2s_gmseg_manual", "grey matter"),
 }
+# The TotalSegmentator datasets: name -> (scan, label file, structures scored). The abdominal MRI is scored on the
+# CT's small structures: with every painted slice fully labelled, its large organs and vessels would add painted
+# slices until k = 3 covered most of its 20.
+TOTALSEG_CASES = {
+    "totalseg": ("ct_dicom_20slices", "ct_dicom_20slices_seg_total_on_dicom_grid", TOTALSEG_WANTED),
+    "totalseg_ct512_small": ("ct_dicom_20slices", "ct_dicom_20slices_seg_total_on_dicom_grid",
+                             TOTALSEG_CT512_SMALL_WANTED),
+    "totalseg_small": ("ct_example_sm", "ct_example_sm_seg_total", TOTALSEG_SMALL_WANTED),
+    "totalseg_mr": ("mr_example_sm", "mr_example_sm_seg_total_mr", TOTALSEG_SMALL_WANTED),
+}
 DATASETS = ("chaos", "hippocampus", "totalseg", "totalseg_ct512_small", "totalseg_small", "totalseg_mr", "spinal_cord")
 
 DATASET_TITLES = {
@@ -148,12 +158,9 @@ def scan_names(dataset: str, data_dir: Path, quick: bool, hippocampus_count: int
         return chaos_cases(quick, only)
     if dataset == "hippocampus":
         return hippocampus_cases(data_dir, hippocampus_count, only)
-    if dataset in ("totalseg", "totalseg_ct512_small"):
-        return [name for name in ["ct_dicom_20slices"] if only is None or name in only]
-    if dataset == "totalseg_small":
-        return [name for name in ["ct_example_sm"] if only is None or name in only]
-    if dataset == "totalseg_mr":
-        return [name for name in ["mr_example_sm"] if only is None or name in only]
+    if dataset in TOTALSEG_CASES:
+        name = TOTALSEG_CASES[dataset][0]
+        return [name] if only is None or name in only else []
     if dataset == "spinal_cord":
         return [name for name in SPINAL_CORD_SCANS if only is None or name in only]
     raise ValueError(f"unknown dataset {dataset!r}; use {', '.join(DATASETS)}")
@@ -171,20 +178,14 @@ def load_scan(dataset: str, name: str, data_dir: Path, axis_choice: str = "auto"
         folder = data_dir / "msd_hippocampus_mri"
         return _make_scan(dataset, name, folder / "images" / f"{name}.nii.gz", folder / "labels" / f"{name}.nii.gz",
                           HIPPOCAMPUS_STRUCTURES, axis_choice)
-    if dataset in ("totalseg", "totalseg_ct512_small", "totalseg_small", "totalseg_mr"):
+    if dataset in TOTALSEG_CASES:
         folder = data_dir / "totalsegmentator_ct_mr"
         class_map = json.loads((folder / "class_map.json").read_text())
         table_name = "total_mr (" if dataset == "totalseg_mr" else "total (CT"
         label_map = next(table for key, table in class_map.items() if key.startswith(table_name))
         by_name = {label: int(value) for value, label in label_map.items()}
-        # The abdominal MRI is scored on the CT's small structures: with every painted slice fully labelled,
-        # its large organs and vessels would add painted slices until k = 3 covered most of its 20.
-        wanted = {"totalseg": TOTALSEG_WANTED, "totalseg_ct512_small": TOTALSEG_CT512_SMALL_WANTED}.get(
-            dataset, TOTALSEG_SMALL_WANTED)
+        _, labels_name, wanted = TOTALSEG_CASES[dataset]
         structures = dict(sorted({by_name[label]: label for label in wanted}.items()))
-        labels_name = {"totalseg": f"{name}_seg_total_on_dicom_grid",
-                       "totalseg_ct512_small": f"{name}_seg_total_on_dicom_grid", "totalseg_small": f"{name}_seg_total",
-                       "totalseg_mr": f"{name}_seg_total_mr"}[dataset]
         return _make_scan(dataset, name, folder / f"{name}.nii.gz", folder / f"{labels_name}.nii.gz", structures,
                           axis_choice)
     if dataset == "spinal_cord":
