@@ -84,3 +84,20 @@ def chaos_benchmark_paintings(chaos_scan):
             paintings.append((case, k, painted, in_plane_spacing(volume.geometry, 0)))
     return paintings
 
+
+
+@pytest.fixture(scope="session")
+def compiled_encoder_build(tmp_path_factory):
+    """(folder, whether it had to be built): LiteMedSAM's compiled bf16 encoder, built once a session by its first
+    use into a folder of its own, for the test of the build and the test of a damaged build (30 s or more a build;
+    the session cache holds one only where `auto` picked it)."""
+    import torch
+
+    from FewShotSAMLib.models import load_model
+
+    model = load_model("litemedsam", device="cpu")
+    folder = tmp_path_factory.mktemp("compiled-encoder")
+    had_to_build = model.will_compile_encoder("compiled", folder)
+    model.encode(torch.rand(1, 3, 256, 256), "compiled", encoders_folder=folder)
+    model.release_encoder_sessions()
+    return folder, had_to_build

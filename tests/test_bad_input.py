@@ -686,16 +686,14 @@ def test_truncated_onnx_encoder_in_the_cache_is_rebuilt(engine, tmp_path):
 
 
 @pytest.mark.skipif(why_not_compilable() is not None, reason=f"cannot compile here: {why_not_compilable()}")
-def test_truncated_compiled_encoder_in_the_cache_is_rebuilt(engine, engine_cache_dir, tmp_path):
-    from FewShotSAMLib.embedding_cache import EmbeddingCache
+def test_truncated_compiled_encoder_in_the_cache_is_rebuilt(engine, compiled_encoder_build, tmp_path):
     from FewShotSAMLib.preprocess import resize_stack_longest_side
 
     model = engine.model
     volume = Volume(mr_like(), geometry())
     images, _ = resize_stack_longest_side(apply_normalisation(volume.array[:1], choose_normalisation(volume)), 256,
                                           (0.8, 0.8))
-    # A copy of the session cache's build (`auto` builds it there on CPUs that run it): one build in this test, not two.
-    shared = EmbeddingCache(engine_cache_dir).encoders_dir
+    shared, _ = compiled_encoder_build  # a copy of the session's build: one build in this test, not two
     reference = model.encode(images, "compiled", encoders_folder=shared)
     model.release_encoder_sessions()
     built = compiled_encoder_file(model, tmp_path)
