@@ -64,6 +64,8 @@ class ShapeBlendOptions:
     grow: bool = True
     model_weight_grown: float = 0.3
     grown_share: float = 0.3
+    # Thin structures (is_thin) join the blend too; False: only the small ones, as before the thin rule.
+    thin: bool = True
 
 
 def is_small(painted_slices: np.ndarray, value: int) -> bool:
@@ -147,7 +149,8 @@ def blend_with_painted_shape(labels: np.ndarray, painted: np.ndarray, labelled: 
         return labels
     painted_slices = to_slices(painted, axis)
     compact = [value for value in label_values if is_small(painted_slices, value)]
-    thin = [value for value in label_values if value not in compact and is_thin(painted_slices, value)]
+    thin = [value for value in label_values
+            if options.thin and value not in compact and is_thin(painted_slices, value)]
     small = compact + thin
     shaped = [value for value in small if painted_count(painted_slices, value) >= options.min_painted_slices]
     grow = image is not None and options.grow

@@ -169,6 +169,7 @@ def test_a_long_thin_structure_is_blended_like_a_small_one():
     result = blend(engine, painted, [0, 4, 8])
     for z in (1, 2, 3, 5, 6, 7):
         assert dice(result[z] == 1, truth[z] == 1) > dice(engine[z] == 1, truth[z] == 1) + 0.1
+    assert blend(engine, painted, [0, 4, 8], options=ShapeBlendOptions(thin=False)) is engine  # the rule turned off
 
     thick = np.stack([disc((80, 80), (40, 40), THIN_STRUCTURE_VOXELS // 2 + 1) for _ in range(5)]).astype(np.uint8)
     assert not is_thin(thick, 1)

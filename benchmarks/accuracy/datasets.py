@@ -37,6 +37,12 @@ TOTALSEG_SMALL_WANTED = ["gallbladder", "pancreas", "adrenal_gland_right", "adre
 # Small structures of the full-resolution TotalSegmentator CT (512x512, 0.98 mm pixels): each spans 13-135 voxels
 # in plane, under 9 of the encoder's 64 embedding cells across a 512 px slice.
 TOTALSEG_CT512_SMALL_WANTED = ["pancreas", "adrenal_gland_right", "portal_vein_and_splenic_vein"]
+# Thin structures the thin rule (FewShotSAMLib/small_structures.is_thin) was not set on, to check it: tubes and
+# bands that run across the slice, under 16 voxels thick where painted (duodenum 7-8, colon 8-16 on the 3 mm scans,
+# costal cartilages 4-12); the MRI's duodenum and the 512 CT's colon (25-30 thick) are not thin and stay as they were.
+TOTALSEG_THIN_WANTED = ["duodenum", "colon", "costal_cartilages"]
+TOTALSEG_MR_THIN_WANTED = ["duodenum", "colon"]  # the MRI's labels have no costal cartilages
+TOTALSEG_CT512_THIN_WANTED = ["colon", "costal_cartilages"]  # no duodenum voxels in this CT's 20 slices
 # Spinal Cord Toolbox test subject: scan -> (its manual label file, the structure). Left out: mt_mt1, whose cord
 # mask was made by a program (sct_propseg) and whose 5 slices k = 5 would all paint.
 SPINAL_CORD_SCANS = {
@@ -53,8 +59,13 @@ TOTALSEG_CASES = {
                              TOTALSEG_CT512_SMALL_WANTED),
     "totalseg_small": ("ct_example_sm", "ct_example_sm_seg_total", TOTALSEG_SMALL_WANTED),
     "totalseg_mr": ("mr_example_sm", "mr_example_sm_seg_total_mr", TOTALSEG_SMALL_WANTED),
+    "totalseg_thin": ("ct_example_sm", "ct_example_sm_seg_total", TOTALSEG_THIN_WANTED),
+    "totalseg_mr_thin": ("mr_example_sm", "mr_example_sm_seg_total_mr", TOTALSEG_MR_THIN_WANTED),
+    "totalseg_ct512_thin": ("ct_dicom_20slices", "ct_dicom_20slices_seg_total_on_dicom_grid",
+                            TOTALSEG_CT512_THIN_WANTED),
 }
-DATASETS = ("chaos", "hippocampus", "totalseg", "totalseg_ct512_small", "totalseg_small", "totalseg_mr", "spinal_cord")
+DATASETS = ("chaos", "hippocampus", "totalseg", "totalseg_ct512_small", "totalseg_small", "totalseg_mr", "spinal_cord",
+            "totalseg_thin", "totalseg_mr_thin", "totalseg_ct512_thin")
 
 DATASET_TITLES = {
     "chaos": "CHAOS T2-SPIR MRI (abdomen)",
@@ -64,6 +75,9 @@ DATASET_TITLES = {
     "totalseg_small": "TotalSegmentator CT, small organs (ct_example_sm)",
     "totalseg_mr": "TotalSegmentator MRI, abdomen (mr_example_sm)",
     "spinal_cord": "Spinal Cord Toolbox cervical spine MRI (one subject)",
+    "totalseg_thin": "TotalSegmentator CT, thin structures (ct_example_sm)",
+    "totalseg_mr_thin": "TotalSegmentator MRI, thin structures (mr_example_sm)",
+    "totalseg_ct512_thin": "TotalSegmentator CT at full resolution, thin structures (ct_dicom_20slices)",
 }
 DATASET_NOTES = {
     "chaos": "12 scans, manual labels; 1 liver, 2 right kidney, 3 left kidney, 4 spleen; axial slices (array axis 0).",
@@ -85,6 +99,13 @@ DATASET_NOTES = {
                     "of 76x42, 1 mm) and T2 (55 axial slices of 52x60, 1 mm, stored with permuted axes), grey "
                     "matter on T2* (9 slices of 54x49, 0.5 mm, 7.5 mm thick); each structure spans every slice, so "
                     "this tests propagation along a thin structure, not its ends. Too few scans for statistics."),
+    "totalseg_thin": ("the 3 mm CT above scored on duodenum, colon and costal cartilages: structures that run across "
+                      "the slice and are under 16 voxels thick where painted, which the thin rule was not set on; "
+                      "labels are TotalSegmentator MODEL OUTPUTS."),
+    "totalseg_mr_thin": ("the 3 mm MRI above scored on duodenum (compact: not thin) and colon (thin); labels are "
+                         "TotalSegmentator MODEL OUTPUTS."),
+    "totalseg_ct512_thin": ("the 512x512 CT above scored on colon (25-30 voxels thick: not thin) and costal "
+                            "cartilages (thin); labels are TotalSegmentator MODEL OUTPUTS."),
 }
 
 
@@ -181,10 +202,10 @@ def load_scan(dataset: str, name: str, data_dir: Path, axis_choice: str = "auto"
     if dataset in TOTALSEG_CASES:
         folder = data_dir / "totalsegmentator_ct_mr"
         class_map = json.loads((folder / "class_map.json").read_text())
-        table_name = "total_mr (" if dataset == "totalseg_mr" else "total (CT"
+        _, labels_name, wanted = TOTALSEG_CASES[dataset]
+        table_name = "total_mr (" if labels_name.endswith("_total_mr") else "total (CT"
         label_map = next(table for key, table in class_map.items() if key.startswith(table_name))
         by_name = {label: int(value) for value, label in label_map.items()}
-        _, labels_name, wanted = TOTALSEG_CASES[dataset]
         structures = dict(sorted({by_name[label]: label for label in wanted}.items()))
         return _make_scan(dataset, name, folder / f"{name}.nii.gz", folder / f"{labels_name}.nii.gz", structures,
                           axis_choice)

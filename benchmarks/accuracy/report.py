@@ -17,12 +17,13 @@ FEWSHOTSAM = "FewShotSAM"
 FEWSHOTSAM_NO_TUNING = "FewShotSAM (no tuning)"
 FEWSHOTSAM_NO_BLEND = "FewShotSAM (no small-structure blend)"
 FEWSHOTSAM_NO_ZOOM = "FewShotSAM (no zoom)"
+FEWSHOTSAM_NO_THIN = "FewShotSAM (no thin rule)"
 SAM_POINT = "SAM point (centroid)"
 SAM_BOX = "SAM box (reference box)"
 FILL = "Fill between slices"
 GROW = "Grow from seeds"
-METHOD_ORDER = [FEWSHOTSAM, FEWSHOTSAM_NO_TUNING, FEWSHOTSAM_NO_BLEND, FEWSHOTSAM_NO_ZOOM, FILL, GROW, SAM_BOX,
-                SAM_POINT]
+METHOD_ORDER = [FEWSHOTSAM, FEWSHOTSAM_NO_TUNING, FEWSHOTSAM_NO_BLEND, FEWSHOTSAM_NO_ZOOM, FEWSHOTSAM_NO_THIN, FILL,
+                GROW, SAM_BOX, SAM_POINT]
 K_INDEPENDENT = {SAM_POINT, SAM_BOX}  # prompted on every slice of the reference extent: no labelled slices
 
 SSL_ALPNET_CHAOS_SETTING1_MEAN_DICE = 78.8  # Ouyang et al., ECCV 2020, Table 1, ABD-MRI (CHAOS T2), setting 1
@@ -480,8 +481,10 @@ def markdown(result: dict, supervised: dict | None = None) -> str:
         "- FewShotSAM = `Engine.propagate` with its defaults (pixel prompts, structure tokens, decoder tuned for "
         f"{run['decoder_steps']} steps); 'no tuning' = the same with `adapt.decoder_steps = 0` (training-free).",
         "- 'no small-structure blend' = FewShotSAM with `small_structures.enabled = False`: the engine's own outline "
-        "for structures under 32 voxels across, instead of its average with the painted shape "
-        "(`FewShotSAMLib/small_structures.py`).",
+        "for structures under 32 voxels across or 16 thick, instead of its average with the painted shape "
+        "(`FewShotSAMLib/small_structures.py`); 'no zoom' = with `zoom.enabled = False` (`FewShotSAMLib/zoom.py`); "
+        "'no thin rule' = with `small_structures.thin = False`: the blend for structures under 32 voxels across only, "
+        "not for those only thin (under 16 voxels thick, however long).",
         "- Fill between slices / Grow from seeds: Slicer's own implementations (slicer-core), "
         "`benchmarks/baselines/slicer_baselines.py`, with the same painted slices.",
         "- **Hyper-parameters**: nothing was tuned on these runs. FewShotSAM's defaults were chosen by the engine "
@@ -577,6 +580,7 @@ COLOURS = {  # matplotlib's tab10, so a method keeps its colour in every figure
     FEWSHOTSAM_NO_TUNING: "tab:orange",
     FEWSHOTSAM_NO_BLEND: "tab:olive",
     FEWSHOTSAM_NO_ZOOM: "tab:pink",
+    FEWSHOTSAM_NO_THIN: "tab:cyan",
     FILL: "tab:blue",
     GROW: "tab:green",
     SAM_BOX: "tab:purple",

@@ -54,6 +54,7 @@ from .datasets import CHAOS_CASES, DATASETS, Scan, chaos_training_folds, load_sc
 from .report import (
     FEWSHOTSAM,
     FEWSHOTSAM_NO_BLEND,
+    FEWSHOTSAM_NO_THIN,
     FEWSHOTSAM_NO_TUNING,
     FEWSHOTSAM_NO_ZOOM,
     FILL,
@@ -70,6 +71,7 @@ METHOD_KEYS = {
     "notuning": FEWSHOTSAM_NO_TUNING,
     "noblend": FEWSHOTSAM_NO_BLEND,
     "nozoom": FEWSHOTSAM_NO_ZOOM,
+    "nothin": FEWSHOTSAM_NO_THIN,
     "point": SAM_POINT,
     "box": SAM_BOX,
     "fill": FILL,
@@ -340,16 +342,17 @@ class Benchmark:
             options.decoder_steps = self.decoder_steps
 
     def fewshotsam(self, scan: Scan, painted: np.ndarray, tuned: bool, blend: bool = True,
-                   zoom: bool = True) -> np.ndarray:
+                   zoom: bool = True, thin: bool = True) -> np.ndarray:
         """blend=False: without the small-structure blend (FewShotSAMLib/small_structures.py); zoom=False: without
-        the zoomed second look (FewShotSAMLib/zoom.py); to measure them."""
+        the zoomed second look (FewShotSAMLib/zoom.py); thin=False: the blend for small structures only, not thin
+        ones; to measure them."""
         options = self.engine.options
         with self.decoder_tuning(tuned):
-            options.small_structures.enabled, options.zoom.enabled = blend, zoom
+            options.small_structures.enabled, options.zoom.enabled, options.small_structures.thin = blend, zoom, thin
             try:
                 return self.engine.propagate(scan.volume, scan.label_volume(painted)).array
             finally:
-                options.small_structures.enabled = options.zoom.enabled = True
+                options.small_structures.enabled = options.zoom.enabled = options.small_structures.thin = True
 
     def adapt(self, supports: list[tuple[Scan, np.ndarray]], tuned: bool):
         """One adapter from the painted slices of the support scans, and the seconds it took."""
@@ -367,6 +370,8 @@ class Benchmark:
             return self.fewshotsam(scan, painted, tuned=True, blend=False)
         if method == FEWSHOTSAM_NO_ZOOM:
             return self.fewshotsam(scan, painted, tuned=True, zoom=False)
+        if method == FEWSHOTSAM_NO_THIN:
+            return self.fewshotsam(scan, painted, tuned=True, thin=False)
         if method == FILL:
             from benchmarks.baselines.slicer_baselines import fill_between_slices
 
