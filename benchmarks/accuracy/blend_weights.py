@@ -8,10 +8,11 @@ elsewhere, and does the engine's own certainty say where it should be larger?
 Per scan and k (protocol 1's painting, ``few_shot_labels``), the engine runs once without the step and records how
 far its two predictors disagree (``confidence.ConfidenceRecorder``); the step (``small_structures.
 blend_with_painted_shape``, the function the engine calls) is then applied to that same result with each engine
-share (``model_weight``, ``model_weight_beyond`` and ``model_weight_grown`` all set to it; 1 = the engine's outline
-alone). Rows: every structure the step treats as small, with its Dice per share and its agreement (1 - the
-decoder/pixel-prompt disagreement over the union of both, summed over the unpainted slices). Writes
-``<name>.json`` and ``<name>.md`` into ``--out`` (rewritten after every scan) and prints the markdown.
+share (``model_weight``, ``model_weight_beyond``, ``model_weight_grown`` and ``thin_model_weight`` all set to it;
+1 = the engine's outline alone). Rows: every structure the step treats as small or thin, with its Dice per share
+and its agreement (1 - the decoder/pixel-prompt disagreement over the union of both, summed over the unpainted
+slices). Writes ``<name>.json`` and ``<name>.md`` into ``--out`` (rewritten after every scan) and prints the
+markdown.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from FewShotSAMLib.metrics import dice
 from FewShotSAMLib.orientation import in_plane_spacing, to_slices
 from FewShotSAMLib.pipeline import Engine, EngineOptions
 from FewShotSAMLib.slice_selection import few_shot_labels
-from FewShotSAMLib.small_structures import ShapeBlendOptions, blend_with_painted_shape, is_small
+from FewShotSAMLib.small_structures import ShapeBlendOptions, blend_with_painted_shape, is_small, is_thin
 
 from ..shared_data import default_data_dir
 from .datasets import DEVELOPMENT_SCANS, Scan, load_scan, scan_names
@@ -73,18 +74,21 @@ def structure_rows(scan: Scan, k: int, engine: Engine, weights: list[float]) -> 
     spacing = in_plane_spacing(scan.volume.geometry, scan.axis)
     blended = {w: blend_with_painted_shape(result, painted, labelled, scan.axis, values, spacing,
                                            dataclasses.replace(ShapeBlendOptions(), model_weight=w,
-                                                               model_weight_beyond=w, model_weight_grown=w),
+                                                               model_weight_beyond=w, model_weight_grown=w,
+                                                               thin_model_weight=w),
                                            image=scan.volume.array)
                for w in weights}
     order = [segment.label_value for segment in recorder.segments]
     rows = []
     for value in values:
-        if not is_small(painted_slices, value):
+        kind = "small" if is_small(painted_slices, value) else "thin" if is_thin(painted_slices, value) else None
+        if kind is None:
             continue
         column = order.index(value)
         union = recorder.union[unpainted, column].sum()
         agreement = 1 - recorder.disagreement[unpainted, column].sum() / union if union > 0 else 1.0
         rows.append({"dataset": scan.dataset, "scan": scan.name, "k": k, "structure": scan.structures[value],
+                     "kind": kind,
                      "development": scan.name in DEVELOPMENT_SCANS.get(scan.dataset, []),
                      "agreement": round(float(agreement), 4),
                      "dice": {str(w): round(dice(blended[w] == value, scan.reference == value), 4) for w in weights}})
@@ -92,9 +96,10 @@ def structure_rows(scan: Scan, k: int, engine: Engine, weights: list[float]) -> 
 
 
 def group_name(row: dict) -> str:
+    name = row["dataset"] + (", thin structures" if row.get("kind") == "thin" else "")
     if row["dataset"] in DEVELOPMENT_SCANS:
-        return f"{row['dataset']} ({'development' if row['development'] else 'held out'})"
-    return row["dataset"]
+        return f"{name} ({'development' if row['development'] else 'held out'})"
+    return name
 
 
 def markdown(result: dict) -> str:
@@ -102,9 +107,10 @@ def markdown(result: dict) -> str:
     weights = [str(w) for w in run["weights"]]
     lines = ["# The small-structure step's engine share", "",
              f"`{run['command']}` (commit {run['commit']}, {run['status']}, {run['wall_seconds']} s). Mean Dice of "
-             "the structures the step treats as small, per engine share (1 = the engine's outline alone); "
-             "agreement: the engine's two predictors on the unpainted slices; best per structure: an oracle that "
-             "picks each structure's best share (the most any per-structure choice of share could reach).", "",
+             "the structures the step treats as small (or thin: own rows), per engine share (1 = the engine's "
+             "outline alone); agreement: the engine's two predictors on the unpainted slices; best per structure: "
+             "an oracle that picks each structure's best share (the most any per-structure choice of share could "
+             "reach).", "",
              "| data | k | structures | agreement | " + " | ".join(f"share {w}" for w in weights)
              + " | best per structure |",
              "|---|---|---|---|" + "---|" * (len(weights) + 1)]
