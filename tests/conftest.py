@@ -85,7 +85,6 @@ def chaos_benchmark_paintings(chaos_scan):
     return paintings
 
 
-
 @pytest.fixture(scope="session")
 def compiled_encoder_build(tmp_path_factory):
     """(folder, whether it had to be built): LiteMedSAM's compiled bf16 encoder, built once a session by its first
