@@ -196,6 +196,21 @@ def test_a_long_thin_structure_is_blended_like_a_small_one():
     assert not is_thin(thick, 1)
 
 
+def test_a_thin_structure_too_large_to_grow_keeps_the_engines_outline():
+    """A ring 4 voxels thick around a 500x500 slice, painted on one slice: thin, but its box (5 million voxels) is
+    over the growth's limit, so there is nothing to blend it with and the engine's labels come back as they were."""
+    rows, cols = np.ogrid[:500, :500]
+    radius = np.hypot(rows - 250, cols - 250)
+    ring = ((radius >= 236) & (radius < 240)).astype(np.uint8)
+    truth = np.repeat(ring[None], 20, axis=0)
+    painted = np.zeros_like(truth)
+    painted[10] = truth[10]
+    assert is_thin(painted, 1) and not is_small(painted, 1)
+    engine = truth.copy()
+    engine[3, :250] = 0  # anything: it must come back unchanged
+    assert blend(engine, painted, [10], image=image_of(truth)) is engine
+
+
 def test_a_thin_structure_grows_on_its_own_and_the_compact_ones_together():
     """The two compact structures share one growth (they compete for the voxels between them); the thin one, which
     spans slices they do not, grows in its own box, so the compact ones' outlines never reach its slices."""
