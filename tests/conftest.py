@@ -85,6 +85,33 @@ def chaos_benchmark_paintings(chaos_scan):
     return paintings
 
 
+# The first 10 MSD hippocampus scans in sorted order (the benchmark's development scans 001 and 003 among them).
+HIPPOCAMPUS_CHECK_SCANS = ("001", "003", "004", "006", "007", "008", "011", "014", "015", "017")
+
+
+@pytest.fixture(scope="session")
+def hippocampus_benchmark_paintings(shared_data_dir):
+    """[(scan, k, painted slices [n, rows, cols], in-plane spacing)] of 10 shared hippocampus scans at k = 1, 3, 5:
+    what the accuracy benchmark paints, for the steps that must leave the hippocampus alone."""
+    from FewShotSAMLib.orientation import in_plane_spacing, slice_axis, to_slices
+    from FewShotSAMLib.slice_selection import few_shot_labels
+    from FewShotSAMLib.volume_io import read_labels, read_volume
+
+    folder = shared_data_dir / "msd_hippocampus_mri"
+    paintings = []
+    for number in HIPPOCAMPUS_CHECK_SCANS:
+        image, labels_path = (folder / kind / f"hippocampus_{number}.nii.gz" for kind in ("images", "labels"))
+        if not (image.exists() and labels_path.exists()):
+            skip_or_fail(f"hippocampus scan {number} missing from {folder}")
+        volume = read_volume(image)
+        reference = read_labels(labels_path, volume, reference_path=image).array
+        axis = slice_axis(volume.geometry)
+        for k in (1, 3, 5):
+            painted = to_slices(few_shot_labels(reference, axis, k, [1, 2]), axis)
+            paintings.append((number, k, painted, in_plane_spacing(volume.geometry, axis)))
+    return paintings
+
+
 @pytest.fixture(scope="session")
 def compiled_encoder_build(tmp_path_factory):
     """(folder, whether it had to be built): LiteMedSAM's compiled bf16 encoder, built once a session by its first

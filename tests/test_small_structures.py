@@ -146,18 +146,12 @@ def test_no_chaos_organ_counts_as_small_on_the_benchmark_slices(chaos_benchmark_
         assert not small, f"CHAOS {case}, k = {k}: organs {small} would be re-outlined"
 
 
-def test_hippocampus_parts_are_compact_so_the_thin_rule_never_reaches_them(shared_data_file):
+def test_hippocampus_parts_are_compact_so_the_thin_rule_never_reaches_them(hippocampus_benchmark_paintings):
     """Both parts are small (under SMALL_STRUCTURE_VOXELS across) on their painted slices, so they keep growing
     together and the hippocampus tables stand (all 100 scans checked once; these 10 in the suite)."""
-    for number in ("001", "003", "004", "006", "007", "008", "011", "014", "015", "017"):
-        image = shared_data_file(f"msd_hippocampus_mri/images/hippocampus_{number}.nii.gz")
-        volume = read_volume(image)
-        reference = read_labels(shared_data_file(f"msd_hippocampus_mri/labels/hippocampus_{number}.nii.gz"), volume,
-                                reference_path=image).array
-        axis = slice_axis(volume.geometry)
-        for k in (1, 3, 5):
-            painted = to_slices(few_shot_labels(reference, axis, k, [1, 2]), axis)
-            assert all(is_small(painted, value) for value in (1, 2)), (number, k)
+    assert len(hippocampus_benchmark_paintings) == 10 * 3
+    for scan, k, painted, _ in hippocampus_benchmark_paintings:
+        assert all(is_small(painted, value) for value in (1, 2)), (scan, k)
 
 
 def winding_tube(n_slices=9, shape=(64, 64), radius=3.0) -> np.ndarray:
